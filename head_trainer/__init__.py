@@ -1,0 +1,1 @@
+"""Phase 2: fit the action expert + flow-matching head from a cache store; evaluate; export."""
