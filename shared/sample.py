@@ -54,5 +54,5 @@ class Sample:
 
     @property
     def key(self) -> str:
-        """Stable identity of a sample inside a cache store."""
-        return f"{self.clip_id}@{self.t0_us}"
+        """Stable identity inside a cache store: one keyframe of a clip under one camera configuration."""
+        return f"{self.clip_id}@{self.t0_us}:{self.camera_config}"
