@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .action_space import UnicycleAccelCurvature
 from .config import HeadConfig
 from .head import AlpamayoHead
 
@@ -162,6 +163,16 @@ class AlpamayoCheckpoint:
             raise CheckpointError(f"{self.path}: no expert/action tensors; is this an Alpamayo-R1 checkpoint?")
         return self.read_tensors(keys)
 
+    def action_space(self) -> UnicycleAccelCurvature:
+        """The checkpoint's action space (its 4 normalisation buffers), without the 2.3 B expert."""
+        cfg = self.head_config()
+        asp = cfg.action_space
+        space = UnicycleAccelCurvature(asp["accel_mean"], asp["accel_std"], asp["curvature_mean"],
+                                       asp["curvature_std"], asp["dt"], int(asp["n_waypoints"]), cfg.solver)
+        keys = [f"action_space.{n}" for n in ("accel_mean", "accel_std", "curvature_mean", "curvature_std")]
+        space.load_state_dict({k.split(".", 1)[1]: v.float() for k, v in self.read_tensors(keys).items()})
+        return space
+
     def load_head(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                   attn_implementation: str = "sdpa") -> AlpamayoHead:
         """Build the head and load its 416 (release) tensors; `dtype=None` keeps the stored dtype."""
@@ -188,8 +199,8 @@ def head_from_state(cfg: HeadConfig, state: dict[str, torch.Tensor], dtype: torc
     head.load_state_dict({k: v.to(device=device, dtype=store_dtype if v.is_floating_point() else v.dtype)
                           for k, v in state.items()}, strict=True)
     # Rotary inverse frequencies are non-persistent buffers: recompute them on the real device.
-    rotary = type(head.expert.rotary_emb)(head.expert.config, device=device)
-    head.expert.rotary_emb = rotary
+    with torch.device(device):
+        head.expert.rotary_emb = type(head.expert.rotary_emb)(head.expert.config)
     # The action-space constants stay fp32 for the solvers, whatever the weight dtype.
     head.action_space.float()
     return head
