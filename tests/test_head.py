@@ -8,7 +8,6 @@ from shared.head import AlpamayoHead, KVPrefix, expert_attention_mask, expert_po
 
 def _prefix(cfg, lengths, deltas, seed=0, pad_to=None, garbage=0.0):
     g = torch.Generator().manual_seed(seed)
-    lmax = pad_to or max(lengths)
     items = []
     for L, d in zip(lengths, deltas):
         k = torch.randn(cfg.num_layers, cfg.num_kv_heads, L, cfg.head_dim, generator=g)
