@@ -467,8 +467,11 @@ class StoreWriter:
         if mode == "overwrite" and loc.fs.exists(loc.root):
             loc.fs.rm(loc.root, recursive=True)
             exists = False
-        if mode == "resume" and not exists and _nonempty_dir(loc):
-            raise StoreError(f"{loc.url} exists but is not a cache store (no zarr.json): refusing to write into it")
+        if mode == "resume" and not exists and _foreign_entries(loc):
+            raise StoreError(
+                f"{loc.url} exists but is not a cache store (no zarr.json; holds {_foreign_entries(loc)[:5]}): "
+                "refusing to write into it"
+            )
         if not exists:
             loc.put_atomic(meta_path, _root_meta(spec, prov))
         # Re-read in every mode: also catches a concurrent creator with a different build.
@@ -666,6 +669,18 @@ def _nonempty_dir(loc: _Loc) -> bool:
         return loc.fresh().isdir(loc.root) and len(loc.fs.ls(loc.root, detail=False)) > 0
     except FileNotFoundError:
         return False
+
+
+_OWN_ENTRIES = ("zarr.json", "writers", "commits", "samples", "index")
+
+
+def _foreign_entries(loc: _Loc) -> list[str]:
+    """Entries of the root that a (possibly concurrent) writer of ours would not have made."""
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in loc.fresh().ls(loc.root, detail=False)]
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n not in _OWN_ENTRIES and not n.startswith("zarr.json.tmp-"))
 
 
 def _check_same_build(url: str, attrs: dict, prov: dict, spec: KVSpec) -> None:
