@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from shared.checkpoint import AlpamayoCheckpoint
-from shared.cli import config_from_args
+from shared.cli import config_from_args, user_errors
 from shared.data import iter_samples, open_dataset, parse_keyframe_strategy, resolve_camera_config
 from shared.prompt import build_vlm_inputs
 from shared.qwen_files import load_processor
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(BuildConfig, argv, "cache-build", __doc__.split("\n\n")[0], ("dataset", "checkpoint"))
     try:
         summary = build(cfg)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+    except user_errors() as exc:
         print(f"cache-build: error: {exc}", file=sys.stderr)
         return 2
     if not cfg.dry_run:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from shared.checkpoint import AlpamayoCheckpoint, head_from_state, load_head_file
-from shared.cli import config_from_args
+from shared.cli import config_from_args, user_errors
 from shared.store import Store
 
 from .data import collate, split_indices
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             results = ([json.loads(Path(cfg.baseline).read_text())] if cfg.baseline else []) + [result]
             plot_comparison(results, cfg.plot, store_url=cfg.cache)
             print(f"head-eval: plot written to {cfg.plot}")
-    except (ValueError, FileNotFoundError) as exc:
+    except user_errors() as exc:
         print(f"head-eval: error: {exc}", file=sys.stderr)
         return 2
     s = result["summary"]

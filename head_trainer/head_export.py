@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.checkpoint import AlpamayoCheckpoint, CheckpointError, export_checkpoint, load_head_file
-from shared.cli import config_from_args
+from shared.cli import config_from_args, user_errors
 
 
 @dataclass
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"{cfg.head} records no base checkpoint; pass --checkpoint")
         ckpt = AlpamayoCheckpoint.open(base)
         out = export_checkpoint(ckpt, state, Path(cfg.out), overwrite=cfg.overwrite)
-    except (CheckpointError, ValueError) as exc:
+    except user_errors() as exc:
         print(f"head-export: error: {exc}", file=sys.stderr)
         return 2
     print(f"head-export: wrote {out} (base {ckpt.path})")

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from shared.checkpoint import AlpamayoCheckpoint, head_from_state, load_head_file, save_head
-from shared.cli import config_from_args
+from shared.cli import config_from_args, user_errors
 from shared.head import AlpamayoHead
 from shared.store import Store
 
@@ -54,6 +54,7 @@ class TrainConfig:
     save_every: int = 100  # steps between checkpoints (and at the end)
     keep_last: int = 2  # checkpoints kept
     log_every: int = 10
+    stop_after: int | None = None  # end this invocation after N more steps (time-boxed jobs; --resume later)
     resume: bool = False  # continue from the latest checkpoint in `out`
     overwrite: bool = False  # replace an existing run directory
 
@@ -184,7 +185,8 @@ def train(cfg: TrainConfig) -> Path:
     (out / "config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
     # ---- loop -------------------------------------------------------------------------------------
-    loader = make_loader(store.url, indices, cfg.batch_size, cfg.seed, start, cfg.steps, cfg.num_workers,
+    stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+    loader = make_loader(store.url, indices, cfg.batch_size, cfg.seed, start, stop, cfg.num_workers,
                          pin_memory=device.type == "cuda", ram_budget_bytes=int(cfg.ram_cache_gb * 1e9))
     log = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=cfg.steps, initial=start, desc="head-train", unit="step", dynamic_ncols=True)
@@ -208,10 +210,12 @@ def train(cfg: TrainConfig) -> Path:
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.save_every == 0 or step + 1 in (cfg.steps, stop):
             save_checkpoint(out, step + 1, head, opt, meta, cfg.keep_last)
     bar.close()
     log.close()
+    if stop < cfg.steps:
+        return latest_checkpoint(out) / "head.safetensors"
     final = latest_checkpoint(out)
     if final is None or json.loads((final / "state.json").read_text())["step"] != cfg.steps:
         save_checkpoint(out, cfg.steps, head, opt, meta, cfg.keep_last)  # e.g. resumed at the end already
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(TrainConfig, argv, "head-train", __doc__.split("\n\n")[0], ("cache", "out"))
     try:
         head_path = train(cfg)
-    except (ValueError, FileExistsError) as exc:
+    except user_errors() as exc:
         print(f"head-train: error: {exc}", file=sys.stderr)
         return 2
     print(f"head-train: done. fine-tuned head: {head_path}")

@@ -46,3 +46,11 @@ def parser_for(cls, prog: str, description: str, required: tuple[str, ...] = ())
 
 def config_from_args(cls, argv, prog: str, description: str, required: tuple[str, ...] = ()):
     return cls(**vars(parser_for(cls, prog, description, required).parse_args(argv)))
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions a CLI reports as one `error:` line (bad input, missing files, refused stores)."""
+    from .data.errors import ClipDataError, DatasetLayoutError
+    from .store import StoreError
+
+    return (ValueError, OSError, StoreError, DatasetLayoutError, ClipDataError)
