@@ -155,9 +155,7 @@ def parse_args(argv: list[str] | None = None) -> CurveScanConfig:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     a = p.parse_args(argv)
-    return CurveScanConfig(
-        a.root, a.threshold, a.top_k, a.max_clips, a.output, a.source, a.overwrite, a.progress
-    )
+    return CurveScanConfig(**vars(a))  # flags mirror the config fields one to one
 
 
 def main(argv: list[str] | None = None) -> int:

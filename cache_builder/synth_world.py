@@ -32,6 +32,7 @@ class SynthWorldConfig:
     ego_hz: float = 100.0  # egomotion rate [Hz] (real: ~100 Hz)
     frame_barcode: bool = False  # draw the frame index as a barcode (tests read it back)
     overwrite: bool = False  # replace a non-empty out_dir
+    progress: bool = True  # tqdm progress bar over clips
 
     def validate(self) -> None:
         if self.clips < 1:
@@ -70,6 +71,7 @@ def run(cfg: SynthWorldConfig):
         ego_hz=cfg.ego_hz,
         frame_barcode=cfg.frame_barcode,
         overwrite=cfg.overwrite,
+        progress=cfg.progress,
     )
     elapsed = time.perf_counter() - start
     kinds = ", ".join(f"{k}={v}" for k, v in sorted(Counter(t.kind for t in truths).items()))
@@ -97,20 +99,9 @@ def parse_args(argv: list[str] | None = None) -> SynthWorldConfig:
     p.add_argument("--ego-hz", type=float, default=100.0, help="egomotion sampling rate in Hz")
     p.add_argument("--frame-barcode", action="store_true", help="draw each frame's index as a barcode")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     a = p.parse_args(argv)
-    return SynthWorldConfig(
-        a.out_dir,
-        a.clips,
-        a.seed,
-        a.width,
-        a.height,
-        a.chunks,
-        a.cameras,
-        a.duration,
-        a.ego_hz,
-        a.frame_barcode,
-        a.overwrite,
-    )
+    return SynthWorldConfig(**vars(a))  # flags mirror the config fields one to one
 
 
 def main(argv: list[str] | None = None) -> int:

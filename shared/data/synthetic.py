@@ -31,6 +31,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from shared.data.curation import hash_split
 from shared.sample import CAMERA_INDEX, DEFAULT_T0_US, FRONT_CAMERA, RELEASE_CAMERAS
@@ -160,7 +161,7 @@ class _Plan:
         return self.v0 * SPEED_WIGGLE * w * np.cos(w * t_s + self.wiggle_phase)
 
 
-def _plan(rng: np.random.Generator, kind: str, duration_s: float) -> _Plan:
+def _plan(rng: np.random.Generator, kind: str) -> _Plan:
     period, phase = float(rng.uniform(8, 16)), float(rng.uniform(0, 2 * np.pi))
     lo_v, hi_v = SPEED_RANGE[0] / (1 - SPEED_WIGGLE) + 0.05, SPEED_RANGE[1] / (1 + SPEED_WIGGLE)
     if kind == "straight":
@@ -407,7 +408,7 @@ def make_clip(
     kind = kind or _clip_kind(rng, index, None)
     if kind not in KINDS:
         raise ValueError(f"unknown clip kind {kind!r}; use one of {KINDS}")
-    plan = _plan(rng, kind, duration_s)
+    plan = _plan(rng, kind)
     duration_us = int(round(duration_s * 1e6))
     pre = post = int(ROAD_EXTEND_S * 1e6)
     path_t = np.arange(-pre, duration_us + post + 1, FINE_DT_US, dtype=np.int64)
@@ -525,6 +526,7 @@ def write_synthetic_world(
     split_column: bool = True,
     frame_barcode: bool = False,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> list[ClipTruth]:
     """Write a synthetic download tree under `root` and return the ground truth of every clip.
 
@@ -569,7 +571,7 @@ def write_synthetic_world(
         )
     )
     try:
-        for i in range(n_clips):
+        for i in tqdm(range(n_clips), desc="synth-world", unit="clip", disable=not progress):
             chunk = first_chunk + i * n_chunks // n_clips
             kind = kinds[i % len(kinds)] if kinds else None
             truth, plan, path, ego = make_clip(
