@@ -981,6 +981,13 @@ class Store:
             layers=None if sel is None else tuple(sel), **small,
         )
 
+    def read_hidden(self, i_or_key: int | str, device: str | torch.device | None = None) -> torch.Tensor | None:
+        """Last-layer hidden states (L, hidden_size) in kv dtype, or None when the store has none."""
+        if not self.spec.store_hidden:
+            return None
+        h = _from_stored(self.read_stored(i_or_key, "hidden"), self.spec.kv_dtype)
+        return h if device is None else h.to(device)
+
     def read_small(self, i_or_key: int | str) -> dict[str, Any]:
         """token_ids, thumbs and the trajectories of a sample, without its KV."""
         m = self.manifest(i_or_key)
