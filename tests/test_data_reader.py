@@ -274,3 +274,30 @@ def test_generator_is_deterministic_and_physical():
             if kind.startswith("sharp"):
                 assert DEFAULT_T0_US + 200_000 <= truth.onset_us <= DEFAULT_T0_US + 600_000
                 assert 0.07 <= abs(truth.peak_kappa) <= 0.12
+
+
+def test_official_devkit_reads_the_synthetic_world(world, tmp_path, monkeypatch):
+    """Cross-check of the format: the devkit's own dataset interface (offline, hub cache) opens it."""
+    import huggingface_hub.constants
+    from physical_ai_av.dataset import PhysicalAIAVDatasetInterface
+
+    root, truths = world
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "datasets--nvidia--PhysicalAI-Autonomous-Vehicles"
+    shutil.copytree(root, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    devkit = PhysicalAIAVDatasetInterface(revision=commit, cache_dir=tmp_path)
+    truth = truths[4]
+    assert devkit.get_clip_chunk(truth.clip_id) == 1
+    interp = devkit.get_clip_feature(truth.clip_id, "egomotion")
+    reader = devkit.get_clip_feature(truth.clip_id, FRONT_CAMERA)
+    ours = load_sample(open_dataset(tmp_path), truth.clip_id, DEFAULT_T0_US)
+    times = DEFAULT_T0_US + np.asarray(FRAME_OFFSETS_US)
+    images, used = reader.decode_images_from_timestamps(times)
+    assert used.tolist() == ours.frame_timestamps_us[1].tolist()
+    np.testing.assert_array_equal(images.transpose(0, 3, 1, 2), ours.images[1])
+    xyz, _ = truth.pose_at(DEFAULT_T0_US)
+    np.testing.assert_allclose(interp(np.array([DEFAULT_T0_US])).pose.translation, xyz, atol=0.01)
