@@ -26,6 +26,7 @@ from tqdm import tqdm
 from shared.checkpoint import AlpamayoCheckpoint
 from shared.cli import config_from_args, user_errors
 from shared.data import iter_samples, open_dataset, parse_keyframe_strategy, resolve_camera_config
+from shared.data.reasoning import ReasoningIndex
 from shared.prompt import build_vlm_inputs
 from shared.qwen_files import load_processor
 from shared.sample import Sample
@@ -57,6 +58,8 @@ class BuildConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attn: str = "sdpa"  # attention implementation of the VLM
     seed: int = 0  # rollout sampling seed
+    max_new_tokens: int = 256  # rollout: most reasoning tokens generated (release eval: 256)
+    cot_file: str | None = None  # given-cot: JSON {clip_id or sample key: text} (default: the dataset's reasoning/)
     resume: bool = False  # continue an existing store (same provenance)
     overwrite: bool = False  # delete an existing store first
     dry_run: bool = False  # estimate the store size and exit; loads no model
@@ -65,8 +68,6 @@ class BuildConfig:
     def validate(self) -> tuple[int, int]:
         if self.mode not in MODES:
             raise ValueError(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.mode == "rollout":
-            raise ValueError("--mode rollout is not implemented yet: use teacher or given-cot")
         if self.kv_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"--kv-dtype {self.kv_dtype!r}: use bfloat16 or float32")
         if self.quant not in ("none", "int8", "int4"):
@@ -167,6 +168,21 @@ class Builder:
     def inputs(self, s: Sample) -> dict:
         return build_vlm_inputs(self.processor, s, mode=self.cfg.mode, cot=s.cot if self.cfg.mode == "given-cot" else None)
 
+    def expand(self, group: list[tuple[Sample, dict]]) -> list[tuple[Sample, dict]]:
+        """Prompt -> expert prefix. Teacher / given-cot prompts already end at <|traj_future_start|>;
+        rollout prompts end at <|cot_start|> and the VLM writes the rest (text kept as the reasoning)."""
+        if self.cfg.mode != "rollout":
+            return group
+        from .rollout import generate_prefixes
+
+        out = []
+        gen = generate_prefixes(self.vlm, self.processor, [s.key for s, _ in group], [x for _, x in group],
+                                self.cfg.seed, self.cfg.max_new_tokens)
+        for (s, _), (x, cot) in zip(group, gen):
+            s.cot = cot
+            out.append((s, x))
+        return out
+
     def records(self, samples: list[Sample], inputs: list[dict]) -> list[CachedSample]:
         """One batched prefill for same-length prompts -> store records."""
         from .vlm import prefill
@@ -210,6 +226,12 @@ def build(cfg: BuildConfig) -> dict:
                   hidden_size=int(vlm_text["hidden_size"]), kv_dtype=cfg.kv_dtype, quant=cfg.quant,
                   store_hidden=cfg.hidden, codec=cfg.codec)
     prov = provenance(cfg, ckpt, ds, processor)
+    cots = ReasoningIndex()
+    if cfg.mode == "given-cot":
+        cots = ReasoningIndex.from_json(cfg.cot_file) if cfg.cot_file else ReasoningIndex.from_dataset(cfg.dataset)
+        if not len(cots):
+            raise ValueError(f"--mode given-cot: no reasoning text in {cfg.dataset}/reasoning/ood_reasoning.parquet; "
+                             "pass --cot-file with a JSON {sample key or clip id: text}")
     samples = iter_samples(ds, clips, cfg.keyframes, cfg.cameras)
 
     if cfg.dry_run:
@@ -227,37 +249,53 @@ def build(cfg: BuildConfig) -> dict:
     writer = StoreWriter.create(cfg.store_url, prov, spec, mode=mode, writer_id=cfg.shard.replace("/", "of"))
     done = writer.done_keys()
     builder = Builder(cfg, ckpt, processor, writer)
-    n_new = n_skipped = 0
+    n_new = n_skipped = n_no_cot = 0
     t0 = time.perf_counter()
     bar = tqdm(desc=f"cache-build {cfg.shard}", unit="sample", total=cfg.max_samples, dynamic_ncols=True)
-    pending: dict[int, list[tuple[Sample, dict]]] = {}  # prefix length -> samples waiting for a batch
+    # Two queues keyed by token length, so every forward is a batch of equal lengths (no padding):
+    prompts: dict[int, list[tuple[Sample, dict]]] = {}  # prompt length -> samples before rollout
+    prefixes: dict[int, list[tuple[Sample, dict]]] = {}  # prefix length -> samples ready for prefill
 
-    def flush(L: int) -> None:
+    def flush_prefixes(L: int) -> None:
         nonlocal n_new
-        group = pending.pop(L)
+        group = prefixes.pop(L)
         for rec in builder.records([s for s, _ in group], [x for _, x in group]):
-            writer.write(rec)
+            writer.write(rec)  # quantise + compress + write on the writer's threads, overlapping the next prefill
             n_new += 1
-        dt = time.perf_counter() - t0
         bar.update(len(group))
-        bar.set_postfix(samples_s=f"{n_new / dt:.2f}", GB=f"{writer.bytes_stored / 1e9:.3f}")
+        bar.set_postfix(samples_s=f"{n_new / (time.perf_counter() - t0):.2f}", GB=f"{writer.bytes_stored / 1e9:.3f}")
+
+    def flush_prompts(T: int) -> None:
+        for s, x in builder.expand(prompts.pop(T)):
+            prefixes.setdefault(x["prefix_len"], []).append((s, x))
+            if len(prefixes[x["prefix_len"]]) >= cfg.batch_size:
+                flush_prefixes(x["prefix_len"])
 
     for s in samples:
-        if cfg.max_samples is not None and n_new + sum(map(len, pending.values())) >= cfg.max_samples:
+        queued = sum(map(len, prompts.values())) + sum(map(len, prefixes.values()))
+        if cfg.max_samples is not None and n_new + queued >= cfg.max_samples:
             break
         if s.key in done:
             n_skipped += 1
             continue
+        if cfg.mode == "given-cot":
+            s.cot = s.cot or cots.lookup(s.clip_id, s.t0_us, s.key)
+            if not s.cot:
+                n_no_cot += 1
+                continue
         x = builder.inputs(s)
-        pending.setdefault(x["prefix_len"], []).append((s, x))
-        if len(pending[x["prefix_len"]]) >= cfg.batch_size:
-            flush(x["prefix_len"])
-    for L in list(pending):
-        flush(L)
+        T = x["input_ids"].shape[1]
+        prompts.setdefault(T, []).append((s, x))
+        if len(prompts[T]) >= cfg.batch_size:
+            flush_prompts(T)
+    for T in list(prompts):
+        flush_prompts(T)
+    for L in list(prefixes):
+        flush_prefixes(L)
     writer.close()
     bar.close()
     summary = {"store": writer.url, "written": n_new, "already_done": n_skipped,
-               "skipped_clips": samples.report.counts, "seconds": round(time.perf_counter() - t0, 2),
+               "skipped_clips": samples.report.counts, "skipped_no_reasoning": n_no_cot, "seconds": round(time.perf_counter() - t0, 2),
                "bytes_logical": writer.bytes_logical, "bytes_stored": writer.bytes_stored}
     return summary
 

@@ -1,0 +1,180 @@
+"""cache-build modes and operations: rollout cut, given-cot sources, SIGKILL + resume, concurrent shards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import cache_builder.rollout as rollout
+from cache_builder.cache_build import BuildConfig, build
+from cache_builder.vlm import load_vlm, prefill
+from shared.checkpoint import AlpamayoCheckpoint
+from shared.data import open_dataset, write_synthetic_world
+from shared.prompt import MaskTrajTokens
+from shared.qwen_files import alpamayo_token_ids, load_processor
+from shared.store import Store
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ops_world")
+    write_synthetic_world(root, n_clips=4, seed=5, width=160, height=96, duration_s=12.0,
+                          kinds=["sharp-left", "straight", "sharp-right", "gentle-left"])
+    return root
+
+
+def _cfg(world, ckpt, out, **kw):
+    return BuildConfig(dataset=str(world), checkpoint=str(ckpt), out=str(out), kv_dtype="float32",
+                       cameras="front-only", keyframes="stride:2", batch_size=1, **kw)
+
+
+class ForceStopAfter3(MaskTrajTokens):
+    """Still masks <iN>; after 3 generated tokens only <|traj_future_start|> may follow."""
+
+    stop_id: int
+    prompt_len: int
+
+    def __call__(self, input_ids, scores):
+        scores = super().__call__(input_ids, scores)
+        if input_ids.shape[1] - self.prompt_len >= 3:
+            keep = scores[:, self.stop_id].clone()
+            scores[:] = float("-inf")
+            scores[:, self.stop_id] = keep
+        return scores
+
+
+def test_rollout_prefix_is_cut_after_traj_future_start(world, tiny_checkpoint, tmp_path, monkeypatch):
+    ck = AlpamayoCheckpoint.open(tiny_checkpoint)
+    ids = alpamayo_token_ids(load_processor(str(ck.vlm_base)).tokenizer)
+    first = {}
+
+    orig_generate = rollout.generate_prefixes
+
+    def patched(vlm, processor, keys, inputs, seed, max_new_tokens=256):
+        first["prompt_len"] = inputs[0]["input_ids"].shape[1]
+        return orig_generate(vlm, processor, keys, inputs, seed, max_new_tokens)
+
+    class Proc(ForceStopAfter3):
+        def __init__(self, traj_start):
+            super().__init__(traj_start)
+            self.stop_id = ids["traj_future_start"]
+            self.prompt_len = first["prompt_len"]
+
+    monkeypatch.setattr(rollout, "MaskTrajTokens", Proc)
+    monkeypatch.setattr(rollout, "generate_prefixes", patched)
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    build(_cfg(world, tiny_checkpoint, out_a, mode="rollout", max_samples=2, seed=7))
+    build(_cfg(world, tiny_checkpoint, out_b, mode="rollout", max_samples=2, seed=7))
+    a, b = Store.open(str(out_a)), Store.open(str(out_b))
+    assert a.provenance["prefix_mode"] == "rollout" and len(a) == 2
+    for i in range(2):
+        ra, rb = a.read(i), b.read(i)
+        assert ra.reasoning == rb.reasoning  # seeded
+        toks = ra.token_ids
+        P = first["prompt_len"]
+        assert ra.prefix_len == P + 4 and int(toks[-1]) == ids["traj_future_start"]
+        assert int(toks[P - 1]) == ids["cot_start"]
+        gen = toks[P:]
+        assert not ((gen >= ids["traj_start"]) & (gen < ids["traj_end"])).any()  # <iN> never sampled
+        # the stored KV is exactly the prefill of the stored prefix
+        vlm = load_vlm(AlpamayoCheckpoint.open(tiny_checkpoint), torch.float32)
+        proc = load_processor(str(AlpamayoCheckpoint.open(tiny_checkpoint).vlm_base))
+        from shared.data import load_sample
+        from shared.prompt import build_vlm_inputs
+
+        clip, rest = ra.key.split("@")
+        s = load_sample(open_dataset(world), clip, int(rest.split(":")[0]), "front-only")
+        x = build_vlm_inputs(proc, s, mode="rollout")
+        x["input_ids"] = toks[None]
+        x["attention_mask"] = torch.ones_like(x["input_ids"])
+        x["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"][0], torch.zeros(4, dtype=torch.long)])[None]
+        pf = prefill(vlm, x, ra.prefix_len)
+        assert torch.equal(pf.keys[:, 0], ra.k) and ra.rope_delta == int(pf.rope_deltas[0])
+
+
+def test_given_cot_from_dataset_reasoning_and_from_a_file(world, tiny_checkpoint, tmp_path):
+    ds = open_dataset(world)
+    clips = ds.clip_ids()
+    with pytest.raises(ValueError, match="--cot-file"):
+        build(_cfg(world, tiny_checkpoint, tmp_path / "none", mode="given-cot"))
+    (world / "reasoning").mkdir(exist_ok=True)
+    events = {c: json.dumps([{"event_start_timestamp": 3_000_000, "cot": f"Curve ahead in {c[:4]}, slow down."}])
+              for c in clips[:2]}
+    pd.DataFrame({"events": events}).rename_axis("clip_id").to_parquet(world / "reasoning/ood_reasoning.parquet")
+    summary = build(_cfg(world, tiny_checkpoint, tmp_path / "ds", mode="given-cot"))
+    st = Store.open(str(tmp_path / "ds"))
+    assert summary["written"] == len(st) >= 1 and summary["skipped_no_reasoning"] > 0
+    for i in range(len(st)):
+        m = st.manifest(i)
+        assert m["reasoning"] == f"Curve ahead in {m['clip_id'][:4]}, slow down."
+        assert abs(m["t0_us"] - 3_000_000) <= 1_000_000
+    cot_file = tmp_path / "cot.json"
+    cot_file.write_text(json.dumps({clips[3]: "Straight road, keep lane."}))
+    build(_cfg(world, tiny_checkpoint, tmp_path / "file", mode="given-cot", cot_file=str(cot_file)))
+    st = Store.open(str(tmp_path / "file"))
+    assert len(st) >= 1 and {st.manifest(i)["clip_id"] for i in range(len(st))} == {clips[3]}
+    rec = st.read(0)
+    tok = load_processor(str(AlpamayoCheckpoint.open(tiny_checkpoint).vlm_base)).tokenizer
+    assert "<|cot_start|>Straight road, keep lane.<|cot_end|><|traj_future_start|>" in tok.decode(rec.token_ids)
+
+
+def _cli(world, ckpt, out, *extra):
+    return [sys.executable, "-m", "cache_builder.cache_build", "--dataset", str(world), "--checkpoint", str(ckpt),
+            "--out", str(out), "--kv-dtype", "float32", "--cameras", "front-only", "--keyframes", "stride:2",
+            "--batch-size", "1", *extra]
+
+
+def _assert_same_samples(a: Store, b: Store):
+    assert a.keys() == b.keys()
+    for key in a.keys():
+        ra, rb = a.read(key), b.read(key)
+        assert torch.equal(ra.k, rb.k) and torch.equal(ra.v, rb.v) and torch.equal(ra.hidden, rb.hidden), key
+        assert (ra.gt_action == rb.gt_action).all() and ra.rope_delta == rb.rope_delta
+
+
+def test_sigkill_resume_and_concurrent_shards_equal_an_uninterrupted_build(world, tiny_checkpoint, tmp_path):
+    ref_url = tmp_path / "ref"
+    build(_cfg(world, tiny_checkpoint, ref_url))
+    ref = Store.open(str(ref_url))
+    assert len(ref) >= 8
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # 1) kill -9 mid-build, then resume
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(world, tiny_checkpoint, killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.2)
+        try:
+            n = len(Store.open(str(killed)))
+        except Exception:  # noqa: BLE001 - not created yet
+            n = 0
+        if n >= 2 or proc.poll() is not None:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(Store.open(str(killed)))
+    assert 1 <= partial < len(ref), "the kill should land mid-build"
+    summary = build(_cfg(world, tiny_checkpoint, killed, resume=True))
+    assert summary["already_done"] == partial and summary["written"] == len(ref) - partial
+    resumed = Store.open(str(killed))
+    assert resumed.verify().ok
+    _assert_same_samples(ref, resumed)
+    # 2) two processes, disjoint shards, one store
+    shared_url = tmp_path / "sharded"
+    build(_cfg(world, tiny_checkpoint, shared_url, max_samples=0))  # create the store once (no samples)
+    procs = [subprocess.Popen(_cli(world, tiny_checkpoint, shared_url, "--resume", "--shard", f"{i}/2"), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    sharded = Store.open(str(shared_url))
+    report = sharded.verify()
+    assert report.ok, report
+    _assert_same_samples(ref, sharded)
