@@ -97,7 +97,7 @@ class KVSpec:
     store_hidden: bool = True  # keep last-layer hidden states of the prefix (L, hidden)
     codec: str = "zstd"  # lossless codec of KV / hidden: zstd (level 1) | blosc-lz4 (bitshuffle) | none
     thumb_hw: tuple[int, int] = (72, 128)  # t0 thumbnail size per camera
-    chunk_mb: float = 16.0  # target uncompressed KV chunk size (MB); chunks are whole layers
+    chunk_mb: float = 8.0  # target uncompressed KV chunk size (MB); chunks are whole layers
     shard: bool = False  # pack each sample's KV / hidden into one shard object (object stores)
 
     def __post_init__(self) -> None:
