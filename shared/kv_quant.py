@@ -13,7 +13,7 @@ the per-element error is bounded by half a step (tests/test_store_quant.py check
 Shapes: K, V are (layers, kv_heads, L, head_dim). Codes of K and V are stacked as
 (layers, 2, kv_heads, L, Dc) with Dc = head_dim (int8) or head_dim // 2 (int4, two codes per byte,
 low nibble = even channel). Every parameter tensor has `layers` as its first axis so a layer subset
-of a stored sample can be dequantised without reading the other layers' parameters' meaning.
+of a stored sample can be dequantised from that subset of codes and parameters alone.
 """
 
 from __future__ import annotations
