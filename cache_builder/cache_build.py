@@ -25,8 +25,6 @@ from tqdm import tqdm
 
 from shared.checkpoint import AlpamayoCheckpoint
 from shared.cli import config_from_args, user_errors
-from shared.data import iter_samples, open_dataset, parse_keyframe_strategy, resolve_camera_config
-from shared.data.reasoning import ReasoningIndex
 from shared.prompt import build_vlm_inputs
 from shared.qwen_files import load_processor
 from shared.sample import Sample
@@ -54,7 +52,7 @@ class BuildConfig:
     codec: str = "zstd"  # lossless codec of the stored arrays
     hidden: bool = True  # store last-layer hidden states of the prefix
     batch_size: int = 4  # prefixes per VLM forward (same-length prefixes are batched)
-    shard: str = "0/1"  # i/N: this process builds shard i of N
+    shard: str = "0/1"  # i/N: this process builds shard i of N; "auto" = accelerate's process index/count
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attn: str = "sdpa"  # attention implementation of the VLM
     seed: int = 0  # rollout sampling seed
@@ -76,11 +74,20 @@ class BuildConfig:
             raise ValueError("--resume and --overwrite exclude each other")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        if self.shard == "auto":  # under `accelerate launch` (or torchrun): one shard per process
+            from accelerate import PartialState
+
+            state = PartialState()
+            self.shard = f"{state.process_index}/{state.num_processes}"
+            if self.device == "auto" and torch.cuda.is_available():
+                self.device = f"cuda:{state.local_process_index}"
         try:
             i, n = (int(x) for x in self.shard.split("/"))
             assert 0 <= i < n
         except (ValueError, AssertionError):
             raise ValueError(f"--shard {self.shard!r}: expected i/N with 0 <= i < N") from None
+        from shared.data import parse_keyframe_strategy, resolve_camera_config
+
         parse_keyframe_strategy(self.keyframes)
         resolve_camera_config(self.cameras)
         return i, n
@@ -154,15 +161,8 @@ def provenance(cfg: BuildConfig, ckpt: AlpamayoCheckpoint, ds, processor) -> dic
 class Builder:
     """Holds the frozen VLM and turns batches of samples into store records."""
 
-    def __init__(self, cfg: BuildConfig, ckpt: AlpamayoCheckpoint, processor, writer: StoreWriter | None):
-        from .vlm import load_vlm
-
-        self.cfg, self.processor, self.writer = cfg, processor, writer
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if cfg.device == "auto" else cfg.device))
-        vlm_dtype = torch.float32 if cfg.kv_dtype == "float32" else torch.bfloat16
-        self.vlm = load_vlm(ckpt, vlm_dtype, self.device, cfg.attn)
-        self.action_space = ckpt.action_space()
+    def __init__(self, cfg: BuildConfig, processor, vlm, action_space):
+        self.cfg, self.processor, self.vlm, self.action_space = cfg, processor, vlm, action_space
         self.kv_dtype = getattr(torch, cfg.kv_dtype)
 
     def inputs(self, s: Sample) -> dict:
@@ -209,7 +209,18 @@ class Builder:
         return out
 
 
+def resolve_build_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def build(cfg: BuildConfig) -> dict:
+    from shared.data import iter_samples, open_dataset
+    from shared.data.reasoning import ReasoningIndex
+
+    from .vlm import load_vlm
+
     shard = cfg.validate()
     # ---- everything checked before a model loads -------------------------------------------------
     ds = open_dataset(cfg.dataset)
@@ -248,7 +259,9 @@ def build(cfg: BuildConfig) -> dict:
     mode = "resume" if cfg.resume else ("overwrite" if cfg.overwrite else "new")
     writer = StoreWriter.create(cfg.store_url, prov, spec, mode=mode, writer_id=cfg.shard.replace("/", "of"))
     done = writer.done_keys()
-    builder = Builder(cfg, ckpt, processor, writer)
+    vlm = load_vlm(ckpt, torch.float32 if cfg.kv_dtype == "float32" else torch.bfloat16,
+                   resolve_build_device(cfg.device), cfg.attn)
+    builder = Builder(cfg, processor, vlm, ckpt.action_space())
     n_new = n_skipped = n_no_cot = 0
     t0 = time.perf_counter()
     bar = tqdm(desc=f"cache-build {cfg.shard}", unit="sample", total=cfg.max_samples, dynamic_ncols=True)
