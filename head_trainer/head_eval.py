@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from shared.checkpoint import AlpamayoCheckpoint, head_from_state, load_head_file
+from shared.checkpoint import AlpamayoCheckpoint, head_from_state, load_head_file, sha256_file
 from shared.cli import config_from_args, user_errors
 from shared.store import Store
 
@@ -62,21 +62,13 @@ class EvalConfig:
             raise ValueError(f"--baseline {self.baseline}: no such result file (run head-eval without --head first)")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def metadata(cfg: EvalConfig, store: Store, ckpt: AlpamayoCheckpoint, n_items: int) -> dict:
     prov = json.dumps(store.provenance, sort_keys=True)
     return {
         "format": RESULT_FORMAT,
         "model_id": ckpt.config.get("_name_or_path") or str(ckpt.path),
         "checkpoint": ckpt.identity(),
-        "head": None if cfg.head is None else {"path": str(Path(cfg.head).resolve()), "sha256": _sha256(cfg.head)},
+        "head": None if cfg.head is None else {"path": str(Path(cfg.head).resolve()), "sha256": sha256_file(cfg.head)},
         "cache": {"url": store.url, "provenance_sha256": hashlib.sha256(prov.encode()).hexdigest(),
                   "split": cfg.split, "items": n_items},
         "parameters": {"num_samples": cfg.num_samples, "steps": cfg.steps, "seed": cfg.seed, "dtype": cfg.dtype},

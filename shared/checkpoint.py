@@ -38,7 +38,7 @@ def is_head_key(key: str) -> bool:
     return key.startswith(HEAD_PREFIXES)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -133,7 +133,7 @@ class AlpamayoCheckpoint:
         """What a cache or head records about the checkpoint it came from."""
         return {
             "path": str(self.path),
-            "config_sha256": _sha256_file(self.path / "config.json"),
+            "config_sha256": sha256_file(self.path / "config.json"),
             "head_config_hash": self.head_config().hash(),
             "vlm_name_or_path": self.config.get("vlm_name_or_path"),
         }
