@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from shared.head import KVPrefix
-from shared.store import Store
+from shared.store import CachedSample, Store
 
 
 @dataclass
@@ -29,6 +29,16 @@ class Batch:
         nb = device.type == "cuda" if isinstance(device, torch.device) else str(device).startswith("cuda")
         return Batch(self.keys, self.prefix.to(device), self.action.to(device, non_blocking=nb),
                      self.hist_xyz.to(device), self.hist_rot.to(device), self.fut_xyz.to(device))
+
+
+def sample_item(s: CachedSample) -> dict:
+    """One stored sample -> the tensors `collate` batches."""
+    return {
+        "key": s.key, "k": s.k, "v": s.v, "L": s.prefix_len, "delta": s.rope_delta,
+        "action": torch.from_numpy(s.gt_action),
+        "hist_xyz": torch.from_numpy(s.ego_history_xyz), "hist_rot": torch.from_numpy(s.ego_history_rot),
+        "fut_xyz": torch.from_numpy(s.ego_future_xyz),
+    }
 
 
 class CacheDataset(Dataset):
@@ -50,12 +60,7 @@ class CacheDataset(Dataset):
         if self._store is None:
             self._store = Store.open(self.url)
         s = self._store.read(self.indices[i], with_hidden=False)
-        item = {
-            "key": s.key, "k": s.k, "v": s.v, "L": s.prefix_len, "delta": s.rope_delta,
-            "action": torch.from_numpy(s.gt_action),
-            "hist_xyz": torch.from_numpy(s.ego_history_xyz), "hist_rot": torch.from_numpy(s.ego_history_rot),
-            "fut_xyz": torch.from_numpy(s.ego_future_xyz),
-        }
+        item = sample_item(s)
         size = 2 * s.k.numel() * s.k.element_size()
         if self._ram_used + size <= self._ram_budget:
             self._ram[i] = item

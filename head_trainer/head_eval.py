@@ -24,7 +24,7 @@ from shared.checkpoint import AlpamayoCheckpoint, head_from_state, load_head_fil
 from shared.cli import config_from_args, user_errors
 from shared.store import Store
 
-from .data import collate, split_indices
+from .data import collate, sample_item, split_indices
 from .head_train import resolve_device
 from .metrics import summarize, trajectory_metrics
 
@@ -102,7 +102,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     per_metric: dict[str, list[torch.Tensor]] = {}
     for i in tqdm(range(0, len(indices), cfg.batch_size), desc="head-eval", unit="batch"):
         chunk = indices[i:i + cfg.batch_size]
-        batch = collate([_item(store, j) for j in chunk]).to(device)
+        batch = collate([sample_item(store.read(j, with_hidden=False)) for j in chunk]).to(device)
         pred = head.sample_trajectories(batch.prefix, batch.hist_xyz, batch.hist_rot, cfg.num_samples,
                                         cfg.steps, gen)  # (B, K, 64, 3)
         m = trajectory_metrics(pred.cpu(), batch.fut_xyz.cpu())
@@ -125,13 +125,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(out)
     return result
-
-
-def _item(store: Store, i: int) -> dict:
-    s = store.read(i, with_hidden=False)
-    return {"key": s.key, "k": s.k, "v": s.v, "L": s.prefix_len, "delta": s.rope_delta,
-            "action": torch.from_numpy(s.gt_action), "hist_xyz": torch.from_numpy(s.ego_history_xyz),
-            "hist_rot": torch.from_numpy(s.ego_history_rot), "fut_xyz": torch.from_numpy(s.ego_future_xyz)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from .action_space import UnicycleAccelCurvature
 from .config import HeadConfig
-from .head import AlpamayoHead
+from .head import AlpamayoHead, build_action_space
 
 HEAD_PREFIXES = ("expert.", "action_in_proj.", "action_out_proj.", "action_space.")
 INDEX_NAME = "model.safetensors.index.json"
@@ -165,10 +165,7 @@ class AlpamayoCheckpoint:
 
     def action_space(self) -> UnicycleAccelCurvature:
         """The checkpoint's action space (its 4 normalisation buffers), without the 2.3 B expert."""
-        cfg = self.head_config()
-        asp = cfg.action_space
-        space = UnicycleAccelCurvature(asp["accel_mean"], asp["accel_std"], asp["curvature_mean"],
-                                       asp["curvature_std"], asp["dt"], int(asp["n_waypoints"]), cfg.solver)
+        space = build_action_space(self.head_config())
         keys = [f"action_space.{n}" for n in ("accel_mean", "accel_std", "curvature_mean", "curvature_std")]
         space.load_state_dict({k.split(".", 1)[1]: v.float() for k, v in self.read_tensors(keys).items()})
         return space

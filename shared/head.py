@@ -190,6 +190,13 @@ def build_expert(expert_cfg: dict, attn_implementation: str = "sdpa") -> Qwen3VL
     return expert
 
 
+def build_action_space(cfg: HeadConfig) -> UnicycleAccelCurvature:
+    """The action space with the config's constants (a checkpoint's buffers are loaded over them)."""
+    asp = cfg.action_space
+    return UnicycleAccelCurvature(asp["accel_mean"], asp["accel_std"], asp["curvature_mean"], asp["curvature_std"],
+                                  asp["dt"], int(asp["n_waypoints"]), cfg.solver)
+
+
 _CACHE_KW = "cache" if "cache" in inspect.signature(Qwen3VLTextModel.forward).parameters else "past_key_values"
 
 
@@ -207,11 +214,7 @@ class AlpamayoHead(nn.Module):
             int(aip["num_fourier_feats"]),
         )
         self.action_out_proj = nn.Linear(hidden, 2)
-        asp = cfg.action_space
-        self.action_space = UnicycleAccelCurvature(
-            asp["accel_mean"], asp["accel_std"], asp["curvature_mean"], asp["curvature_std"],
-            asp["dt"], int(asp["n_waypoints"]), cfg.solver,
-        )
+        self.action_space = build_action_space(cfg)
         self.causal = not cfg.expert_non_causal_attention
 
     @property
