@@ -10,7 +10,11 @@ medians with CUDA synchronisation. Results and the command are recorded in docs/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache_builder.cache_build import BuildConfig, Builder  # noqa: E402
+from cache_builder.cache_build import BuildConfig, Builder, cpu_stage_loader  # noqa: E402
 from cache_builder.vlm import prefill  # noqa: E402
 from shared.action_space import UnicycleAccelCurvature  # noqa: E402
 from shared.config import RELEASE_EXPERT_OVERRIDES, HeadConfig  # noqa: E402
@@ -53,8 +58,15 @@ def release_vlm(tok):
     return vlm.eval().requires_grad_(False)
 
 
-def fake_sample(i: int, cams: tuple[str, ...], rng) -> Sample:
+_FRAMES: dict[int, np.ndarray] = {}
+
+
+def fake_sample(i: int, cams: tuple[str, ...]) -> Sample:
+    """A 1080p sample with a planted curve; frames are one random base per camera count, shifted per sample
+    (cheap enough to make inside the CPU-stage workers)."""
     n = len(cams)
+    if n not in _FRAMES:
+        _FRAMES[n] = np.random.default_rng(n).integers(0, 256, (n, 4, 3, 1080, 1920), dtype=np.uint8)
     t = np.arange(-15, 65) * 0.1
     kappa = 0.05 * (t > 0.3)
     yaw = np.cumsum(kappa * 10 * 0.1)
@@ -63,9 +75,19 @@ def fake_sample(i: int, cams: tuple[str, ...], rng) -> Sample:
     rot = np.zeros((80, 3, 3))
     rot[:, 0, 0], rot[:, 0, 1], rot[:, 1, 0], rot[:, 1, 1], rot[:, 2, 2] = (np.cos(yaw), -np.sin(yaw), np.sin(yaw),
                                                                              np.cos(yaw), 1)
-    return Sample(f"clip{i:04d}", 5_100_000, rng.integers(0, 256, (n, 4, 3, 1080, 1920), dtype=np.uint8), cams,
+    return Sample(f"clip{i:04d}", 5_100_000, _FRAMES[n] + np.uint8(i % 256), cams,
                   np.arange(n), np.zeros((n, 4), np.int64), xyz[:16], rot[:16], xyz[16:], rot[16:],
                   camera_config="full" if n == 4 else "front-only")
+
+
+class FakeSamples:
+    """`samples(w, n)` for the CPU stage: sample ids offset..offset+count split over the workers."""
+
+    def __init__(self, cams: tuple[str, ...], count: int, offset: int = 0):
+        self.cams, self.count, self.offset = cams, count, offset
+
+    def __call__(self, w: int, n: int):
+        return (fake_sample(i, self.cams) for i in range(self.offset + w, self.offset + self.count, n))
 
 
 def cuda_time(fn, reps=5, warm=2) -> float:
@@ -81,27 +103,77 @@ def cuda_time(fn, reps=5, warm=2) -> float:
     return float(np.median(ts))
 
 
+def timed(items):
+    """Pass items through; `.t_first` is when the first one arrived (CPU-stage start-up excluded)."""
+    def gen():
+        for it in items:
+            if gen.t_first is None:
+                gen.t_first = time.perf_counter()
+            yield it
+    gen.t_first = None
+    return gen
+
+
+class TimedWriter:
+    """The store writer, with the time each record was handed over (backpressure makes that the pace)."""
+
+    def __init__(self, w: StoreWriter):
+        self.w, self.times = w, []
+
+    def write(self, rec) -> None:
+        self.w.write(rec)
+        self.times.append(time.perf_counter())
+
+    def __getattr__(self, name):
+        return getattr(self.w, name)
+
+    def steady_s_per_sample(self) -> float:
+        """Seconds per sample over the last three quarters of the hand-overs (fill and drain excluded)."""
+        t = self.times
+        a = len(t) // 4
+        return (t[-1] - t[a]) / max(1, len(t) - 1 - a)
+
+
+def disk_write_gbps(path: Path, gb: float = 4.0) -> float:
+    """Sequential O_DIRECT write speed of the store's disk (dd), GB/s."""
+    f = path / "dd.bin"
+    t0 = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={f}", "bs=64M", f"count={int(gb * 1e9 / 2**26)}", "oflag=direct"],
+                   check=True, capture_output=True)
+    dt = time.perf_counter() - t0
+    f.unlink()
+    return int(gb * 1e9 / 2**26) * 2**26 / dt / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="cache_build_bench.json")
-    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=48, help="samples per build")
+    ap.add_argument("--workers", type=int, default=4, help="CPU-stage processes")
+    ap.add_argument("--writer-threads", type=int, default=8)
+    ap.add_argument("--dir", default=None, help="where stores go (default: a temp dir)")
+    ap.add_argument("--no-rollout", action="store_true")
     args = ap.parse_args()
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    tmp = Path(tempfile.mkdtemp())
+    cores = len(os.sched_getaffinity(0))
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "zarr": zarr.__version__,
+                 "cores": cores, "workers": args.workers, "writer_threads": args.writer_threads}
+    tmp = Path(args.dir or tempfile.mkdtemp())
+    tmp.mkdir(parents=True, exist_ok=True)
+    res["disk_write_GBps_odirect"] = disk_write_gbps(tmp)
     write_tiny_processor(tmp / "proc")
     proc = load_processor(str(tmp / "proc"))
     vlm = release_vlm(proc.tokenizer)
-    rng = np.random.default_rng(0)
     space = UnicycleAccelCurvature()
     rows = []
-    for cams in (RELEASE_CAMERAS, ("camera_front_wide_120fov",)):
+    for ci, cams in enumerate((RELEASE_CAMERAS, ("camera_front_wide_120fov",))):
         tag = "4cam" if len(cams) == 4 else "front"
         cfg = BuildConfig(dataset="-", checkpoint="-", batch_size=4)
         builder = Builder(cfg, proc, vlm, space)
-        samples = [fake_sample(i, cams, rng) for i in range(args.samples)]
+        stage = builder.stage(FakeSamples(cams, 8))
         t0 = time.perf_counter()
-        inputs = [builder.inputs(s) for s in samples]
-        res[f"{tag}_inputs_cpu_s_per_sample"] = (time.perf_counter() - t0) / len(samples)
+        prepared = [stage.prepare(fake_sample(i, cams)) for i in range(8)]
+        res[f"{tag}_inputs_cpu_s_per_sample"] = (time.perf_counter() - t0) / len(prepared)
+        inputs = [p.inputs for p in prepared]
         L = inputs[0]["prefix_len"]
         res[f"{tag}_prefix_len"] = L
         for B in (1, 4):
@@ -111,27 +183,52 @@ def main() -> None:
             t = cuda_time(lambda b=batch, n=L: prefill(vlm, b, n, keep_hidden=True))
             res[f"{tag}_prefill_B{B}_s_per_sample"] = t / B
             res[f"{tag}_prefill_B{B}_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        prov = {"checkpoint": None, "head_config_hash": None, "processor": None, "prefix_mode": "teacher",
+                "dataset_revision": None, "code_version": "bench"}
+        # the writer alone: records of one prefill written again and again (GPU staging + compression + IO)
+        spec = KVSpec(36, 8, 128, 4096, "bfloat16", "none", True, "zstd")
+        recs = builder.records(prepared[:4])
+        writer = StoreWriter.create(str(tmp / f"writer_only_{tag}"), prov, spec, workers=args.writer_threads,
+                                    max_pending=args.writer_threads + 4)
+        n_w = 16
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(n_w):
+            r = recs[i % 4]
+            writer.write(dataclasses.replace(r, key=f"w{i}@{r.t0_us}:{r.camera_config}", clip_id=f"w{i}"))
+        writer.close()
+        dt = time.perf_counter() - t0
+        res[f"{tag}_writer_only_s_per_sample"] = dt / n_w
+        res[f"{tag}_writer_only_GBps_logical"] = writer.bytes_logical / dt / 1e9
+        del recs
+        shutil.rmtree(tmp / f"writer_only_{tag}")
+        # the whole build: CPU stage in worker processes -> prefill -> writer, as the CLI runs it
         for quant in ("none", "int8", "int4"):
             spec = KVSpec(36, 8, 128, 4096, "bfloat16", quant, True, "zstd")
             url = str(tmp / f"store_{tag}_{quant}")
-            prov = {"checkpoint": None, "head_config_hash": None, "processor": None, "prefix_mode": "teacher",
-                    "dataset_revision": None, "code_version": "bench"}
-            writer = StoreWriter.create(url, prov, spec, workers=8, max_pending=8)
-            n = args.samples if quant == "none" else 4
+            writer = StoreWriter.create(url, prov, spec, workers=args.writer_threads,
+                                        max_pending=args.writer_threads + 4)
+            n = args.samples
+            stage = builder.stage(FakeSamples(cams, n, offset=10_000 * ci))  # same samples in every store
+            items = timed(cpu_stage_loader(stage, args.workers))
             torch.cuda.reset_peak_memory_stats()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for i in range(0, n, 4):
-                for rec in builder.records(samples[i:i + 4], inputs[i:i + 4]):
-                    writer.write(rec)
+            tw = TimedWriter(writer)
+            n_done, _ = builder.run(items(), tw)
             writer.close()
-            dt = time.perf_counter() - t0
-            rows.append({"cams": tag, "quant": quant, "L": L, "samples": n, "s_per_sample": dt / n,
-                         "ratio_to_prefill_B4": dt / n / res[f"{tag}_prefill_B4_s_per_sample"],
+            dt = time.perf_counter() - items.t_first
+            steady = tw.steady_s_per_sample()
+            t1 = time.perf_counter()
+            os.sync()
+            sync_s = time.perf_counter() - t1
+            rows.append({"cams": tag, "quant": quant, "L": L, "samples": n_done, "s_per_sample": dt / n_done,
+                         "ratio_to_prefill_B4": dt / n_done / res[f"{tag}_prefill_B4_s_per_sample"],
+                         "steady_s_per_sample": steady,
+                         "steady_ratio_to_prefill_B4": steady / res[f"{tag}_prefill_B4_s_per_sample"],
                          "GB_per_s_written": writer.bytes_stored / dt / 1e9,
-                         "MB_per_sample_stored": writer.bytes_stored / n / 1e6,
-                         "MB_per_sample_logical": writer.bytes_logical / n / 1e6,
-                         "peak_GiB": torch.cuda.max_memory_allocated() / 2**30})
+                         "MB_per_sample_stored": writer.bytes_stored / n_done / 1e6,
+                         "MB_per_sample_logical": writer.bytes_logical / n_done / 1e6,
+                         "peak_GiB": torch.cuda.max_memory_allocated() / 2**30, "sync_after_s": sync_s})
+            print(rows[-1], flush=True)
         # head velocity from int8 / int4 prefixes vs bf16 (release-size head, random weights)
         text = vlm.config.text_config.to_dict()
         with torch.device("cuda"):
@@ -141,20 +238,48 @@ def main() -> None:
         tt = torch.full((1, 1, 1), 0.5, device="cuda")
         vel = {}
         for quant in ("none", "int8", "int4"):
-            r = Store.open(str(tmp / f"store_{tag}_{quant}")).read(0, device="cuda", with_hidden=False)
+            st = Store.open(str(tmp / f"store_{tag}_{quant}"))
+            r = st.read(sorted(st.keys())[0], device="cuda", with_hidden=False)
             with torch.no_grad():
                 vel[quant] = head.velocity(x, tt, KVPrefix.collate([(r.k, r.v, r.prefix_len, r.rope_delta)]).to("cuda"))
         for q in ("int8", "int4"):
             res[f"{tag}_velocity_rel_err_{q}_vs_bf16"] = float((vel[q] - vel["none"]).norm() / vel["none"].norm())
         del head
+        for quant in ("none", "int8", "int4"):
+            shutil.rmtree(tmp / f"store_{tag}_{quant}")
         torch.cuda.empty_cache()
     res["build_rows"] = rows
-    # rollout decode: 60 generated tokens forced (no early stop), 4-camera prompt
+    if not args.no_rollout:
+        rollout_bench(res, vlm, proc, space, tmp)
+    print(f"device: {res['device']}")
+    for k, v in res.items():
+        if k != "build_rows":
+            print(f"{k:45s} {v:.4f}" if isinstance(v, float) else f"{k:45s} {v}")
+    print(f"{'cams':6s} {'quant':5s} {'L':>5s} {'s/sample':>9s} {'x prefill':>9s} {'steady':>7s} {'x prefill':>9s} "
+          f"{'GB/s':>6s} {'MB/smp':>8s} {'peak GiB':>8s}")
+    for r in rows:
+        print(f"{r['cams']:6s} {r['quant']:5s} {r['L']:5d} {r['s_per_sample']:9.3f} {r['ratio_to_prefill_B4']:9.2f} "
+              f"{r['steady_s_per_sample']:7.3f} {r['steady_ratio_to_prefill_B4']:9.2f} "
+              f"{r['GB_per_s_written']:6.2f} {r['MB_per_sample_stored']:8.1f} {r['peak_GiB']:8.1f}")
+    Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+def rollout_bench(res: dict, vlm, proc, space, tmp: Path) -> None:
+    """Rollout, 4-camera prompt. (a) plain generate of 60 forced tokens, as before; (b) the build's rollout
+    path: generate (the trace made to end with <|traj_future_start|> at token 60, then one more token, as
+    the release stops) -> the prefix straight from the generation cache -> the store writer."""
     from transformers import LogitsProcessorList
 
-    builder.cfg.mode = "rollout"
-    samples = [fake_sample(i, RELEASE_CAMERAS, rng) for i in range(16)]
-    r_inputs = [builder.inputs(s) for s in samples]
+    import cache_builder.rollout as rollout
+    from shared.prompt import MaskTrajTokens
+    from shared.qwen_files import alpamayo_token_ids
+
+    ids = alpamayo_token_ids(proc.tokenizer)
+    cfg = BuildConfig(dataset="-", checkpoint="-", batch_size=16, mode="rollout")
+    builder = Builder(cfg, proc, vlm, space)
+    stage = builder.stage(FakeSamples(RELEASE_CAMERAS, 16))
+    prepared = [stage.prepare(fake_sample(i, RELEASE_CAMERAS)) for i in range(16)]
+    r_inputs = [p.inputs for p in prepared]
     for B in (1, 8, 16):
         batch = {k: torch.cat([x[k] for x in r_inputs[:B]]).cuda() for k in
                  ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")}
@@ -165,15 +290,37 @@ def main() -> None:
                          max_new_tokens=60, logits_processor=LogitsProcessorList([]))
         t = cuda_time(gen, reps=2, warm=1)
         res[f"rollout_60tok_B{B}_s_per_sample"] = t / B
-    print(f"device: {res['device']}")
-    for k, v in res.items():
-        if k != "build_rows":
-            print(f"{k:45s} {v:.4f}" if isinstance(v, float) else f"{k:45s} {v}")
-    print(f"{'cams':6s} {'quant':5s} {'L':>5s} {'s/sample':>9s} {'x prefill':>9s} {'GB/s':>6s} {'MB/smp':>8s} {'peak GiB':>8s}")
-    for r in rows:
-        print(f"{r['cams']:6s} {r['quant']:5s} {r['L']:5d} {r['s_per_sample']:9.3f} {r['ratio_to_prefill_B4']:9.2f} "
-              f"{r['GB_per_s_written']:6.2f} {r['MB_per_sample_stored']:8.1f} {r['peak_GiB']:8.1f}")
-    Path(args.json).write_text(json.dumps(res, indent=2))
+
+    P = r_inputs[0]["input_ids"].shape[1]
+
+    class EndAt60(MaskTrajTokens):
+        def __call__(self, input_ids, scores):
+            scores = super().__call__(input_ids, scores)
+            if input_ids.shape[1] - P == 59:
+                scores[:] = float("-inf")
+                scores[:, ids["traj_future_start"]] = 0.0
+            return scores
+
+    rollout.MaskTrajTokens = EndAt60
+    spec = KVSpec(36, 8, 128, 4096, "bfloat16", "none", True, "zstd")
+    prov = {"checkpoint": None, "head_config_hash": None, "processor": None, "prefix_mode": "rollout",
+            "dataset_revision": None, "code_version": "bench"}
+    for B in (8, 16):
+        builder.cfg.batch_size = B
+        for rep in range(2):  # the first is a warm-up
+            url = tmp / f"rollout_B{B}_{rep}"
+            writer = StoreWriter.create(str(url), prov, spec, workers=8, max_pending=8 + B)
+            group = [dataclasses.replace(p, inputs=dict(p.inputs), sample=dataclasses.replace(p.sample))
+                     for p in prepared[:B]]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            n, _ = builder.run(group, writer)
+            writer.close()
+            dt = time.perf_counter() - t0
+            lens = [Store.open(str(url)).manifest(k)["prefix_len"] - P for k in Store.open(str(url)).keys()]
+            shutil.rmtree(url)
+        assert n == B and set(lens) == {60}, (n, lens)
+        res[f"rollout_build_60tok_B{B}_s_per_sample"] = dt / B
 
 
 if __name__ == "__main__":

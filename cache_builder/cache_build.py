@@ -2,9 +2,13 @@
 
     cache-build --dataset /data/pai --checkpoint nvidia/Alpamayo-R1-10B --name front --cameras front-only
 
-Flow: dataset -> samples -> VLM inputs (the release's prompt) -> prefill (batched) -> store writer
-(quantisation, compression and IO on background threads, overlapping the next prefill). A
-killed build resumes with --resume: finished samples are skipped, unfinished ones are redone.
+Flow, three overlapped stages:
+  CPU stage (DataLoader worker processes): dataset -> Sample -> VLM inputs (the release's prompt),
+      GT action, curvature, thumbnails;
+  GPU stage (this thread): equal-length batches -> prefill from pinned inputs, never waiting on the GPU;
+  store writer (threads): per sample, on its own CUDA stream, stack or quantise K/V, count NaN/Inf,
+      one pinned copy to the host; then compression and IO.
+A killed build resumes with --resume: finished samples are skipped, unfinished ones are redone.
 `--shard i/N` takes the clips whose stable hash falls in shard i, so N processes (or
 `accelerate launch`) can fill one store.
 """
@@ -16,7 +20,8 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +33,7 @@ from shared.cli import config_from_args, user_errors
 from shared.prompt import build_vlm_inputs
 from shared.qwen_files import load_processor
 from shared.sample import Sample
-from shared.store import CachedSample, KVSpec, StoreWriter, estimate_sample_bytes
+from shared.store import CachedSample, KVSpec, StoreWriter, estimate_sample_bytes, make_thumbnails
 
 MODES = ("teacher", "rollout", "given-cot")
 CODE_VERSION = "alpamayo-headtune 0.1.0"
@@ -52,6 +57,8 @@ class BuildConfig:
     codec: str = "zstd"  # lossless codec of the stored arrays
     hidden: bool = True  # store last-layer hidden states of the prefix
     batch_size: int = 4  # prefixes per VLM forward (same-length prefixes are batched)
+    workers: int | None = None  # CPU-stage processes (video decode, prompt, GT); default: 0 on CPU, min(4, cores/4) on GPU
+    writer_threads: int | None = None  # store writer threads (compression + IO); default: min(8, cores/2)
     shard: str = "0/1"  # i/N: this process builds shard i of N; "auto" = accelerate's process index/count
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attn: str = "sdpa"  # attention implementation of the VLM
@@ -74,6 +81,10 @@ class BuildConfig:
             raise ValueError("--resume and --overwrite exclude each other")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"--workers {self.workers}: must be >= 0")
+        if self.writer_threads is not None and self.writer_threads < 1:
+            raise ValueError(f"--writer-threads {self.writer_threads}: must be >= 1")
         if self.shard == "auto":  # under `accelerate launch` (or torchrun): one shard per process
             from accelerate import PartialState
 
@@ -158,61 +169,209 @@ def provenance(cfg: BuildConfig, ckpt: AlpamayoCheckpoint, ds, processor) -> dic
     }
 
 
+@dataclass
+class Prepared:
+    """One sample after the CPU stage: VLM inputs and ground truth. The camera frames stay behind
+    (only thumbnails cross the process boundary: 16 frames at 1080p are 100 MB)."""
+
+    sample: Sample  # images emptied to (n_cam, 0, 3, 0, 0)
+    inputs: dict  # build_vlm_inputs(...): input_ids (1, T), pixel_values (patches, 1536), ...
+    thumbs: np.ndarray  # (n_cam, 72, 128, 3) uint8, t0 frame of each camera
+    action: np.ndarray  # (64, 2) float32 normalised GT action
+    v0: float
+    curvature: dict[str, float]
+    generated: object = None  # rollout: rollout.GeneratedPrefix (K/V/hidden from the generation), else None
+
+
+@dataclass
+class StageReport:
+    """What one CPU-stage worker left out; sent last on its stream."""
+
+    already_done: int = 0
+    no_reasoning: int = 0
+    skipped: list = field(default_factory=list)  # SkipItem of unreadable clips
+
+
+class CpuStage(torch.utils.data.IterableDataset):
+    """samples -> Prepared, in DataLoader workers (or inline with 0 workers).
+
+    `samples(w, n)` yields worker w's share of n. Samples already in the store or without the
+    reasoning text they need are counted, not built."""
+
+    def __init__(self, samples: Callable[[int, int], Iterable[Sample]], processor, action_space, mode: str,
+                 done: set[str] = frozenset(), cots=None, pixel_dtype: torch.dtype = torch.float32):
+        self.samples, self.processor, self.action_space, self.mode = samples, processor, action_space, mode
+        self.done, self.cots, self.pixel_dtype = done, cots, pixel_dtype
+
+    def prepare(self, s: Sample) -> Prepared:
+        x = build_vlm_inputs(self.processor, s, mode=self.mode, cot=s.cot if self.mode == "given-cot" else None)
+        # the VLM's dtype already here: the same rounding as on the GPU, half the bytes to move
+        x["pixel_values"] = x["pixel_values"].to(self.pixel_dtype)
+        action, v0 = gt_action(self.action_space, s)
+        thumbs = make_thumbnails(s.images, (72, 128))
+        light = replace(s, images=np.empty((len(s.camera_names), 0, 3, 0, 0), np.uint8))
+        return Prepared(light, x, thumbs, action, v0, curvature_summary(self.action_space, s, action))
+
+    def __iter__(self) -> Iterator[Prepared | StageReport]:
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        rep = StageReport()
+        it = self.samples(w, n)
+        for s in it:
+            if s.key in self.done:
+                rep.already_done += 1
+                continue
+            if self.mode == "given-cot":
+                s.cot = s.cot or self.cots.lookup(s.clip_id, s.t0_us, s.key)
+                if not s.cot:
+                    rep.no_reasoning += 1
+                    continue
+            yield self.prepare(s)
+        rep.skipped = list(getattr(getattr(it, "report", None), "items", []))
+        yield rep
+
+
+class DatasetSamples:
+    """The selected clips of a local dataset, split over CPU-stage workers by position (picklable)."""
+
+    def __init__(self, root: str, clips: list[str], keyframes: str, cameras: str):
+        self.root, self.clips, self.keyframes, self.cameras = root, clips, keyframes, cameras
+
+    def __call__(self, w: int, n: int):
+        from shared.data import iter_samples, open_dataset
+
+        return iter_samples(open_dataset(self.root), self.clips[w::n], self.keyframes, self.cameras)
+
+
+def cpu_stage_loader(stage: CpuStage, workers: int) -> Iterable[Prepared | StageReport]:
+    return torch.utils.data.DataLoader(stage, batch_size=None, num_workers=workers,
+                                       prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+def _cat(xs: list[torch.Tensor], pin: bool) -> torch.Tensor:
+    """Concatenate on the host, straight into pinned memory when the copy to the GPU should not block."""
+    if not pin:
+        return torch.cat(xs)
+    shape = (sum(x.shape[0] for x in xs), *xs[0].shape[1:])
+    return torch.cat(xs, out=torch.empty(shape, dtype=xs[0].dtype, pin_memory=True))
+
+
 class Builder:
-    """Holds the frozen VLM and turns batches of samples into store records."""
+    """Holds the frozen VLM and turns batches of prepared samples into store records."""
 
     def __init__(self, cfg: BuildConfig, processor, vlm, action_space):
         self.cfg, self.processor, self.vlm, self.action_space = cfg, processor, vlm, action_space
         self.kv_dtype = getattr(torch, cfg.kv_dtype)
 
-    def inputs(self, s: Sample) -> dict:
-        return build_vlm_inputs(self.processor, s, mode=self.cfg.mode, cot=s.cot if self.cfg.mode == "given-cot" else None)
+    def stage(self, samples: Callable[[int, int], Iterable[Sample]], done: set[str] = frozenset(), cots=None) -> CpuStage:
+        return CpuStage(samples, self.processor, self.action_space, self.cfg.mode, done, cots, self.vlm.dtype)
 
-    def expand(self, group: list[tuple[Sample, dict]]) -> list[tuple[Sample, dict]]:
+    def expand(self, group: list[Prepared]) -> list[Prepared]:
         """Prompt -> expert prefix. Teacher / given-cot prompts already end at <|traj_future_start|>;
         rollout prompts end at <|cot_start|> and the VLM writes the rest (text kept as the reasoning)."""
         if self.cfg.mode != "rollout":
             return group
         from .rollout import generate_prefixes
 
-        out = []
-        gen = generate_prefixes(self.vlm, self.processor, [s.key for s, _ in group], [x for _, x in group],
-                                self.cfg.seed, self.cfg.max_new_tokens)
-        for (s, _), (x, cot) in zip(group, gen):
-            s.cot = cot
-            out.append((s, x))
-        return out
+        gen = generate_prefixes(self.vlm, self.processor, [p.sample.key for p in group], [p.inputs for p in group],
+                                self.cfg.seed, self.cfg.max_new_tokens, keep_hidden=self.cfg.hidden)
+        for p, (x, cot, prefix) in zip(group, gen):
+            p.sample.cot, p.inputs, p.generated = cot, x, prefix
+        return group
 
-    def records(self, samples: list[Sample], inputs: list[dict]) -> list[CachedSample]:
-        """One batched prefill for same-length prompts -> store records."""
+    def record(self, p: Prepared, k, v, hidden, rope_delta) -> CachedSample:
+        """k, v: (layers, kv_heads, L, head_dim) and hidden (L, hidden) on the device -> a store record."""
+        L = p.inputs["prefix_len"]
+        return CachedSample.from_sample(
+            p.sample, k=k.to(self.kv_dtype), v=v.to(self.kv_dtype), rope_delta=rope_delta,
+            token_ids=p.inputs["input_ids"][0, :L], hidden=None if hidden is None else hidden.to(self.kv_dtype),
+            thumbs=p.thumbs, gt_action=p.action, v0=p.v0, reasoning=p.sample.cot or "", curvature=p.curvature)
+
+    def records(self, group: list[Prepared]) -> list[CachedSample]:
+        """One batched prefill for same-length prefixes -> store records whose K/V/hidden stay on the
+        device (the writer stages them). Nothing here waits for the GPU."""
         from .vlm import prefill
 
-        L = inputs[0]["prefix_len"]
-        batch = {
-            "input_ids": torch.cat([x["input_ids"] for x in inputs]),
-            "attention_mask": torch.cat([x["attention_mask"] for x in inputs]),
-            "mm_token_type_ids": torch.cat([x["mm_token_type_ids"] for x in inputs]),
-            "pixel_values": torch.cat([x["pixel_values"] for x in inputs]),  # cat, not stack (Qwen3-VL)
-            "image_grid_thw": torch.cat([x["image_grid_thw"] for x in inputs]),
-        }
+        xs = [p.inputs for p in group]
+        L = xs[0]["prefix_len"]
+        pin = self.vlm.device.type == "cuda"
+        batch = {k: _cat([x[k] for x in xs], pin)  # cat, not stack, for pixel_values (Qwen3-VL)
+                 for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")}
         pf = prefill(self.vlm, batch, L, keep_hidden=self.cfg.hidden)
-        out = []
-        for b, (s, x) in enumerate(zip(samples, inputs)):
-            action, v0 = gt_action(self.action_space, s)
-            out.append(CachedSample.from_sample(
-                s, k=pf.keys[:, b].to(self.kv_dtype).cpu(), v=pf.values[:, b].to(self.kv_dtype).cpu(),
-                rope_delta=int(pf.rope_deltas[b]), token_ids=x["input_ids"][0, :L].cpu(),
-                hidden=None if pf.hidden is None else pf.hidden[b].to(self.kv_dtype).cpu(),
-                gt_action=action, v0=v0, reasoning=s.cot or "",
-                curvature=curvature_summary(self.action_space, s, action),
-            ))
-        return out
+        return [self.record(p, pf.keys[:, b], pf.values[:, b], None if pf.hidden is None else pf.hidden[b],
+                            pf.rope_deltas[b]) for b, p in enumerate(group)]
+
+    def run(self, items: Iterable[Prepared | StageReport], writer: StoreWriter, max_samples: int | None = None,
+            bar: tqdm | None = None) -> tuple[int, StageReport]:
+        """The GPU stage: group prepared samples by length, prefill, hand records to the writer.
+
+        Two queues keyed by token length, so every forward is a batch of equal lengths (no padding).
+        Returns (samples written, merged reports of the CPU stage)."""
+        bs = self.cfg.batch_size
+        prompts: dict[int, list[Prepared]] = {}  # prompt length -> samples before rollout
+        prefixes: dict[int, list[Prepared]] = {}  # prefix length -> samples ready for prefill
+        total = StageReport()
+        n_new = 0
+        t0 = time.perf_counter()
+
+        def flush_prefixes(L: int) -> None:
+            nonlocal n_new
+            group = prefixes.pop(L)
+            for rec in self.records(group):
+                writer.write(rec)
+            n_new += len(group)
+            if bar is not None:
+                bar.update(len(group))
+                bar.set_postfix(samples_s=f"{n_new / (time.perf_counter() - t0):.2f}",
+                                GB=f"{writer.bytes_stored / 1e9:.3f}")
+
+        def flush_prompts(T: int) -> None:
+            nonlocal n_new
+            for p in self.expand(prompts.pop(T)):
+                if p.generated is not None:  # rollout: the generation's own cache is the prefix
+                    g, p.generated = p.generated, None
+                    writer.write(self.record(p, g.k, g.v, g.hidden, g.rope_delta))
+                    n_new += 1
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                prefixes.setdefault(p.inputs["prefix_len"], []).append(p)
+                if len(prefixes[p.inputs["prefix_len"]]) >= bs:
+                    flush_prefixes(p.inputs["prefix_len"])
+
+        for item in items:
+            if isinstance(item, StageReport):
+                total.already_done += item.already_done
+                total.no_reasoning += item.no_reasoning
+                total.skipped += item.skipped
+                continue
+            queued = sum(map(len, prompts.values())) + sum(map(len, prefixes.values()))
+            if max_samples is not None and n_new + queued >= max_samples:
+                break
+            T = item.inputs["input_ids"].shape[1]
+            prompts.setdefault(T, []).append(item)
+            if len(prompts[T]) >= bs:
+                flush_prompts(T)
+        for T in list(prompts):
+            flush_prompts(T)
+        for L in list(prefixes):
+            flush_prefixes(L)
+        return n_new, total
 
 
 def resolve_build_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def default_workers(cfg: BuildConfig, device: torch.device) -> tuple[int, int]:
+    """(CPU-stage processes, writer threads). Input building costs ~0.2-0.3 s of CPU per 4-camera sample
+    against ~0.17 s of GPU; one process's writer peaks at 8 threads (docs/PERFORMANCE.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = cfg.workers if cfg.workers is not None else (0 if device.type == "cpu" else min(4, max(1, cores // 4)))
+    threads = cfg.writer_threads if cfg.writer_threads is not None else min(8, max(2, cores // 2))
+    return workers, threads
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -243,9 +402,9 @@ def build(cfg: BuildConfig) -> dict:
         if not len(cots):
             raise ValueError(f"--mode given-cot: no reasoning text in {cfg.dataset}/reasoning/ood_reasoning.parquet; "
                              "pass --cot-file with a JSON {sample key or clip id: text}")
-    samples = iter_samples(ds, clips, cfg.keyframes, cfg.cameras)
 
     if cfg.dry_run:
+        samples = iter_samples(ds, clips, cfg.keyframes, cfg.cameras)
         first = next(iter(samples), None)
         if first is None:
             raise ValueError(f"no readable sample in the selected clips: {samples.report.counts}")
@@ -256,64 +415,31 @@ def build(cfg: BuildConfig) -> dict:
         print(json.dumps(report, indent=2))
         return report
 
+    device = resolve_build_device(cfg.device)
+    workers, threads = default_workers(cfg, device)
     mode = "resume" if cfg.resume else ("overwrite" if cfg.overwrite else "new")
-    writer = StoreWriter.create(cfg.store_url, prov, spec, mode=mode, writer_id=cfg.shard.replace("/", "of"))
-    done = writer.done_keys()
-    vlm = load_vlm(ckpt, torch.float32 if cfg.kv_dtype == "float32" else torch.bfloat16,
-                   resolve_build_device(cfg.device), cfg.attn)
+    writer = StoreWriter.create(cfg.store_url, prov, spec, mode=mode, writer_id=cfg.shard.replace("/", "of"),
+                                workers=threads, max_pending=threads + cfg.batch_size)
+    vlm = load_vlm(ckpt, torch.float32 if cfg.kv_dtype == "float32" else torch.bfloat16, device, cfg.attn)
     builder = Builder(cfg, processor, vlm, ckpt.action_space())
-    n_new = n_skipped = n_no_cot = 0
+    stage = builder.stage(DatasetSamples(str(cfg.dataset), clips, cfg.keyframes, cfg.cameras),
+                          done=writer.done_keys(), cots=cots)
     t0 = time.perf_counter()
     bar = tqdm(desc=f"cache-build {cfg.shard}", unit="sample", total=cfg.max_samples, dynamic_ncols=True)
-    # Two queues keyed by token length, so every forward is a batch of equal lengths (no padding):
-    prompts: dict[int, list[tuple[Sample, dict]]] = {}  # prompt length -> samples before rollout
-    prefixes: dict[int, list[tuple[Sample, dict]]] = {}  # prefix length -> samples ready for prefill
-
-    def flush_prefixes(L: int) -> None:
-        nonlocal n_new
-        group = prefixes.pop(L)
-        for rec in builder.records([s for s, _ in group], [x for _, x in group]):
-            writer.write(rec)  # quantise + compress + write on the writer's threads, overlapping the next prefill
-            n_new += 1
-        bar.update(len(group))
-        bar.set_postfix(samples_s=f"{n_new / (time.perf_counter() - t0):.2f}", GB=f"{writer.bytes_stored / 1e9:.3f}")
-
-    def flush_prompts(T: int) -> None:
-        for s, x in builder.expand(prompts.pop(T)):
-            prefixes.setdefault(x["prefix_len"], []).append((s, x))
-            if len(prefixes[x["prefix_len"]]) >= cfg.batch_size:
-                flush_prefixes(x["prefix_len"])
-
-    for s in samples:
-        queued = sum(map(len, prompts.values())) + sum(map(len, prefixes.values()))
-        if cfg.max_samples is not None and n_new + queued >= cfg.max_samples:
-            break
-        if s.key in done:
-            n_skipped += 1
-            continue
-        if cfg.mode == "given-cot":
-            s.cot = s.cot or cots.lookup(s.clip_id, s.t0_us, s.key)
-            if not s.cot:
-                n_no_cot += 1
-                continue
-        x = builder.inputs(s)
-        T = x["input_ids"].shape[1]
-        prompts.setdefault(T, []).append((s, x))
-        if len(prompts[T]) >= cfg.batch_size:
-            flush_prompts(T)
-    for T in list(prompts):
-        flush_prompts(T)
-    for L in list(prefixes):
-        flush_prefixes(L)
+    n_new, rep = builder.run(cpu_stage_loader(stage, workers), writer, cfg.max_samples, bar)
     writer.close()
     bar.close()
-    summary = {"store": writer.url, "written": n_new, "already_done": n_skipped,
-               "skipped_clips": samples.report.counts, "skipped_no_reasoning": n_no_cot, "seconds": round(time.perf_counter() - t0, 2),
-               "bytes_logical": writer.bytes_logical, "bytes_stored": writer.bytes_stored}
-    return summary
+    counts: dict[str, int] = {}
+    for item in rep.skipped:
+        counts[item.reason] = counts.get(item.reason, 0) + 1
+    return {"store": writer.url, "written": n_new, "already_done": rep.already_done, "skipped_clips": counts,
+            "skipped_no_reasoning": rep.no_reasoning, "seconds": round(time.perf_counter() - t0, 2),
+            "bytes_logical": writer.bytes_logical, "bytes_stored": writer.bytes_stored,
+            "cpu_workers": workers, "writer_threads": threads}
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the CPU stage forks after the tokenizer is used
     cfg = config_from_args(BuildConfig, argv, "cache-build", __doc__.split("\n\n")[0], ("dataset", "checkpoint"))
     try:
         summary = build(cfg)
@@ -326,5 +452,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

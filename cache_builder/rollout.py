@@ -1,15 +1,19 @@
 """Rollout prefixes: the VLM writes its chain-of-causation first, as release inference does.
 
 Sampling as the release (top-p 0.98, temperature 0.6, no top-k, at most 256 new tokens, every
-`<iN>` trajectory token masked), stopping once every row has produced `<|traj_future_start|>`.
-The expert's prefix is then cut as release inference cuts it: through the first
-`<|traj_future_start|>` (or the whole sequence when it never came). We re-run the prefill over that
-exact prefix to get its KV, which equals the generation cache up to incremental-decode rounding.
+`<iN>` trajectory token masked), stopping once every row has produced `<|traj_future_start|>` and one
+token more (the release's StopAfterEOS: that extra forward puts `<|traj_future_start|>` itself in the
+cache). The expert's prefix is then cut as release inference cuts it: through the first
+`<|traj_future_start|>` (or the whole sequence when it never came), and its K/V are the generation's
+own cache, as in release inference; last-layer hidden states are caught on the VLM's final norm.
+No second prefill. A row whose prefix is not wholly in the cache (it ended on the very last step
+without `<|traj_future_start|>`) gets prefix=None and is prefilled by the caller.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -25,11 +29,35 @@ class AllRowsProduced(StoppingCriteria):
         self.token_id, self.prompt_len, self.eos_ids = token_id, prompt_len, eos_ids
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        gen = input_ids[:, self.prompt_len:]
+        gen = input_ids[:, self.prompt_len:-1]  # the token and then one more, as the release stops
         done = (gen == self.token_id).any(dim=1)
         for e in self.eos_ids:
-            done |= (gen == e).any(dim=1)
+            done |= (input_ids[:, self.prompt_len:] == e).any(dim=1)
         return done.all().expand(input_ids.shape[0])
+
+
+@dataclass
+class GeneratedPrefix:
+    """One row's expert prefix straight from the generation: device views, cut at prefix_len.
+
+    k, v: (layers, kv_heads, L, head_dim); hidden: (L, hidden) or None; rope_delta: 0-d int64."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    hidden: torch.Tensor | None
+    rope_delta: torch.Tensor
+
+
+class _CatchFinalNorm:
+    """Forward hook on the text model's final norm: its outputs over prefill + decode steps."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.outs: list[torch.Tensor] = []
+        self.handle = module.register_forward_hook(lambda m, a, out: self.outs.append(out))
+
+    def hidden(self) -> torch.Tensor:  # (B, tokens forwarded, hidden)
+        self.handle.remove()
+        return torch.cat(self.outs, dim=1)
 
 
 def rollout_seed(base: int, key: str) -> int:
@@ -39,8 +67,12 @@ def rollout_seed(base: int, key: str) -> int:
 
 @torch.no_grad()
 def generate_prefixes(vlm, processor, keys: list[str], inputs: list[dict], seed: int,
-                      max_new_tokens: int = ROLLOUT_SAMPLING["max_new_tokens"]) -> list[tuple[dict, str]]:
-    """Batched rollout over same-length prompts -> per sample (prefix inputs with prefix_len, CoC text)."""
+                      max_new_tokens: int = ROLLOUT_SAMPLING["max_new_tokens"], keep_hidden: bool = True,
+                      ) -> list[tuple[dict, str, GeneratedPrefix | None]]:
+    """Batched rollout over same-length prompts -> per sample (prefix inputs with prefix_len, CoC text,
+    the prefix's K/V/hidden from the generation or None)."""
+    from .vlm import cache_layers
+
     ids = alpamayo_token_ids(processor.tokenizer)
     device = vlm.device
     batch = {k: torch.cat([x[k] for x in inputs]).to(device)
@@ -49,11 +81,23 @@ def generate_prefixes(vlm, processor, keys: list[str], inputs: list[dict], seed:
     prompt_len = batch["input_ids"].shape[1]
     torch.manual_seed(rollout_seed(seed, keys[0]))
     sampling = {k: v for k, v in ROLLOUT_SAMPLING.items() if k != "max_new_tokens"}
-    seqs = vlm.generate(
-        **batch, **sampling, max_new_tokens=max_new_tokens, pad_token_id=ids["pad"],
-        logits_processor=LogitsProcessorList([MaskTrajTokens(ids["traj_start"])]),
-        stopping_criteria=StoppingCriteriaList([AllRowsProduced(ids["traj_future_start"], prompt_len, (ids["im_end"],))]),
-    ).cpu()  # (B, prompt + generated)
+    catch = _CatchFinalNorm(vlm.model.language_model.norm) if keep_hidden else None
+    try:
+        gen = vlm.generate(
+            **batch, **sampling, max_new_tokens=max_new_tokens, pad_token_id=ids["pad"], return_dict_in_generate=True,
+            logits_processor=LogitsProcessorList([MaskTrajTokens(ids["traj_start"])]),
+            stopping_criteria=StoppingCriteriaList([AllRowsProduced(ids["traj_future_start"], prompt_len,
+                                                                    (ids["im_end"],))]),
+        )
+    finally:
+        hidden = catch.hidden() if catch is not None else None  # (B, forwarded, H)
+    seqs = gen.sequences.cpu()  # (B, prompt + generated)
+    layers = cache_layers(gen.past_key_values)
+    keys_, values_ = torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers])  # (layers, B, h, T, D)
+    deltas = getattr(vlm.model, "rope_deltas", None)
+    in_cache = keys_.shape[3]  # tokens forwarded: the last sampled token never is
+    if hidden is not None and hidden.shape[1] != in_cache:  # a transformers version that forwards otherwise
+        in_cache = 0  # -> every row is prefilled by the caller
     out = []
     for b, x in enumerate(inputs):
         seq = seqs[b]
@@ -68,5 +112,10 @@ def generate_prefixes(vlm, processor, keys: list[str], inputs: list[dict], seed:
         y["attention_mask"] = torch.ones_like(y["input_ids"])
         y["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"][0], gen_types])[None]
         y["prefix_len"] = L
-        out.append((y, extract_cot("<|cot_start|>" + text)))
+        prefix = None
+        if L <= in_cache and deltas is not None and deltas.numel() == len(inputs):
+            prefix = GeneratedPrefix(keys_[:, b, :, :L], values_[:, b, :, :L],
+                                     None if hidden is None else hidden[b, :L],
+                                     deltas.reshape(-1)[b].to(device=device, dtype=torch.long))
+        out.append((y, extract_cot("<|cot_start|>" + text), prefix))
     return out

@@ -41,7 +41,8 @@ class Prefill:
     """One batch of prefixes from a VLM forward.
 
     keys/values: (layers, B, kv_heads, L, head_dim) post-RoPE K and raw V, cut at `prefix_len`;
-    hidden: (B, L, hidden) last-layer (final-norm) hidden states or None; rope_deltas: (B,).
+    hidden: (B, L, hidden) last-layer (final-norm) hidden states or None; rope_deltas: (B,) int64, on
+    the VLM's device (reading it would wait for the forward; the store writer reads it later).
     """
 
     keys: torch.Tensor
@@ -66,12 +67,13 @@ def prefill(vlm: Qwen3VLForConditionalGeneration, inputs: dict, prefix_len: int,
     """Forward the prompt cut after `<|traj_future_start|>` (index prefix_len - 1).
 
     The VLM is causal and dropout-free, so this equals the release's full teacher-forced forward
-    followed by a cache crop at the same index (alpamayo-r1-head.md §1.9).
+    followed by a cache crop at the same index (alpamayo-r1-head.md §1.9). Inputs in pinned memory
+    are copied without blocking, so the next batch can be queued while this one runs.
     """
     device = vlm.device
     kw = {k: (v[:, :prefix_len] if k in SEQ_INPUTS else v) for k, v in inputs.items()
           if k in SEQ_INPUTS or k in ("pixel_values", "image_grid_thw")}
-    kw = {k: v.to(device) for k, v in kw.items()}
+    kw = {k: v.to(device, non_blocking=True) for k, v in kw.items()}
     kw["pixel_values"] = kw["pixel_values"].to(vlm.dtype)
     out = vlm.model(**kw, use_cache=True)
     cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")  # 5.24 renamed it
@@ -80,4 +82,4 @@ def prefill(vlm: Qwen3VLForConditionalGeneration, inputs: dict, prefix_len: int,
     values = torch.stack([v for _, v in layers])
     rope = out.rope_deltas if getattr(out, "rope_deltas", None) is not None else vlm.model.rope_deltas
     return Prefill(keys, values, out.last_hidden_state if keep_hidden else None,
-                   rope.view(-1).to(torch.long).cpu(), prefix_len)
+                   rope.view(-1).to(device=device, dtype=torch.long), prefix_len)

@@ -26,6 +26,7 @@ keys never touch a shared file (each writes its own commits/<writer_id>/). Reade
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -172,7 +173,7 @@ class CachedSample:
     k: torch.Tensor  # (layers, kv_heads, L, head_dim), kv dtype; post-RoPE keys of the prefix
     v: torch.Tensor  # (layers, kv_heads, L, head_dim), kv dtype
     prefix_len: int  # L: tokens up to and including <|traj_future_start|>
-    rope_delta: int  # Qwen3-VL rope_deltas of the sample
+    rope_delta: int | torch.Tensor  # Qwen3-VL rope_deltas of the sample (a 0-d device tensor until written)
     token_ids: torch.Tensor  # (L,) int64
     hidden: torch.Tensor | None  # (L, hidden_size) kv dtype, last layer; None when not stored
     thumbs: np.ndarray  # (n_cam, h, w, 3) uint8, t0 frame of each camera
@@ -198,7 +199,7 @@ class CachedSample:
         *,
         k: torch.Tensor,
         v: torch.Tensor,
-        rope_delta: int,
+        rope_delta: int | torch.Tensor,
         token_ids: torch.Tensor,
         hidden: torch.Tensor | None,
         gt_action: np.ndarray,
@@ -206,11 +207,16 @@ class CachedSample:
         reasoning: str = "",
         curvature: dict[str, float] | None = None,
         thumb_hw: tuple[int, int] = (72, 128),
+        thumbs: np.ndarray | None = None,
     ) -> CachedSample:
-        """Build from a shared.sample.Sample plus the VLM outputs (thumbnails made here)."""
+        """Build from a shared.sample.Sample plus the VLM outputs (thumbnails made here unless given).
+
+        k, v, hidden and rope_delta may stay on the GPU: the writer stages them off the caller's thread."""
         return cls(
-            key=sample.key, k=k, v=v, prefix_len=int(k.shape[2]), rope_delta=int(rope_delta),
-            token_ids=token_ids, hidden=hidden, thumbs=make_thumbnails(sample.images, thumb_hw),
+            key=sample.key, k=k, v=v, prefix_len=int(k.shape[2]),
+            rope_delta=rope_delta if isinstance(rope_delta, torch.Tensor) else int(rope_delta),
+            token_ids=token_ids, hidden=hidden,
+            thumbs=make_thumbnails(sample.images, thumb_hw) if thumbs is None else thumbs,
             ego_history_xyz=sample.ego_history_xyz, ego_history_rot=sample.ego_history_rot,
             ego_future_xyz=sample.ego_future_xyz, ego_future_rot=sample.ego_future_rot,
             gt_action=np.asarray(gt_action, np.float32), v0=v0, clip_id=sample.clip_id,
@@ -430,6 +436,8 @@ class StoreWriter:
         self._bytes_stored = 0
         self.samples_written = 0
         self._closed = False
+        self._tls = threading.local()
+        self._gpu_slots = threading.Semaphore(2)
 
     # ---------------------------------------------------------------- create
     @classmethod
@@ -508,7 +516,12 @@ class StoreWriter:
             return self._bytes_stored
 
     def write(self, s: CachedSample) -> None:
-        """Validate `s` now, then quantise/compress/write it in the background."""
+        """Validate `s` now, then quantise/compress/write it in the background.
+
+        CUDA tensors are fine (and fastest): an event recorded here on the current stream orders the
+        writer's GPU work (stack or quantise, NaN count, one pinned copy to the host) after the kernels
+        that produced them, on the writer's own stream, so the caller goes straight on to its next batch.
+        The writer drops its references to the device tensors as soon as they are on the host."""
         self._raise_pending()
         if self._closed:
             raise StoreError("write() after close()")
@@ -517,9 +530,13 @@ class StoreWriter:
             if s.key in self._committed or s.key in self._mine:
                 raise ValueError(f"sample {s.key!r} is already in {self.url}: skip keys in done_keys()")
             self._mine.add(s.key)
+        ready = None
+        if s.k.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(s.k.device))
         self._slots.acquire()
         try:
-            fut = self._pool.submit(self._write_one, s)
+            fut = self._pool.submit(self._write_one, s, ready)
         except BaseException:
             self._slots.release()
             raise
@@ -573,23 +590,66 @@ class StoreWriter:
         if e is not None:
             raise StoreError(f"background write failed: {e!r}") from e
 
-    def _write_one(self, s: CachedSample) -> None:
+    def _staging_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """One CUDA stream per writer thread (and device): staging never queues behind the prefill."""
+        streams = self._tls.__dict__.setdefault("streams", {})
+        if device not in streams:
+            streams[device] = torch.cuda.Stream(device)
+        return streams[device]
+
+    def _host_arrays(self, s: CachedSample, ready: torch.cuda.Event | None) -> tuple[dict[str, np.ndarray], int, int]:
+        """The sample's tensors in stored form on the host -> (arrays, NaN/Inf count, rope_delta).
+
+        Stacking K/V, quantising and counting non-finite values run where the tensors live; CUDA
+        tensors then cross to pinned host memory in one asynchronous copy each."""
+        spec = self.spec
+        dev = s.k.device
+        ctx: Any = contextlib.nullcontext()
+        if dev.type == "cuda":  # at most two samples in GPU staging at once: quantisation needs fp32 copies
+            stream = self._staging_stream(dev)
+            stream.wait_event(ready)
+            ctx = contextlib.ExitStack()
+            ctx.enter_context(self._gpu_slots)
+            ctx.enter_context(torch.cuda.stream(stream))
+        with ctx:
+            t: dict[str, torch.Tensor] = {}
+            if spec.quant == "none":
+                t["kv"] = torch.stack((s.k, s.v), dim=1)  # (layers, 2, kv_heads, L, head_dim)
+            else:
+                q = kv_quant.quantize_kv(s.k, s.v, spec.quant)
+                t["kv"] = q.codes
+                t.update({f"q_{n}": p.contiguous() for n, p in q.params.items()})
+            if spec.store_hidden:
+                t["hidden"] = s.hidden
+            if dev.type == "cuda":
+                bad = sum((~torch.isfinite(x)).sum() for x in (s.k, s.v, s.hidden) if x is not None)
+                t["_nonfinite"] = bad.reshape(1)
+                t["_rope_delta"] = torch.as_tensor(s.rope_delta, device=dev).reshape(1).to(torch.int64)
+                host = {n: torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+                        for n, x in t.items()}
+                stream.synchronize()
+            else:
+                host = {n: x.contiguous() for n, x in t.items()}
+            del t
+        arrays = {n: (_to_numpy_stored(x, spec.kv_dtype) if n in ("kv", "hidden") and x.is_floating_point()
+                      else x.numpy()) for n, x in host.items() if not n.startswith("_")}
+        if dev.type == "cuda":  # the device copies are no longer needed: give their memory back now
+            s.k = s.v = s.hidden = s.rope_delta = None
+            return arrays, int(host["_nonfinite"][0]), int(host["_rope_delta"][0])
+        # on the host, count on the stored form (bf16 bits: exponent all ones), as verify() does
+        nonfinite = sum(_nonfinite(arrays[n], spec.kv_dtype) for n in ("kv", "hidden") if n in arrays
+                        and (spec.quant == "none" or n == "hidden"))
+        if spec.quant != "none":
+            nonfinite += int((~torch.isfinite(s.k)).sum() + (~torch.isfinite(s.v)).sum())
+        return arrays, nonfinite, int(s.rope_delta)
+
+    def _write_one(self, s: CachedSample, ready: torch.cuda.Event | None = None) -> None:
         spec, loc = self.spec, self._loc
         sid = sample_id(s.key)
         L = int(s.prefix_len)
-        arrays: dict[str, np.ndarray] = {}
-        nonfinite = int((~torch.isfinite(s.k)).sum() + (~torch.isfinite(s.v)).sum())
-        if spec.quant == "none":
-            kv = torch.stack((s.k, s.v), dim=1)  # (layers, 2, kv_heads, L, head_dim)
-            arrays["kv"] = _to_numpy_stored(kv, spec.kv_dtype)
-        else:
-            q = kv_quant.quantize_kv(s.k, s.v, spec.quant)
-            arrays["kv"] = q.codes.to("cpu").numpy()
-            for n, t in q.params.items():
-                arrays[f"q_{n}"] = t.to("cpu").contiguous().numpy()
-        if spec.store_hidden:
-            arrays["hidden"] = _to_numpy_stored(s.hidden, spec.kv_dtype)
-            nonfinite += _nonfinite(arrays["hidden"], spec.kv_dtype)
+        logical = (2 * s.k.numel() * spec.itemsize + (s.hidden.numel() * spec.itemsize if spec.store_hidden else 0)
+                   + L * 8 + s.thumbs.nbytes + TRAJ_SIZE * 8)
+        arrays, nonfinite, rope_delta = self._host_arrays(s, ready)
         arrays["token_ids"] = s.token_ids.detach().to("cpu").numpy().astype(np.int32)
         arrays["thumbs"] = np.ascontiguousarray(s.thumbs, dtype=np.uint8)
         arrays["traj"] = np.concatenate(
@@ -617,20 +677,17 @@ class StoreWriter:
                 kw["chunks"] = a.shape
             else:
                 kw["chunks"] = a.shape
+            # write_empty_chunks: every chunk is stored, and zarr skips its all-equal scan of each chunk, which
+            # runs on zarr's single event-loop thread and capped all writer threads together at ~0.6 GB/s.
             z = zarr.create_array(zs, name=name, shape=a.shape, dtype=a.dtype, fill_value=0, **kw,
                                   chunk_key_encoding={"name": "default", "separator": "."},
-                                  attributes=_array_attrs(name, spec))
+                                  attributes=_array_attrs(name, spec), config={"write_empty_chunks": True})
             z[...] = a
             meta[name] = {"shape": list(a.shape), "dtype": str(a.dtype), "crc32": _crc(a)}
-        logical = (
-            2 * s.k.numel() * spec.itemsize
-            + (s.hidden.numel() * spec.itemsize if spec.store_hidden else 0)
-            + L * 8 + arrays["thumbs"].nbytes + arrays["traj"].nbytes
-        )
         stored = int(loc.fresh().du(sdir)) if loc.fs.exists(sdir) else 0
         manifest = {
             "schema_version": SCHEMA_VERSION, "key": s.key, "sid": sid, "writer_id": self.writer_id,
-            "prefix_len": L, "rope_delta": int(s.rope_delta), "v0": None if s.v0 is None else float(s.v0),
+            "prefix_len": L, "rope_delta": rope_delta, "v0": None if s.v0 is None else float(s.v0),
             "clip_id": s.clip_id, "t0_us": int(s.t0_us), "camera_config": s.camera_config, "split": s.split,
             "curvature": {str(k): float(v) for k, v in s.curvature.items()}, "reasoning": s.reasoning or "",
             "camera_names": list(s.camera_names), "arrays": meta, "nonfinite": nonfinite,

@@ -15,7 +15,7 @@ import cache_builder.rollout as rollout
 from cache_builder.cache_build import BuildConfig, build
 from cache_builder.vlm import load_vlm, prefill
 from shared.checkpoint import AlpamayoCheckpoint
-from shared.data import open_dataset, write_synthetic_world
+from shared.data import corrupt_clip, open_dataset, write_synthetic_world
 from shared.prompt import MaskTrajTokens
 from shared.qwen_files import alpamayo_token_ids, load_processor
 from shared.store import Store
@@ -49,16 +49,25 @@ class ForceStopAfter3(MaskTrajTokens):
         return scores
 
 
+def _spy_on_generation(monkeypatch) -> dict:
+    """Wrap rollout.generate_prefixes: records the prompt length and which rows kept the generation's cache."""
+    seen = {}
+    orig = rollout.generate_prefixes
+
+    def spy(vlm, processor, keys, inputs, seed, max_new_tokens=256, keep_hidden=True):
+        seen["prompt_len"] = inputs[0]["input_ids"].shape[1]
+        out = orig(vlm, processor, keys, inputs, seed, max_new_tokens, keep_hidden)
+        seen["from_generation"] = [prefix is not None for _, _, prefix in out]
+        return out
+
+    monkeypatch.setattr(rollout, "generate_prefixes", spy)
+    return seen
+
+
 def test_rollout_prefix_is_cut_after_traj_future_start(world, tiny_checkpoint, tmp_path, monkeypatch):
     ck = AlpamayoCheckpoint.open(tiny_checkpoint)
     ids = alpamayo_token_ids(load_processor(str(ck.vlm_base)).tokenizer)
-    first = {}
-
-    orig_generate = rollout.generate_prefixes
-
-    def patched(vlm, processor, keys, inputs, seed, max_new_tokens=256):
-        first["prompt_len"] = inputs[0]["input_ids"].shape[1]
-        return orig_generate(vlm, processor, keys, inputs, seed, max_new_tokens)
+    first = _spy_on_generation(monkeypatch)
 
     class Proc(ForceStopAfter3):
         def __init__(self, traj_start):
@@ -67,7 +76,6 @@ def test_rollout_prefix_is_cut_after_traj_future_start(world, tiny_checkpoint, t
             self.prompt_len = first["prompt_len"]
 
     monkeypatch.setattr(rollout, "MaskTrajTokens", Proc)
-    monkeypatch.setattr(rollout, "generate_prefixes", patched)
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     build(_cfg(world, tiny_checkpoint, out_a, mode="rollout", max_samples=2, seed=7))
     build(_cfg(world, tiny_checkpoint, out_b, mode="rollout", max_samples=2, seed=7))
@@ -94,8 +102,47 @@ def test_rollout_prefix_is_cut_after_traj_future_start(world, tiny_checkpoint, t
         x["input_ids"] = toks[None]
         x["attention_mask"] = torch.ones_like(x["input_ids"])
         x["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"][0], torch.zeros(4, dtype=torch.long)])[None]
+        # the stored K/V/hidden are the generation's own (prompt prefill + 3 decode steps, no second
+        # prefill), equal to a fresh prefill of the stored prefix up to incremental-decode rounding
+        assert first["from_generation"] == [True]
         pf = prefill(vlm, x, ra.prefix_len)
-        assert torch.equal(pf.keys[:, 0], ra.k) and ra.rope_delta == int(pf.rope_deltas[0])
+        torch.testing.assert_close(ra.k, pf.keys[:, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ra.v, pf.values[:, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ra.hidden, pf.hidden[0], rtol=1e-5, atol=1e-5)
+        assert not torch.equal(ra.k[:, :, P:], torch.zeros_like(ra.k[:, :, P:]))
+        assert ra.rope_delta == int(pf.rope_deltas[0])
+
+
+def test_rollout_row_not_wholly_in_the_generation_cache_is_prefilled(world, tiny_checkpoint, tmp_path, monkeypatch):
+    """No <|traj_future_start|> within max_new_tokens: the prefix is the whole sequence, whose last
+    token was never forwarded, so that row falls back to a prefill of exactly that prefix."""
+    ck = AlpamayoCheckpoint.open(tiny_checkpoint)
+    ids = alpamayo_token_ids(load_processor(str(ck.vlm_base)).tokenizer)
+    seen = _spy_on_generation(monkeypatch)
+
+    class NeverStop(MaskTrajTokens):
+        def __call__(self, input_ids, scores):
+            scores = super().__call__(input_ids, scores)
+            scores[:, [ids["traj_future_start"], ids["im_end"]]] = float("-inf")
+            return scores
+
+    monkeypatch.setattr(rollout, "MaskTrajTokens", NeverStop)
+    out = tmp_path / "s"
+    build(_cfg(world, tiny_checkpoint, out, mode="rollout", max_samples=1, max_new_tokens=2))
+    assert seen["from_generation"] == [False]
+    rec = Store.open(str(out)).read(0)
+    assert rec.prefix_len == seen["prompt_len"] + 2
+    from shared.data import load_sample
+    from shared.prompt import build_vlm_inputs
+
+    clip, rest = rec.key.split("@")
+    x = build_vlm_inputs(load_processor(str(ck.vlm_base)), load_sample(open_dataset(world), clip,
+                         int(rest.split(":")[0]), "front-only"), mode="rollout")
+    x["input_ids"] = rec.token_ids[None]
+    x["attention_mask"] = torch.ones_like(x["input_ids"])
+    x["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"][0], torch.zeros(2, dtype=torch.long)])[None]
+    pf = prefill(load_vlm(ck, torch.float32), x, rec.prefix_len)
+    assert torch.equal(pf.keys[:, 0], rec.k) and torch.equal(pf.hidden[0], rec.hidden)
 
 
 def test_given_cot_from_dataset_reasoning_and_from_a_file(world, tiny_checkpoint, tmp_path):
@@ -178,3 +225,32 @@ def test_sigkill_resume_and_concurrent_shards_equal_an_uninterrupted_build(world
     report = sharded.verify()
     assert report.ok, report
     _assert_same_samples(ref, sharded)
+
+
+def test_cpu_stage_in_worker_processes_equals_inline(world, tiny_checkpoint, tmp_path):
+    """Inputs, GT and thumbnails built in 2 DataLoader processes give the same store as inline, bit for
+    bit, and the clips a worker could not read are reported (merged over workers), not lost."""
+    import shutil
+
+    broken = tmp_path / "world"
+    shutil.copytree(world, broken)
+    bad = open_dataset(broken).clip_ids()[1]
+    corrupt_clip(broken, bad, "missing-camera-member")
+    inline = build(_cfg(broken, tiny_checkpoint, tmp_path / "inline", workers=0, writer_threads=1))
+    procs = build(_cfg(broken, tiny_checkpoint, tmp_path / "procs", workers=2, writer_threads=3))
+    assert procs["cpu_workers"] == 2 and inline["cpu_workers"] == 0
+    assert inline["skipped_clips"] == procs["skipped_clips"] == {"missing-member": 1}
+    assert inline["written"] == procs["written"] >= 4
+    a, b = Store.open(str(tmp_path / "inline")), Store.open(str(tmp_path / "procs"))
+    assert bad not in {a.manifest(k)["clip_id"] for k in a.keys()}
+    _assert_same_samples(a, b)
+    for key in a.keys():
+        assert (a.read_small(key)["thumbs"] == b.read_small(key)["thumbs"]).all()
+    assert b.verify().ok
+
+
+def test_worker_counts_are_validated_before_any_model_loads(world, tmp_path):
+    with pytest.raises(ValueError, match="--workers -1"):
+        build(_cfg(world, tmp_path / "no-checkpoint", tmp_path / "s", workers=-1))
+    with pytest.raises(ValueError, match="--writer-threads 0"):
+        build(_cfg(world, tmp_path / "no-checkpoint", tmp_path / "s", writer_threads=0))
