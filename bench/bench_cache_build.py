@@ -153,6 +153,9 @@ def main() -> None:
     ap.add_argument("--writer-threads", type=int, default=8)
     ap.add_argument("--dir", default=None, help="where stores go (default: a temp dir)")
     ap.add_argument("--no-rollout", action="store_true")
+    ap.add_argument("--builds", default="4cam:none,4cam:int8,4cam:int4,front:none,front:int8,front:int4",
+                    help="which builds to run, cams:quant")
+    ap.add_argument("--minimal", action="store_true", help="skip the writer-only rows and velocity errors")
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "zarr": zarr.__version__,
@@ -165,8 +168,12 @@ def main() -> None:
     vlm = release_vlm(proc.tokenizer)
     space = UnicycleAccelCurvature()
     rows = []
+    builds = [b.split(":") for b in args.builds.split(",")]
     for ci, cams in enumerate((RELEASE_CAMERAS, ("camera_front_wide_120fov",))):
         tag = "4cam" if len(cams) == 4 else "front"
+        quants = [q for c, q in builds if c == tag]
+        if not quants:
+            continue
         cfg = BuildConfig(dataset="-", checkpoint="-", batch_size=4)
         builder = Builder(cfg, proc, vlm, space)
         stage = builder.stage(FakeSamples(cams, 8))
@@ -187,25 +194,29 @@ def main() -> None:
                 "dataset_revision": None, "code_version": "bench"}
         # the writer alone: records of one prefill written again and again (GPU staging + compression + IO)
         spec = KVSpec(36, 8, 128, 4096, "bfloat16", "none", True, "zstd")
-        recs = builder.records(prepared[:4])
-        writer = StoreWriter.create(str(tmp / f"writer_only_{tag}"), prov, spec, workers=args.writer_threads,
-                                    max_pending=args.writer_threads + 4)
-        n_w = 16
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(n_w):
-            r = recs[i % 4]
-            writer.write(dataclasses.replace(r, key=f"w{i}@{r.t0_us}:{r.camera_config}", clip_id=f"w{i}"))
-        writer.close()
-        dt = time.perf_counter() - t0
-        res[f"{tag}_writer_only_s_per_sample"] = dt / n_w
-        res[f"{tag}_writer_only_GBps_logical"] = writer.bytes_logical / dt / 1e9
-        del recs
-        shutil.rmtree(tmp / f"writer_only_{tag}")
+        if args.minimal:
+            n_w = 0
+        else:
+            recs = builder.records(prepared[:4])
+            writer = StoreWriter.create(str(tmp / f"writer_only_{tag}"), prov, spec, workers=args.writer_threads,
+                                        max_pending=args.writer_threads + 4)
+            n_w = 16
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(n_w):
+                r = recs[i % 4]
+                writer.write(dataclasses.replace(r, key=f"w{i}@{r.t0_us}:{r.camera_config}", clip_id=f"w{i}"))
+            writer.close()
+            dt = time.perf_counter() - t0
+            res[f"{tag}_writer_only_s_per_sample"] = dt / n_w
+            res[f"{tag}_writer_only_GBps_logical"] = writer.bytes_logical / dt / 1e9
+            del recs
+            shutil.rmtree(tmp / f"writer_only_{tag}")
         # the whole build: CPU stage in worker processes -> prefill -> writer, as the CLI runs it
-        for quant in ("none", "int8", "int4"):
+        for quant in quants:
             spec = KVSpec(36, 8, 128, 4096, "bfloat16", quant, True, "zstd")
             url = str(tmp / f"store_{tag}_{quant}")
+            wall0 = time.time()
             writer = StoreWriter.create(url, prov, spec, workers=args.writer_threads,
                                         max_pending=args.writer_threads + 4)
             n = args.samples
@@ -227,8 +238,13 @@ def main() -> None:
                          "GB_per_s_written": writer.bytes_stored / dt / 1e9,
                          "MB_per_sample_stored": writer.bytes_stored / n_done / 1e6,
                          "MB_per_sample_logical": writer.bytes_logical / n_done / 1e6,
-                         "peak_GiB": torch.cuda.max_memory_allocated() / 2**30, "sync_after_s": sync_s})
+                         "peak_GiB": torch.cuda.max_memory_allocated() / 2**30, "sync_after_s": sync_s,
+                         "wall_start": wall0, "wall_end": time.time()})
             print(rows[-1], flush=True)
+        if args.minimal or set(quants) != {"none", "int8", "int4"}:
+            for quant in quants:
+                shutil.rmtree(tmp / f"store_{tag}_{quant}")
+            continue
         # head velocity from int8 / int4 prefixes vs bf16 (release-size head, random weights)
         text = vlm.config.text_config.to_dict()
         with torch.device("cuda"):
