@@ -314,26 +314,26 @@ class Builder:
         n_new = 0
         t0 = time.perf_counter()
 
-        def flush_prefixes(L: int) -> None:
+        def wrote(n: int) -> None:
             nonlocal n_new
-            group = prefixes.pop(L)
-            for rec in self.records(group):
-                writer.write(rec)
-            n_new += len(group)
+            n_new += n
             if bar is not None:
-                bar.update(len(group))
+                bar.update(n)
                 bar.set_postfix(samples_s=f"{n_new / (time.perf_counter() - t0):.2f}",
                                 GB=f"{writer.bytes_stored / 1e9:.3f}")
 
+        def flush_prefixes(L: int) -> None:
+            group = prefixes.pop(L)
+            for rec in self.records(group):
+                writer.write(rec)
+            wrote(len(group))
+
         def flush_prompts(T: int) -> None:
-            nonlocal n_new
             for p in self.expand(prompts.pop(T)):
                 if p.generated is not None:  # rollout: the generation's own cache is the prefix
                     g, p.generated = p.generated, None
                     writer.write(self.record(p, g.k, g.v, g.hidden, g.rope_delta))
-                    n_new += 1
-                    if bar is not None:
-                        bar.update(1)
+                    wrote(1)
                     continue
                 prefixes.setdefault(p.inputs["prefix_len"], []).append(p)
                 if len(prefixes[p.inputs["prefix_len"]]) >= bs:
@@ -375,7 +375,7 @@ def default_workers(cfg: BuildConfig, device: torch.device) -> tuple[int, int]:
 
 
 def build(cfg: BuildConfig) -> dict:
-    from shared.data import iter_samples, open_dataset
+    from shared.data import SkipReport, iter_samples, open_dataset
     from shared.data.reasoning import ReasoningIndex
 
     from .vlm import load_vlm
@@ -429,10 +429,7 @@ def build(cfg: BuildConfig) -> dict:
     n_new, rep = builder.run(cpu_stage_loader(stage, workers), writer, cfg.max_samples, bar)
     writer.close()
     bar.close()
-    counts: dict[str, int] = {}
-    for item in rep.skipped:
-        counts[item.reason] = counts.get(item.reason, 0) + 1
-    return {"store": writer.url, "written": n_new, "already_done": rep.already_done, "skipped_clips": counts,
+    return {"store": writer.url, "written": n_new, "already_done": rep.already_done, "skipped_clips": SkipReport(rep.skipped).counts,
             "skipped_no_reasoning": rep.no_reasoning, "seconds": round(time.perf_counter() - t0, 2),
             "bytes_logical": writer.bytes_logical, "bytes_stored": writer.bytes_stored,
             "cpu_workers": workers, "writer_threads": threads}

@@ -622,7 +622,7 @@ class StoreWriter:
             if spec.store_hidden:
                 t["hidden"] = s.hidden
             if dev.type == "cuda":
-                bad = sum((~torch.isfinite(x)).sum() for x in (s.k, s.v, s.hidden) if x is not None)
+                bad = sum((~torch.isfinite(x)).sum() for x in (s.k, s.v, t.get("hidden")) if x is not None)
                 t["_nonfinite"] = bad.reshape(1)
                 t["_rope_delta"] = torch.as_tensor(s.rope_delta, device=dev).reshape(1).to(torch.int64)
                 host = {n: torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
@@ -636,11 +636,14 @@ class StoreWriter:
         if dev.type == "cuda":  # the device copies are no longer needed: give their memory back now
             s.k = s.v = s.hidden = s.rope_delta = None
             return arrays, int(host["_nonfinite"][0]), int(host["_rope_delta"][0])
-        # on the host, count on the stored form (bf16 bits: exponent all ones), as verify() does
-        nonfinite = sum(_nonfinite(arrays[n], spec.kv_dtype) for n in ("kv", "hidden") if n in arrays
-                        and (spec.quant == "none" or n == "hidden"))
-        if spec.quant != "none":
-            nonfinite += int((~torch.isfinite(s.k)).sum() + (~torch.isfinite(s.v)).sum())
+        # on the host, count on the stored form where it still holds the values (bf16 bits: exponent all
+        # ones, as verify() does); quantised codes cannot hold NaN, so count those on K and V
+        if spec.quant == "none":
+            nonfinite = _nonfinite(arrays["kv"], spec.kv_dtype)
+        else:
+            nonfinite = int((~torch.isfinite(s.k)).sum() + (~torch.isfinite(s.v)).sum())
+        if "hidden" in arrays:
+            nonfinite += _nonfinite(arrays["hidden"], spec.kv_dtype)
         return arrays, nonfinite, int(s.rope_delta)
 
     def _write_one(self, s: CachedSample, ready: torch.cuda.Event | None = None) -> None:
