@@ -31,6 +31,7 @@ from cache_builder.vlm import prefill  # noqa: E402
 from shared.action_space import UnicycleAccelCurvature  # noqa: E402
 from shared.config import RELEASE_EXPERT_OVERRIDES, HeadConfig  # noqa: E402
 from shared.head import AlpamayoHead, KVPrefix  # noqa: E402
+from shared.prompt import MaskTrajTokens  # noqa: E402
 from shared.qwen_files import load_processor, write_tiny_processor  # noqa: E402
 from shared.sample import RELEASE_CAMERAS, Sample  # noqa: E402
 from shared.store import KVSpec, Store, StoreWriter  # noqa: E402
@@ -168,10 +169,15 @@ def main() -> None:
     ap.add_argument("--builds", default="4cam:none,4cam:int8,4cam:int4,front:none,front:int8,front:int4",
                     help="which builds to run, cams:quant")
     ap.add_argument("--minimal", action="store_true", help="skip the writer-only rows and velocity errors")
+    ap.add_argument("--rollout-sizes", default="1,8,16", help="rollout batch sizes")
+    ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the run (s)")
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "zarr": zarr.__version__,
-                 "cores": cores, "workers": args.workers, "writer_threads": args.writer_threads}
+                 "cores": cores, "workers": args.workers, "writer_threads": args.writer_threads,
+                 "switch_interval_s": sys.getswitchinterval()}
     tmp = Path(args.dir or tempfile.mkdtemp())
     tmp.mkdir(parents=True, exist_ok=True)
     res["disk_write_GBps_odirect"] = disk_write_gbps(tmp)
@@ -180,7 +186,7 @@ def main() -> None:
     vlm = release_vlm(proc.tokenizer)
     space = UnicycleAccelCurvature()
     rows = []
-    builds = [b.split(":") for b in args.builds.split(",")]
+    builds = [b.split(":") for b in args.builds.split(",") if b]
     for ci, cams in enumerate((RELEASE_CAMERAS, ("camera_front_wide_120fov",))):
         tag = "4cam" if len(cams) == 4 else "front"
         quants = [q for c, q in builds if c == tag]
@@ -236,6 +242,7 @@ def main() -> None:
             items = timed(cpu_stage_loader(stage, args.workers))
             torch.cuda.reset_peak_memory_stats()
             tw = TimedWriter(writer)
+            waited0 = dict(builder.waited)
             n_done, _ = builder.run(items(), tw)
             writer.close()
             dt = time.perf_counter() - items.t_first
@@ -251,7 +258,8 @@ def main() -> None:
                          "MB_per_sample_stored": writer.bytes_stored / n_done / 1e6,
                          "MB_per_sample_logical": writer.bytes_logical / n_done / 1e6,
                          "peak_GiB": torch.cuda.max_memory_allocated() / 2**30, "sync_after_s": sync_s,
-                         "wall_start": wall0, "wall_end": time.time()})
+                         "wall_start": wall0, "wall_end": time.time(),
+                         **{f"waited_{k}": builder.waited[k] - waited0[k] for k in waited0}})
             print(rows[-1], flush=True)
         if args.minimal or set(quants) != {"none", "int8", "int4"}:
             for quant in quants:
@@ -278,7 +286,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     res["build_rows"] = rows
     if not args.no_rollout:
-        rollout_bench(res, vlm, proc, space, tmp)
+        rollout_bench(res, vlm, proc, space, tmp, tuple(int(b) for b in args.rollout_sizes.split(",")))
     print(f"device: {res['device']}")
     for k, v in res.items():
         if k != "build_rows":
@@ -292,50 +300,102 @@ def main() -> None:
     Path(args.json).write_text(json.dumps(res, indent=2))
 
 
-def rollout_bench(res: dict, vlm, proc, space, tmp: Path) -> None:
-    """Rollout, 4-camera prompt. (a) plain generate of 60 forced tokens, as before; (b) the build's rollout
-    path: generate (the trace made to end with <|traj_future_start|> at token 60, then one more token, as
-    the release stops) -> the prefix straight from the generation cache -> the store writer."""
-    from transformers import LogitsProcessorList
+class Scripted(MaskTrajTokens):
+    """The release's mask, and traces of exactly `n` tokens then one more (the release's stop): until
+    token n, <|traj_future_start|> and the EOS ids are held back; token n is <|traj_future_start|>.
+    Its step counter is a device tensor updated in place, so it also runs inside a captured step."""
 
+    n = 60
+    held: list[int] = []
+
+    def __call__(self, input_ids, scores):
+        scores = super().__call__(input_ids, scores)
+        if not hasattr(self, "calls"):
+            self.calls = torch.zeros((), dtype=torch.long, device=scores.device)
+            self.idx = torch.tensor(self.held, device=scores.device)
+        self.calls.add_(1)
+        held = scores.index_select(1, self.idx)
+        scores.index_copy_(1, self.idx, torch.where(self.calls < self.n, float("-inf"), held))
+        at_n = self.calls == self.n
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.held[0]] = 0.0
+        scores.copy_(torch.where(at_n, forced, scores))
+        self.calls.copy_(torch.where(self.calls > self.n, 0, self.calls))
+        return scores
+
+
+def rescript(decoder) -> None:
+    """Restart the Scripted counter (a captured step's warm-up ran the processors once, eagerly)."""
+    for p in decoder.processors:
+        if isinstance(p, Scripted) and hasattr(p, "calls"):
+            p.calls.zero_()
+
+
+def rollout_bench(res: dict, vlm, proc, space, tmp: Path, sizes=(1, 8, 16)) -> None:
+    """Rollout, 4-camera prompt, 60-token traces. (a) decode alone: transformers generate (the release's
+    path) vs the static-cache decoder with CUDA-graph steps (and eager steps at B=8), same seed, tokens
+    compared; (b) the build's rollout path: decoder -> the prefix straight from its cache -> the writer."""
     import cache_builder.rollout as rollout
-    from shared.prompt import MaskTrajTokens
     from shared.qwen_files import alpamayo_token_ids
 
     ids = alpamayo_token_ids(proc.tokenizer)
+    Scripted.held = [ids["traj_future_start"], ids["im_end"], ids["pad"]]
+    rollout.MaskTrajTokens = Scripted
     cfg = BuildConfig(dataset="-", checkpoint="-", batch_size=16, mode="rollout")
     builder = Builder(cfg, proc, vlm, space)
     stage = builder.stage(FakeSamples(RELEASE_CAMERAS, 16))
     prepared = [stage.prepare(fake_sample(i, RELEASE_CAMERAS)) for i in range(16)]
     r_inputs = [p.inputs for p in prepared]
-    for B in (1, 8, 16):
+    P = r_inputs[0]["input_ids"].shape[1]
+    res["rollout_prompt_len"] = P
+    for B in sizes:
         batch = {k: torch.cat([x[k] for x in r_inputs[:B]]).cuda() for k in
                  ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")}
         batch["pixel_values"] = torch.cat([x["pixel_values"] for x in r_inputs[:B]]).cuda().to(torch.bfloat16)
+        out = {}
 
-        def gen(b=batch):
-            vlm.generate(**b, do_sample=True, top_p=0.98, temperature=0.6, top_k=None, min_new_tokens=60,
-                         max_new_tokens=60, logits_processor=LogitsProcessorList([]))
-        t = cuda_time(gen, reps=2, warm=1)
-        res[f"rollout_60tok_B{B}_s_per_sample"] = t / B
+        def gen(b=batch, out=out):
+            out["generate"] = rollout.reference_generate(vlm, proc, b, 7, 61, keep_hidden=True).sequences
+        res[f"rollout_60tok_B{B}_generate_s_per_sample"] = cuda_time(gen, reps=2, warm=1) / B
+        dec = rollout.make_decoder(vlm, proc)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dec(batch, 61, True, 7)  # the first call captures the step
+        rescript(dec)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        torch.cuda.reset_peak_memory_stats()
 
-    P = r_inputs[0]["input_ids"].shape[1]
+        def graphed(b=batch, d=dec, out=out):
+            rescript(d)
+            out["graphs"] = d(b, 61, True, 7).sequences
+        t = cuda_time(graphed, reps=3, warm=0)
+        res[f"rollout_60tok_B{B}_graphs_s_per_sample"] = t / B
+        res[f"rollout_60tok_B{B}_graphs_capture_s"] = first - t
+        res[f"rollout_60tok_B{B}_graphs_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        res[f"rollout_60tok_B{B}_tokens_equal_generate_rows"] = int(
+            (out["graphs"] == out["generate"]).all(dim=1).sum())
+        assert out["graphs"].shape[1] == P + 61, out["graphs"].shape
+        if B == 8:
+            dec.graphs = False
 
-    class EndAt60(MaskTrajTokens):
-        def __call__(self, input_ids, scores):
-            scores = super().__call__(input_ids, scores)
-            if input_ids.shape[1] - P == 59:
-                scores[:] = float("-inf")
-                scores[:, ids["traj_future_start"]] = 0.0
-            return scores
+            def eager(b=batch, d=dec, out=out):
+                rescript(d)
+                out["eager"] = d(b, 61, True, 7).sequences
+            res[f"rollout_60tok_B{B}_eager_s_per_sample"] = cuda_time(eager, reps=2, warm=0) / B
+            res[f"rollout_60tok_B{B}_graphs_equal_eager"] = bool(torch.equal(out["eager"], out["graphs"]))
+        del dec
+        torch.cuda.empty_cache()
+        print({k: v for k, v in res.items() if k.startswith(f"rollout_60tok_B{B}_")}, flush=True)
 
-    rollout.MaskTrajTokens = EndAt60
     spec = KVSpec(36, 8, 128, 4096, "bfloat16", "none", True, "zstd")
     prov = {"checkpoint": None, "head_config_hash": None, "processor": None, "prefix_mode": "rollout",
             "dataset_revision": None, "code_version": "bench"}
     for B in (8, 16):
-        builder.cfg.batch_size = B
-        for rep in range(2):  # the first is a warm-up
+        builder = Builder(dataclasses.replace(cfg, batch_size=B), proc, vlm, space)
+        builder._decoder = rollout.make_decoder(vlm, proc)
+        for rep in range(2):  # the first is a warm-up (and captures the step)
+            rescript(builder._decoder)
             url = tmp / f"rollout_B{B}_{rep}"
             writer = StoreWriter.create(str(url), prov, spec, workers=8, max_pending=8 + B)
             group = [dataclasses.replace(p, inputs=dict(p.inputs), sample=dataclasses.replace(p.sample))
@@ -343,12 +403,16 @@ def rollout_bench(res: dict, vlm, proc, space, tmp: Path) -> None:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             n, _ = builder.run(group, writer)
+            handed = time.perf_counter() - t0
             writer.close()
             dt = time.perf_counter() - t0
             lens = [Store.open(str(url)).manifest(k)["prefix_len"] - P for k in Store.open(str(url)).keys()]
             shutil.rmtree(url)
         assert n == B and set(lens) == {60}, (n, lens)
         res[f"rollout_build_60tok_B{B}_s_per_sample"] = dt / B
+        res[f"rollout_build_60tok_B{B}_handed_over_s_per_sample"] = handed / B
+        del builder
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -262,6 +262,9 @@ class Builder:
     def __init__(self, cfg: BuildConfig, processor, vlm, action_space):
         self.cfg, self.processor, self.vlm, self.action_space = cfg, processor, vlm, action_space
         self.kv_dtype = getattr(torch, cfg.kv_dtype)
+        self._decoder = False  # rollout: made on first use (None when generate must run instead)
+        # seconds the GPU stage stood waiting: for the CPU stage's next sample, for a free writer slot
+        self.waited = {"inputs_s": 0.0, "writer_s": 0.0}
 
     def stage(self, samples: Callable[[int, int], Iterable[Sample]], done: set[str] = frozenset(), cots=None) -> CpuStage:
         return CpuStage(samples, self.processor, self.action_space, self.cfg.mode, done, cots, self.vlm.dtype)
@@ -271,10 +274,13 @@ class Builder:
         rollout prompts end at <|cot_start|> and the VLM writes the rest (text kept as the reasoning)."""
         if self.cfg.mode != "rollout":
             return group
-        from .rollout import generate_prefixes
+        from .rollout import generate_prefixes, make_decoder
 
+        if self._decoder is False:
+            self._decoder = make_decoder(self.vlm, self.processor)
         gen = generate_prefixes(self.vlm, self.processor, [p.sample.key for p in group], [p.inputs for p in group],
-                                self.cfg.seed, self.cfg.max_new_tokens, keep_hidden=self.cfg.hidden)
+                                self.cfg.seed, self.cfg.max_new_tokens, keep_hidden=self.cfg.hidden,
+                                decoder=self._decoder)
         for p, (x, cot, prefix) in zip(group, gen):
             p.sample.cot, p.inputs, p.generated = cot, x, prefix
         return group
@@ -322,24 +328,35 @@ class Builder:
                 bar.set_postfix(samples_s=f"{n_new / (time.perf_counter() - t0):.2f}",
                                 GB=f"{writer.bytes_stored / 1e9:.3f}")
 
+        def write(rec: CachedSample) -> None:
+            t = time.perf_counter()
+            writer.write(rec)
+            self.waited["writer_s"] += time.perf_counter() - t
+
         def flush_prefixes(L: int) -> None:
             group = prefixes.pop(L)
             for rec in self.records(group):
-                writer.write(rec)
+                write(rec)
             wrote(len(group))
 
         def flush_prompts(T: int) -> None:
             for p in self.expand(prompts.pop(T)):
                 if p.generated is not None:  # rollout: the generation's own cache is the prefix
                     g, p.generated = p.generated, None
-                    writer.write(self.record(p, g.k, g.v, g.hidden, g.rope_delta))
+                    write(self.record(p, g.k, g.v, g.hidden, g.rope_delta))
                     wrote(1)
                     continue
                 prefixes.setdefault(p.inputs["prefix_len"], []).append(p)
                 if len(prefixes[p.inputs["prefix_len"]]) >= bs:
                     flush_prefixes(p.inputs["prefix_len"])
 
-        for item in items:
+        it = iter(items)
+        while True:
+            t = time.perf_counter()
+            item = next(it, None)
+            self.waited["inputs_s"] += time.perf_counter() - t
+            if item is None:
+                break
             if isinstance(item, StageReport):
                 total.already_done += item.already_done
                 total.no_reasoning += item.no_reasoning
@@ -432,7 +449,8 @@ def build(cfg: BuildConfig) -> dict:
     return {"store": writer.url, "written": n_new, "already_done": rep.already_done, "skipped_clips": SkipReport(rep.skipped).counts,
             "skipped_no_reasoning": rep.no_reasoning, "seconds": round(time.perf_counter() - t0, 2),
             "bytes_logical": writer.bytes_logical, "bytes_stored": writer.bytes_stored,
-            "cpu_workers": workers, "writer_threads": threads}
+            "cpu_workers": workers, "writer_threads": threads,
+            "gpu_stage_waited": {k: round(v, 2) for k, v in builder.waited.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:

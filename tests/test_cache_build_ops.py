@@ -35,17 +35,19 @@ def _cfg(world, ckpt, out, **kw):
 
 
 class ForceStopAfter3(MaskTrajTokens):
-    """Still masks <iN>; after 3 generated tokens only <|traj_future_start|> may follow."""
+    """Still masks <iN>; after 3 sampled tokens (one call per step) only <|traj_future_start|> may follow."""
 
     stop_id: int
-    prompt_len: int
 
     def __call__(self, input_ids, scores):
         scores = super().__call__(input_ids, scores)
-        if input_ids.shape[1] - self.prompt_len >= 3:
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls > 3:
             keep = scores[:, self.stop_id].clone()
             scores[:] = float("-inf")
             scores[:, self.stop_id] = keep
+        if self.calls == 5:  # the step after <|traj_future_start|>: the batch is over (batch_size=1)
+            self.calls = 0
         return scores
 
 
@@ -54,9 +56,10 @@ def _spy_on_generation(monkeypatch) -> dict:
     seen = {}
     orig = rollout.generate_prefixes
 
-    def spy(vlm, processor, keys, inputs, seed, max_new_tokens=256, keep_hidden=True):
+    def spy(vlm, processor, keys, inputs, seed, max_new_tokens=256, keep_hidden=True, decoder=None):
         seen["prompt_len"] = inputs[0]["input_ids"].shape[1]
-        out = orig(vlm, processor, keys, inputs, seed, max_new_tokens, keep_hidden)
+        seen["decoder"] = decoder
+        out = orig(vlm, processor, keys, inputs, seed, max_new_tokens, keep_hidden, decoder)
         seen["from_generation"] = [prefix is not None for _, _, prefix in out]
         return out
 
@@ -73,7 +76,6 @@ def test_rollout_prefix_is_cut_after_traj_future_start(world, tiny_checkpoint, t
         def __init__(self, traj_start):
             super().__init__(traj_start)
             self.stop_id = ids["traj_future_start"]
-            self.prompt_len = first["prompt_len"]
 
     monkeypatch.setattr(rollout, "MaskTrajTokens", Proc)
     out_a, out_b = tmp_path / "a", tmp_path / "b"
@@ -104,7 +106,7 @@ def test_rollout_prefix_is_cut_after_traj_future_start(world, tiny_checkpoint, t
         x["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"][0], torch.zeros(4, dtype=torch.long)])[None]
         # the stored K/V/hidden are the generation's own (prompt prefill + 3 decode steps, no second
         # prefill), equal to a fresh prefill of the stored prefix up to incremental-decode rounding
-        assert first["from_generation"] == [True]
+        assert first["from_generation"] == [True] and first["decoder"] is not None  # the static-cache decoder
         pf = prefill(vlm, x, ra.prefix_len)
         torch.testing.assert_close(ra.k, pf.keys[:, 0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ra.v, pf.values[:, 0], rtol=1e-5, atol=1e-5)
