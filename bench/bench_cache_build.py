@@ -115,6 +115,16 @@ def timed(items):
     return gen
 
 
+class StagingOnly(StoreWriter):
+    """A control: the writer's GPU staging (stack/quantise, NaN count, pinned copy), then nothing written."""
+
+    def _write_one(self, s, ready=None) -> None:
+        arrays, _, _ = self._host_arrays(s, ready)
+        with self._lock:
+            self.samples_written += 1
+            self._bytes_logical += sum(a.nbytes for a in arrays.values())
+
+
 class TimedWriter:
     """The store writer, with the time each record was handed over (backpressure makes that the pace
     once the writer's queue is full; `commit_pace` is the stricter measure)."""
@@ -143,6 +153,8 @@ def commit_pace(url: str) -> float:
 
     st = Store.open(url)
     t = sorted(dt.datetime.fromisoformat(st.manifest(k)["written"]).timestamp() for k in st.keys())
+    if len(t) < 4:  # nothing committed (the stage-only control)
+        return float("nan")
     a = len(t) // 4
     return (t[-1] - t[a]) / max(1, len(t) - 1 - a)
 
@@ -164,19 +176,29 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=48, help="samples per build")
     ap.add_argument("--workers", type=int, default=4, help="CPU-stage processes")
     ap.add_argument("--writer-threads", type=int, default=8)
+    ap.add_argument("--writer-processes", type=int, default=8, help="0: the writer's threads write (in-process)")
     ap.add_argument("--dir", default=None, help="where stores go (default: a temp dir)")
     ap.add_argument("--no-rollout", action="store_true")
     ap.add_argument("--builds", default="4cam:none,4cam:int8,4cam:int4,front:none,front:int8,front:int4",
                     help="which builds to run, cams:quant")
     ap.add_argument("--minimal", action="store_true", help="skip the writer-only rows and velocity errors")
     ap.add_argument("--rollout-sizes", default="1,8,16", help="rollout batch sizes")
+    ap.add_argument("--codec", default="zstd", choices=("zstd", "blosc-lz4", "none"), help="lossless codec of the builds")
+    ap.add_argument("--writer", choices=("full", "stage-only"), default="full",
+                    help="stage-only: a control that stages K/V to the host and writes nothing")
+    ap.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 48")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the run (s)")
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
+    if args.memory_cap_gib is not None:  # stand-in for a smaller card: allocations beyond it raise OOM
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "zarr": zarr.__version__,
                  "cores": cores, "workers": args.workers, "writer_threads": args.writer_threads,
+                 "writer_processes": args.writer_processes, "memory_cap_gib": args.memory_cap_gib,
                  "switch_interval_s": sys.getswitchinterval()}
     tmp = Path(args.dir or tempfile.mkdtemp())
     tmp.mkdir(parents=True, exist_ok=True)
@@ -217,7 +239,8 @@ def main() -> None:
         else:
             recs = builder.records(prepared[:4])
             writer = StoreWriter.create(str(tmp / f"writer_only_{tag}"), prov, spec, workers=args.writer_threads,
-                                        max_pending=args.writer_threads + 4)
+                                        max_pending=args.writer_threads + 4, processes=args.writer_processes)
+            writer.wait_ready()
             n_w = 16
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -232,11 +255,14 @@ def main() -> None:
             shutil.rmtree(tmp / f"writer_only_{tag}")
         # the whole build: CPU stage in worker processes -> prefill -> writer, as the CLI runs it
         for quant in quants:
-            spec = KVSpec(36, 8, 128, 4096, "bfloat16", quant, True, "zstd")
+            spec = KVSpec(36, 8, 128, 4096, "bfloat16", quant, True, args.codec)
             url = str(tmp / f"store_{tag}_{quant}")
             wall0 = time.time()
-            writer = StoreWriter.create(url, prov, spec, workers=args.writer_threads,
-                                        max_pending=args.writer_threads + 4)
+            writer = (StagingOnly if args.writer == "stage-only" else StoreWriter).create(
+                url, prov, spec, workers=args.writer_threads,
+                processes=0 if args.writer == "stage-only" else args.writer_processes,
+                max_pending=(args.writer_processes or args.writer_threads) + 4)
+            writer.wait_ready()  # writer processes start in ~2 s; a real build does that while the VLM loads
             n = args.samples
             stage = builder.stage(FakeSamples(cams, n, offset=10_000 * ci))  # same samples in every store
             items = timed(cpu_stage_loader(stage, args.workers))
@@ -250,7 +276,7 @@ def main() -> None:
             t1 = time.perf_counter()
             os.sync()
             sync_s = time.perf_counter() - t1
-            rows.append({"cams": tag, "quant": quant, "L": L, "samples": n_done, "s_per_sample": dt / n_done,
+            rows.append({"cams": tag, "quant": quant, "codec": args.codec, "writer": args.writer, "L": L, "samples": n_done, "s_per_sample": dt / n_done,
                          "ratio_to_prefill_B4": dt / n_done / res[f"{tag}_prefill_B4_s_per_sample"],
                          "steady_s_per_sample": steady, "commit_pace_s_per_sample": commit_pace(url),
                          "steady_ratio_to_prefill_B4": steady / res[f"{tag}_prefill_B4_s_per_sample"],
@@ -375,6 +401,9 @@ def rollout_bench(res: dict, vlm, proc, space, tmp: Path, sizes=(1, 8, 16)) -> N
         res[f"rollout_60tok_B{B}_graphs_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         res[f"rollout_60tok_B{B}_tokens_equal_generate_rows"] = int(
             (out["graphs"] == out["generate"]).all(dim=1).sum())
+        diff = (out["graphs"] != out["generate"])[:, P:]
+        res[f"rollout_60tok_B{B}_first_token_differing_from_generate"] = [
+            int(d.nonzero()[0]) if d.any() else -1 for d in diff]  # per row; -1: none
         assert out["graphs"].shape[1] == P + 61, out["graphs"].shape
         if B == 8:
             dec.graphs = False
@@ -397,7 +426,8 @@ def rollout_bench(res: dict, vlm, proc, space, tmp: Path, sizes=(1, 8, 16)) -> N
         for rep in range(2):  # the first is a warm-up (and captures the step)
             rescript(builder._decoder)
             url = tmp / f"rollout_B{B}_{rep}"
-            writer = StoreWriter.create(str(url), prov, spec, workers=8, max_pending=8 + B)
+            writer = StoreWriter.create(str(url), prov, spec, workers=8, max_pending=8 + B, processes=8)
+            writer.wait_ready()
             group = [dataclasses.replace(p, inputs=dict(p.inputs), sample=dataclasses.replace(p.sample))
                      for p in prepared[:B]]
             torch.cuda.synchronize()

@@ -6,8 +6,9 @@ Flow, three overlapped stages:
   CPU stage (DataLoader worker processes): dataset -> Sample -> VLM inputs (the release's prompt),
       GT action, curvature, thumbnails;
   GPU stage (this thread): equal-length batches -> prefill from pinned inputs, never waiting on the GPU;
-  store writer (threads): per sample, on its own CUDA stream, stack or quantise K/V, count NaN/Inf,
-      one pinned copy to the host; then compression and IO.
+  store writer: per sample a staging thread, on its own CUDA stream, stacks or quantises K/V, counts
+      NaN/Inf and copies once to the host, into the shared slab of a writer process (--writer-processes)
+      that compresses, writes and commits it; or, with 0 processes, the thread writes in-process.
 A killed build resumes with --resume: finished samples are skipped, unfinished ones are redone.
 `--shard i/N` takes the clips whose stable hash falls in shard i, so N processes (or
 `accelerate launch`) can fill one store.
@@ -59,6 +60,9 @@ class BuildConfig:
     batch_size: int = 4  # prefixes per VLM forward (same-length prefixes are batched)
     workers: int | None = None  # CPU-stage processes (video decode, prompt, GT); default: 0 on CPU, min(4, cores/4) on GPU
     writer_threads: int | None = None  # store writer threads (compression + IO); default: min(8, cores/2)
+    # processes that compress and write the store (each with one staging thread), out of this process's
+    # GIL; 0: threads only. Default: min(8, cores/2) on a GPU, 0 on the CPU
+    writer_processes: int | None = None
     shard: str = "0/1"  # i/N: this process builds shard i of N; "auto" = accelerate's process index/count
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attn: str = "sdpa"  # attention implementation of the VLM
@@ -85,6 +89,8 @@ class BuildConfig:
             raise ValueError(f"--workers {self.workers}: must be >= 0")
         if self.writer_threads is not None and self.writer_threads < 1:
             raise ValueError(f"--writer-threads {self.writer_threads}: must be >= 1")
+        if self.writer_processes is not None and self.writer_processes < 0:
+            raise ValueError(f"--writer-processes {self.writer_processes}: must be >= 0")
         if self.shard == "auto":  # under `accelerate launch` (or torchrun): one shard per process
             from accelerate import PartialState
 
@@ -382,13 +388,16 @@ def resolve_build_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def default_workers(cfg: BuildConfig, device: torch.device) -> tuple[int, int]:
-    """(CPU-stage processes, writer threads). Input building costs ~0.2-0.3 s of CPU per 4-camera sample
-    against ~0.17 s of GPU; one process's writer peaks at 8 threads (docs/PERFORMANCE.md)."""
+def default_workers(cfg: BuildConfig, device: torch.device) -> tuple[int, int, int]:
+    """(CPU-stage processes, writer threads, writer processes). Input building costs ~0.2-0.3 s of CPU per
+    4-camera sample against ~0.15 s of GPU. On a GPU the writes go to processes: in-process zarr writes
+    hold the GIL the prefill thread launches kernels with (docs/PERFORMANCE.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = cfg.workers if cfg.workers is not None else (0 if device.type == "cpu" else min(4, max(1, cores // 4)))
-    threads = cfg.writer_threads if cfg.writer_threads is not None else min(8, max(2, cores // 2))
-    return workers, threads
+    gpu = device.type == "cuda"
+    workers = cfg.workers if cfg.workers is not None else (min(4, max(1, cores // 4)) if gpu else 0)
+    procs = cfg.writer_processes if cfg.writer_processes is not None else (min(8, max(2, cores // 2)) if gpu else 0)
+    threads = procs or (cfg.writer_threads if cfg.writer_threads is not None else min(8, max(2, cores // 2)))
+    return workers, threads, procs
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -433,10 +442,10 @@ def build(cfg: BuildConfig) -> dict:
         return report
 
     device = resolve_build_device(cfg.device)
-    workers, threads = default_workers(cfg, device)
+    workers, threads, procs = default_workers(cfg, device)
     mode = "resume" if cfg.resume else ("overwrite" if cfg.overwrite else "new")
     writer = StoreWriter.create(cfg.store_url, prov, spec, mode=mode, writer_id=cfg.shard.replace("/", "of"),
-                                workers=threads, max_pending=threads + cfg.batch_size)
+                                workers=threads, max_pending=threads + cfg.batch_size, processes=procs)
     vlm = load_vlm(ckpt, torch.float32 if cfg.kv_dtype == "float32" else torch.bfloat16, device, cfg.attn)
     builder = Builder(cfg, processor, vlm, ckpt.action_space())
     stage = builder.stage(DatasetSamples(str(cfg.dataset), clips, cfg.keyframes, cfg.cameras),
@@ -449,7 +458,7 @@ def build(cfg: BuildConfig) -> dict:
     return {"store": writer.url, "written": n_new, "already_done": rep.already_done, "skipped_clips": SkipReport(rep.skipped).counts,
             "skipped_no_reasoning": rep.no_reasoning, "seconds": round(time.perf_counter() - t0, 2),
             "bytes_logical": writer.bytes_logical, "bytes_stored": writer.bytes_stored,
-            "cpu_workers": workers, "writer_threads": threads,
+            "cpu_workers": workers, "writer_threads": threads, "writer_processes": procs,
             "gpu_stage_waited": {k: round(v, 2) for k, v in builder.waited.items()}}
 
 

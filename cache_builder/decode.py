@@ -207,7 +207,7 @@ class RolloutDecoder:
                 self._step(st)
             torch.cuda.current_stream(self.vlm.device).wait_stream(side)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):  # the writer's threads go on
                 self._step(st)
             self._graph = g
         return self._graph.replay

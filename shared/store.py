@@ -26,12 +26,14 @@ keys never touch a shared file (each writes its own commits/<writer_id>/). Reade
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as _dt
 import json
 import math
 import os
+import queue
 import re
 import socket
 import threading
@@ -47,6 +49,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.sync import sync as zarr_sync
 
 from shared import kv_quant
 from shared.sample import NUM_FUTURE, NUM_HISTORY
@@ -389,6 +392,30 @@ def _crc(a: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))
 
 
+class _CountingStore(zarr.storage.WrapperStore):
+    """A fresh sample directory's store that adds up the bytes written through it.
+
+    Every key of a sample is written once and whole, so the sum equals what a `du` of the directory
+    finds afterwards, without listing it again."""
+
+    def __init__(self, store: zarr.abc.store.Store):
+        super().__init__(store)
+        self.nbytes = 0
+
+    async def set(self, key: str, value: Any) -> None:
+        await self._store.set(key, value)
+        self.nbytes += len(value)
+
+
+@dataclass(frozen=True)
+class _ArrayLayout:
+    """zarr's metadata of one array of a sample, and the documents zarr.create_array writes for it."""
+
+    metadata: Any  # zarr ArrayV3Metadata
+    docs: dict[str, Any]  # store key -> Buffer: "<name>/zarr.json" and the group's "zarr.json"
+    rows: int  # rows (axis 0) of one stored chunk, or of one shard when sharded
+
+
 def _nonfinite(a: np.ndarray, kv_dtype: str | None) -> int:
     """Count NaN/Inf; `kv_dtype == 'bfloat16'` means a holds bf16 bit patterns (uint16)."""
     if a.dtype == np.uint16 and kv_dtype == "bfloat16":
@@ -423,8 +450,19 @@ class StoreWriter:
     by the next `write()` / `flush()` / `close()`.
     """
 
-    def __init__(self, loc: _Loc, spec: KVSpec, provenance: dict, writer_id: str, workers: int, max_pending: int):
+    def __init__(self, loc: _Loc, spec: KVSpec, provenance: dict, writer_id: str, workers: int, max_pending: int,
+                 processes: int = 0):
         self._loc, self.spec, self.provenance, self.writer_id = loc, spec, provenance, writer_id
+        self._committer = _SampleCommitter(loc, spec, writer_id)
+        self._procs: list = []
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        if processes:  # each pool thread stages into one process's shared slab, which commits the sample
+            from shared.store_procs import WriterProcess
+
+            self._procs = [WriterProcess(loc, spec, writer_id, i) for i in range(processes)]
+            for p in self._procs:
+                self._free.put(p)
+            workers = processes
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"store-writer-{writer_id}")
         self._slots = threading.BoundedSemaphore(max_pending)
         self._lock = threading.Lock()
@@ -452,17 +490,21 @@ class StoreWriter:
         storage_options: dict | None = None,
         workers: int = 2,
         max_pending: int = 4,
+        processes: int = 0,
     ) -> StoreWriter:
         """Open a store for writing. mode: new (refuse an existing store) | resume (create or continue a
         store with identical provenance and spec) | overwrite (delete what is there first).
 
-        Concurrent shard writers: all use mode="resume" and distinct writer_ids."""
+        workers: threads that stage, compress and write; processes > 0: that many writer processes do the
+        compression and zarr writes instead (one staging thread each), so none of it holds this process's
+        GIL (shared/store_procs.py). Concurrent shard writers: all use mode="resume" and distinct writer_ids."""
         if mode not in ("new", "resume", "overwrite"):
             raise ValueError(f"mode must be new | resume | overwrite, got {mode!r}")
         if not _WRITER_ID_RE.match(str(writer_id)):
             raise ValueError(f"writer_id must match {_WRITER_ID_RE.pattern}, got {writer_id!r}")
-        if workers < 1 or max_pending < 1:
-            raise ValueError("workers and max_pending must be >= 1")
+        if workers < 1 or max_pending < 1 or processes < 0:
+            raise ValueError(f"workers and max_pending must be >= 1 and processes >= 0, got {workers}, {max_pending}, "
+                             f"{processes}")
         prov = normalize_provenance(provenance, spec)
         loc = _Loc(url, storage_options)
         meta_path = loc.path("zarr.json")
@@ -490,7 +532,7 @@ class StoreWriter:
             json.dumps({"writer_id": writer_id, "host": socket.gethostname(), "pid": os.getpid(), "mode": mode,
                         "started": _dt.datetime.now(_dt.UTC).isoformat()}, indent=2).encode(),
         )
-        return cls(loc, spec, prov, str(writer_id), workers, max_pending)
+        return cls(loc, spec, prov, str(writer_id), workers, max_pending, processes)
 
     # ---------------------------------------------------------------- public
     @property
@@ -544,6 +586,17 @@ class StoreWriter:
         with self._lock:
             self._futures.append(fut)
 
+    def wait_ready(self) -> None:
+        """Block until the writer processes (if any) have started: ~2 s, which a build spends loading the
+        VLM anyway; benchmarks call it to keep the start-up off their clock."""
+        procs = [self._free.get() for _ in self._procs]  # exclusive: no staging thread talks to them now
+        try:
+            for p in procs:
+                p.wait_ready()
+        finally:
+            for p in procs:
+                self._free.put(p)
+
     def flush(self) -> None:
         """Block until every queued sample is committed; raise the first background error."""
         while True:
@@ -564,6 +617,7 @@ class StoreWriter:
         finally:
             self._closed = True
             self._pool.shutdown(wait=True)
+            self._stop_processes()
         self._write_index()
 
     def __enter__(self) -> StoreWriter:
@@ -575,6 +629,12 @@ class StoreWriter:
         else:  # leave committed samples; do not mask the original error
             self._closed = True
             self._pool.shutdown(wait=True)
+            self._stop_processes()
+
+    def _stop_processes(self) -> None:
+        for p in self._procs:
+            p.close()
+        self._procs = []
 
     # ---------------------------------------------------------------- internals
     def _done(self, fut: Future) -> None:
@@ -597,11 +657,13 @@ class StoreWriter:
             streams[device] = torch.cuda.Stream(device)
         return streams[device]
 
-    def _host_arrays(self, s: CachedSample, ready: torch.cuda.Event | None) -> tuple[dict[str, np.ndarray], int, int]:
+    def _host_arrays(self, s: CachedSample, ready: torch.cuda.Event | None, place=None,
+                     ) -> tuple[dict[str, np.ndarray], int, int]:
         """The sample's tensors in stored form on the host -> (arrays, NaN/Inf count, rope_delta).
 
         Stacking K/V, quantising and counting non-finite values run where the tensors live; CUDA
-        tensors then cross to pinned host memory in one asynchronous copy each."""
+        tensors then cross to pinned host memory in one asynchronous copy each. `place`, given
+        [(name, shape, dtype)], returns host tensors to land them in (a writer process's slab)."""
         spec = self.spec
         dev = s.k.device
         ctx: Any = contextlib.nullcontext()
@@ -625,9 +687,13 @@ class StoreWriter:
                 bad = sum((~torch.isfinite(x)).sum() for x in (s.k, s.v, t.get("hidden")) if x is not None)
                 t["_nonfinite"] = bad.reshape(1)
                 t["_rope_delta"] = torch.as_tensor(s.rope_delta, device=dev).reshape(1).to(torch.int64)
-                host = {n: torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
-                        for n, x in t.items()}
+                dst = place([(n, x.shape, x.dtype) for n, x in t.items()]) if place is not None else {
+                    n: torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for n, x in t.items()}
+                host = {n: dst[n].copy_(x, non_blocking=True) for n, x in t.items()}
                 stream.synchronize()
+            elif place is not None:
+                dst = place([(n, x.shape, x.dtype) for n, x in t.items()])
+                host = {n: dst[n].copy_(x) for n, x in t.items()}
             else:
                 host = {n: x.contiguous() for n, x in t.items()}
             del t
@@ -647,60 +713,28 @@ class StoreWriter:
         return arrays, nonfinite, int(s.rope_delta)
 
     def _write_one(self, s: CachedSample, ready: torch.cuda.Event | None = None) -> None:
-        spec, loc = self.spec, self._loc
-        sid = sample_id(s.key)
+        spec = self.spec
         L = int(s.prefix_len)
         logical = (2 * s.k.numel() * spec.itemsize + (s.hidden.numel() * spec.itemsize if spec.store_hidden else 0)
                    + L * 8 + s.thumbs.nbytes + TRAJ_SIZE * 8)
-        arrays, nonfinite, rope_delta = self._host_arrays(s, ready)
-        arrays["token_ids"] = s.token_ids.detach().to("cpu").numpy().astype(np.int32)
-        arrays["thumbs"] = np.ascontiguousarray(s.thumbs, dtype=np.uint8)
-        arrays["traj"] = np.concatenate(
-            [np.asarray(getattr(s, n), np.float64).reshape(-1) for n, _ in TRAJ_LAYOUT]
-        )
-
-        sdir = loc.path("samples", sid)
-        if loc.fresh().exists(sdir):  # orphan of a killed writer: start clean
-            loc.fs.rm(sdir, recursive=True)
-        zs = loc.sample_store(sid)
-        lpc = _kv_layers_per_chunk(spec, L)
-        ht = _hidden_tokens_per_chunk(spec, L)
-        meta: dict[str, dict] = {}
-        for name, a in arrays.items():
-            kw: dict[str, Any] = {"compressors": ZstdCodec(level=1)}
-            if name == "kv":
-                kw = {"compressors": _compressors(spec.codec), "chunks": (lpc, *a.shape[1:])}
-                if spec.shard:
-                    kw.update(chunks=(1, *a.shape[1:]), shards=a.shape)
-            elif name == "hidden":
-                kw = {"compressors": _compressors(spec.codec), "chunks": (ht, a.shape[1])}
-                if spec.shard:
-                    kw.update(shards=(-(-L // ht) * ht, a.shape[1]))
-            elif name.startswith("q_"):
-                kw["chunks"] = a.shape
-            else:
-                kw["chunks"] = a.shape
-            # write_empty_chunks: every chunk is stored, and zarr skips its all-equal scan of each chunk, which
-            # runs on zarr's single event-loop thread and capped all writer threads together at ~0.6 GB/s.
-            z = zarr.create_array(zs, name=name, shape=a.shape, dtype=a.dtype, fill_value=0, **kw,
-                                  chunk_key_encoding={"name": "default", "separator": "."},
-                                  attributes=_array_attrs(name, spec), config={"write_empty_chunks": True})
-            z[...] = a
-            meta[name] = {"shape": list(a.shape), "dtype": str(a.dtype), "crc32": _crc(a)}
-        stored = int(loc.fresh().du(sdir)) if loc.fs.exists(sdir) else 0
-        manifest = {
-            "schema_version": SCHEMA_VERSION, "key": s.key, "sid": sid, "writer_id": self.writer_id,
-            "prefix_len": L, "rope_delta": rope_delta, "v0": None if s.v0 is None else float(s.v0),
-            "clip_id": s.clip_id, "t0_us": int(s.t0_us), "camera_config": s.camera_config, "split": s.split,
-            "curvature": {str(k): float(v) for k, v in s.curvature.items()}, "reasoning": s.reasoning or "",
-            "camera_names": list(s.camera_names), "arrays": meta, "nonfinite": nonfinite,
-            "bytes_logical": int(logical), "bytes_stored": stored,
-            "written": _dt.datetime.now(_dt.UTC).isoformat(),
-        }
-        body = json.dumps(manifest, sort_keys=True).encode()
-        manifest["bytes_stored"] = stored + len(body)
-        body = json.dumps(manifest, sort_keys=True).encode()
-        loc.put_atomic(loc.path("commits", self.writer_id, f"{sid}.json"), body)  # the commit point
+        proc = self._free.get() if self._procs else None
+        try:
+            arrays, nonfinite, rope_delta = self._host_arrays(s, ready, None if proc is None else proc.place)
+            arrays["token_ids"] = s.token_ids.detach().to("cpu").numpy().astype(np.int32)
+            arrays["thumbs"] = np.ascontiguousarray(s.thumbs, dtype=np.uint8)
+            arrays["traj"] = np.concatenate(
+                [np.asarray(getattr(s, n), np.float64).reshape(-1) for n, _ in TRAJ_LAYOUT]
+            )
+            fields = {
+                "key": s.key, "prefix_len": L, "rope_delta": rope_delta, "v0": None if s.v0 is None else float(s.v0),
+                "clip_id": s.clip_id, "t0_us": int(s.t0_us), "camera_config": s.camera_config, "split": s.split,
+                "curvature": {str(k): float(v) for k, v in s.curvature.items()}, "reasoning": s.reasoning or "",
+                "camera_names": list(s.camera_names), "nonfinite": nonfinite, "bytes_logical": int(logical),
+            }
+            manifest = (self._committer if proc is None else proc).commit(fields, arrays)
+        finally:
+            if proc is not None:
+                self._free.put(proc)
         with self._lock:
             self._committed[s.key] = self.writer_id
             self._bytes_logical += logical
@@ -711,6 +745,94 @@ class StoreWriter:
         mans = _load_manifests(self._loc, writers=[self.writer_id], use_index=True)
         body = json.dumps({"writer_id": self.writer_id, "manifests": mans}, sort_keys=True).encode()
         self._loc.put_atomic(self._loc.path("index", f"{self.writer_id}.json"), body)
+
+
+class _SampleCommitter:
+    """Writes one sample's arrays under samples/<sid>/, then its manifest: the commit point.
+
+    Runs on the writer's threads, or inside a writer process (shared/store_procs.py)."""
+
+    def __init__(self, loc: _Loc, spec: KVSpec, writer_id: str):
+        self.loc, self.spec, self.writer_id = loc, spec, writer_id
+        self._layouts: dict[tuple, _ArrayLayout] = {}  # (name, shape, dtype) -> zarr metadata; see _layout
+
+    def commit(self, fields: dict, arrays: dict[str, np.ndarray], before_commit=None) -> dict:
+        """fields: the manifest's per-sample entries; arrays: name -> stored form. -> the manifest.
+        `before_commit()` runs last before the commit (a writer process checks its parent lives)."""
+        loc = self.loc
+        sid = sample_id(fields["key"])
+        L = int(fields["prefix_len"])
+        sdir = loc.path("samples", sid)
+        if loc.fresh().exists(sdir):  # orphan of a killed writer: start clean
+            loc.fs.rm(sdir, recursive=True)
+        zs = _CountingStore(loc.sample_store(sid))
+        layouts = {name: self._layout(name, a, L) for name, a in arrays.items()}
+        crcs = zarr_sync(_put_arrays(zs, arrays, layouts))
+        meta = {name: {"shape": list(a.shape), "dtype": str(a.dtype), "crc32": c}
+                for (name, a), c in zip(arrays.items(), crcs)}
+        stored = zs.nbytes
+        manifest = {"schema_version": SCHEMA_VERSION, "sid": sid, "writer_id": self.writer_id, **fields,
+                    "arrays": meta, "bytes_stored": stored, "written": _dt.datetime.now(_dt.UTC).isoformat()}
+        body = json.dumps(manifest, sort_keys=True).encode()
+        manifest["bytes_stored"] = stored + len(body)
+        body = json.dumps(manifest, sort_keys=True).encode()
+        if before_commit is not None:
+            before_commit()
+        loc.put_atomic(loc.path("commits", self.writer_id, f"{sid}.json"), body)  # the commit point
+        return manifest
+
+    def _layout(self, name: str, a: np.ndarray, L: int) -> _ArrayLayout:
+        """zarr's metadata for array `name` of a sample, made by zarr.create_array in memory once per shape.
+
+        Creating every array on the sample's store cost 3-5 ms each, mostly on zarr's one event-loop
+        thread that all writer threads share (checks for an existing node and group, metadata built and
+        serialised anew, four file operations). The cached documents are the bytes create_array writes."""
+        key = (name, a.shape, a.dtype.str)
+        lay = self._layouts.get(key)
+        if lay is not None:
+            return lay
+        spec = self.spec
+        kw: dict[str, Any] = {"compressors": ZstdCodec(level=1), "chunks": a.shape}
+        if name == "kv":
+            kw = {"compressors": _compressors(spec.codec), "chunks": (_kv_layers_per_chunk(spec, L), *a.shape[1:])}
+            if spec.shard:
+                kw.update(chunks=(1, *a.shape[1:]), shards=a.shape)
+        elif name == "hidden":
+            ht = _hidden_tokens_per_chunk(spec, L)
+            kw = {"compressors": _compressors(spec.codec), "chunks": (ht, a.shape[1])}
+            if spec.shard:
+                kw.update(shards=(-(-L // ht) * ht, a.shape[1]))
+        docs: dict[str, Any] = {}
+        z = zarr.create_array(zarr.storage.MemoryStore(docs), name=name, shape=a.shape, dtype=a.dtype, fill_value=0,
+                              **kw, chunk_key_encoding={"name": "default", "separator": "."},
+                              attributes=_array_attrs(name, spec))
+        lay = _ArrayLayout(z.metadata, docs, (z.shards or z.chunks)[0])
+        if len(self._layouts) >= 256:  # many distinct prefix lengths: keep the cache small
+            self._layouts.clear()
+        self._layouts[key] = lay
+        return lay
+
+
+async def _put_arrays(zs: _CountingStore, arrays: dict[str, np.ndarray], layouts: dict[str, _ArrayLayout]) -> list[int]:
+    """Write a sample's arrays in one trip to zarr's event loop; returns their crc32s, in order.
+
+    One trip, not two per array: each is a GIL hand-over to and from the loop thread, and those cost most
+    when the main thread is busy launching kernels. Every chunk (shard) is written by its own setitem: a
+    whole-array setitem made zarr allocate and copy each chunk of a multi-chunk array on the loop thread.
+    write_empty_chunks: zarr also skips its all-equal scan of each chunk, which ran on that thread too.
+    The checksums run beside the compression, as one job of the loop's pool (zlib.crc32 releases the GIL)."""
+    docs = {k: v for lay in layouts.values() for k, v in lay.docs.items()}  # the group's zarr.json once
+    jobs = [zs.set(k, v) for k, v in docs.items()]
+    for name, a in arrays.items():
+        lay = layouts[name]
+        z = zarr.AsyncArray(lay.metadata, zarr.storage.StorePath(zs, name), config={"write_empty_chunks": True})
+        jobs += [z.setitem(slice(i, i + lay.rows), a[i:i + lay.rows]) for i in range(0, a.shape[0], lay.rows)]
+    crcs = asyncio.to_thread(lambda: [_crc(a) for a in arrays.values()])
+    out = await asyncio.gather(crcs, *jobs, return_exceptions=True)  # nothing still in flight on error
+    for r in out:
+        if isinstance(r, BaseException):
+            raise r
+    return out[0]
 
 
 def _array_attrs(name: str, spec: KVSpec) -> dict:

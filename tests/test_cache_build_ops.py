@@ -195,7 +195,7 @@ def test_sigkill_resume_and_concurrent_shards_equal_an_uninterrupted_build(world
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # 1) kill -9 mid-build, then resume
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(world, tiny_checkpoint, killed), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cli(world, tiny_checkpoint, killed, "--writer-processes", "2"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -230,8 +230,9 @@ def test_sigkill_resume_and_concurrent_shards_equal_an_uninterrupted_build(world
 
 
 def test_cpu_stage_in_worker_processes_equals_inline(world, tiny_checkpoint, tmp_path):
-    """Inputs, GT and thumbnails built in 2 DataLoader processes give the same store as inline, bit for
-    bit, and the clips a worker could not read are reported (merged over workers), not lost."""
+    """Inputs, GT and thumbnails built in 2 DataLoader processes, written by 2 writer processes, give the
+    same store as inline with one writer thread, bit for bit, and the clips a worker could not read are
+    reported (merged over workers), not lost."""
     import shutil
 
     broken = tmp_path / "world"
@@ -239,8 +240,8 @@ def test_cpu_stage_in_worker_processes_equals_inline(world, tiny_checkpoint, tmp
     bad = open_dataset(broken).clip_ids()[1]
     corrupt_clip(broken, bad, "missing-camera-member")
     inline = build(_cfg(broken, tiny_checkpoint, tmp_path / "inline", workers=0, writer_threads=1))
-    procs = build(_cfg(broken, tiny_checkpoint, tmp_path / "procs", workers=2, writer_threads=3))
-    assert procs["cpu_workers"] == 2 and inline["cpu_workers"] == 0
+    procs = build(_cfg(broken, tiny_checkpoint, tmp_path / "procs", workers=2, writer_processes=2))
+    assert procs["cpu_workers"] == 2 and inline["cpu_workers"] == 0 and procs["writer_processes"] == 2
     assert inline["skipped_clips"] == procs["skipped_clips"] == {"missing-member": 1}
     assert inline["written"] == procs["written"] >= 4
     a, b = Store.open(str(tmp_path / "inline")), Store.open(str(tmp_path / "procs"))
@@ -256,3 +257,5 @@ def test_worker_counts_are_validated_before_any_model_loads(world, tmp_path):
         build(_cfg(world, tmp_path / "no-checkpoint", tmp_path / "s", workers=-1))
     with pytest.raises(ValueError, match="--writer-threads 0"):
         build(_cfg(world, tmp_path / "no-checkpoint", tmp_path / "s", writer_threads=0))
+    with pytest.raises(ValueError, match="--writer-processes -1"):
+        build(_cfg(world, tmp_path / "no-checkpoint", tmp_path / "s", writer_processes=-1))
