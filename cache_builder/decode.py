@@ -109,7 +109,8 @@ class Decoded:
     sequences: (B, P + n) on the host (prompt, then the n sampled tokens, EOS-padded per row);
     keys/values: (layers, B, kv_heads, >= in_cache, head_dim) and hidden (B, >= in_cache, H) or None on
     the device, valid for the first `in_cache` = P + n - 1 tokens (the last sampled one is never
-    forwarded); rope_deltas: (B,) int64 on the device."""
+    forwarded); rope_deltas: (B,) int64 on the device. Those four are the decoder's own buffers: its
+    next call overwrites them, so copy what you keep."""
 
     sequences: torch.Tensor
     keys: torch.Tensor
@@ -123,7 +124,9 @@ class RolloutDecoder:
     """generate's sampling loop over a static cache; keeps the last captured step for reuse.
 
     processors: applied to each step's fp32 logits (B, vocab) as generate applies them; they see the
-    scores only (input_ids=None), which is all the release's processors read.
+    scores only (input_ids=None), which is all the release's processors read. Under CUDA graphs they are
+    captured, so they must be tensor functions of the scores (Python state runs only at capture, whose
+    warm-up step calls them once).
     stop_token: the release's StopAfterEOS token (`<|traj_future_start|>`); im_end: the EOS that rule
     also accepts; eos: generate's per-row EOS ids (the VLM's generation config)."""
 

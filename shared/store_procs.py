@@ -10,7 +10,8 @@ mapping, so a killed build leaves nothing behind), registered with CUDA as pinne
 writer's one device-to-host copy lands in it directly. The staging thread that owns the process sends
 the sample's fields and where each array lies in the slab; the process writes and commits it and
 answers with the manifest. A process dies with its parent (PR_SET_PDEATHSIG) and checks once more
-before each commit, so a killed build never gains a commit afterwards.
+before each commit, so a killed build never gains a commit afterwards. That signal follows the thread
+that started the process: open the StoreWriter on a thread that outlives it (the main thread does).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class WriterProcess:
         """Host tensors in this process's slab for [(name, shape, dtype)] (the slab grows to fit)."""
         offsets, end = {}, 0
         for name, shape, dtype in items:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             offsets[name] = (end, nbytes)
             end += -(-nbytes // ALIGN) * ALIGN
         if self.slab is None or self.slab.numel() < end:
