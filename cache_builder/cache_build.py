@@ -59,10 +59,8 @@ class BuildConfig:
     hidden: bool = True  # store last-layer hidden states of the prefix
     batch_size: int = 4  # prefixes per VLM forward (same-length prefixes are batched)
     workers: int | None = None  # CPU-stage processes (video decode, prompt, GT); default: 0 on CPU, min(4, cores/4) on GPU
-    writer_threads: int | None = None  # store writer threads (compression + IO); default: min(8, cores/2)
-    # processes that compress and write the store (each with one staging thread), out of this process's
-    # GIL; 0: threads only. Default: min(8, cores/2) on a GPU, 0 on the CPU
-    writer_processes: int | None = None
+    writer_threads: int | None = None  # store writer threads when --writer-processes is 0; default: min(8, cores/2)
+    writer_processes: int | None = None  # processes that compress + write the store (Linux); 0: threads do; default: min(8, cores/2) on GPU, 0 on CPU
     shard: str = "0/1"  # i/N: this process builds shard i of N; "auto" = accelerate's process index/count
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attn: str = "sdpa"  # attention implementation of the VLM

@@ -37,6 +37,9 @@ class WriterProcess:
     """One writer process and its slab. Used by one staging thread at a time."""
 
     def __init__(self, loc, spec, writer_id: str, index: int):
+        if not hasattr(os, "memfd_create"):
+            raise ValueError("store writer processes need Linux (memfd_create); write with threads (processes=0, "
+                             "cache-build --writer-processes 0)")
         # a plain interpreter on `python -m shared.store_procs` (not multiprocessing's spawn, which would
         # re-import the caller's main module in every process): it starts in ~2 s, never touches CUDA
         ours, theirs = socket.socketpair()

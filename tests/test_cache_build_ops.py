@@ -242,6 +242,8 @@ def test_cpu_stage_in_worker_processes_equals_inline(world, tiny_checkpoint, tmp
     inline = build(_cfg(broken, tiny_checkpoint, tmp_path / "inline", workers=0, writer_threads=1))
     procs = build(_cfg(broken, tiny_checkpoint, tmp_path / "procs", workers=2, writer_processes=2))
     assert procs["cpu_workers"] == 2 and inline["cpu_workers"] == 0 and procs["writer_processes"] == 2
+    assert set(procs["gpu_stage_waited"]) == {"inputs_s", "writer_s"}  # where the GPU stage stood still
+    assert all(v >= 0 for v in procs["gpu_stage_waited"].values())
     assert inline["skipped_clips"] == procs["skipped_clips"] == {"missing-member": 1}
     assert inline["written"] == procs["written"] >= 4
     a, b = Store.open(str(tmp_path / "inline")), Store.open(str(tmp_path / "procs"))
