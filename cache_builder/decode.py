@@ -85,14 +85,15 @@ class _State:
         self.stop = torch.zeros(1, dtype=torch.bool, device=dev)
         self.pad = pad
 
-    def reset(self, pf, logits_pos: int) -> None:
-        """Load one prefilled batch (keys/values (layers, B, h, P, D), hidden (B, P, H)) in place."""
+    def reset(self, pf) -> None:
+        """Load one prefilled batch (keys/values (layers, B, h, P, D), hidden (B, P, H)) in place; the
+        next forward is at position P."""
         P = pf.keys.shape[3]
         self.kv.k[:, :, :, :P].copy_(pf.keys)
         self.kv.v[:, :, :, :P].copy_(pf.values)
         if self.hidden is not None:
             self.hidden[:, :P].copy_(pf.hidden)
-        self.kv.pos.fill_(logits_pos)
+        self.kv.pos.fill_(P)
         self.delta.copy_(pf.rope_deltas)
         self.n.zero_()
         self.gen.fill_(self.pad)
@@ -225,7 +226,7 @@ class RolloutDecoder:
         step = self._replay(st)  # captures on first use (its warm-up step runs on stale state)
         pf = prefill(self.vlm, batch, P, keep_hidden=True)
         logits = self.vlm.lm_head(pf.hidden[:, -1:])[:, -1].float()  # (B, vocab), as generate's first step
-        st.reset(pf, P)
+        st.reset(pf)
         del pf
         torch.manual_seed(seed)
         self._pick(st, logits)

@@ -683,23 +683,24 @@ class StoreWriter:
                 t.update({f"q_{n}": p.contiguous() for n, p in q.params.items()})
             if spec.store_hidden:
                 t["hidden"] = s.hidden
-            if dev.type == "cuda":
+            cuda = dev.type == "cuda"
+            if cuda:
                 bad = sum((~torch.isfinite(x)).sum() for x in (s.k, s.v, t.get("hidden")) if x is not None)
                 t["_nonfinite"] = bad.reshape(1)
                 t["_rope_delta"] = torch.as_tensor(s.rope_delta, device=dev).reshape(1).to(torch.int64)
-                dst = place([(n, x.shape, x.dtype) for n, x in t.items()]) if place is not None else {
-                    n: torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for n, x in t.items()}
-                host = {n: dst[n].copy_(x, non_blocking=True) for n, x in t.items()}
-                stream.synchronize()
-            elif place is not None:
+            if place is not None:
                 dst = place([(n, x.shape, x.dtype) for n, x in t.items()])
-                host = {n: dst[n].copy_(x) for n, x in t.items()}
+            elif cuda:
+                dst = {n: torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for n, x in t.items()}
             else:
-                host = {n: x.contiguous() for n, x in t.items()}
+                dst = None  # CPU tensors, no slab: they are the host arrays already
+            host = {n: x.contiguous() if dst is None else dst[n].copy_(x, non_blocking=cuda) for n, x in t.items()}
+            if cuda:
+                stream.synchronize()
             del t
         arrays = {n: (_to_numpy_stored(x, spec.kv_dtype) if n in ("kv", "hidden") and x.is_floating_point()
                       else x.numpy()) for n, x in host.items() if not n.startswith("_")}
-        if dev.type == "cuda":  # the device copies are no longer needed: give their memory back now
+        if cuda:  # the device copies are no longer needed: give their memory back now
             s.k = s.v = s.hidden = s.rope_delta = None
             return arrays, int(host["_nonfinite"][0]), int(host["_rope_delta"][0])
         # on the host, count on the stored form where it still holds the values (bf16 bits: exponent all
