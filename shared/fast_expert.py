@@ -90,6 +90,8 @@ class FastExpert:
     def __init__(self, head: AlpamayoHead, compile: bool = False, checkpoint: bool = False):
         self.head = head
         self.checkpoint = checkpoint
+        if compile:  # one graph per batch shape, reused by every layer; allow many bucket shapes
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.layer_fn = torch.compile(decoder_layer, dynamic=False) if compile else decoder_layer
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, prefix: KVPrefix,
