@@ -47,9 +47,12 @@ from shared.store.format import (
     TRAJ_LAYOUT,
     TRAJ_SIZE,
     KVSpec,
+    SampleReadError,
     StoreError,
+    StoreMismatchError,
     default_store_url,
     diff_keys,
+    expected_files,
     normalize_provenance,
     sample_id,
     unescape_sid,
@@ -59,12 +62,12 @@ from shared.store.read import Store
 from shared.store.sample import CachedSample, make_thumbnails, synthetic_sample
 from shared.store.size import SizeEstimate, estimate_sample_bytes
 from shared.store.verify import VerifyReport
-from shared.store.write import StoreWriter
+from shared.store.write import StoreWriter, drop_samples
 
 __all__ = [
     "CODECS", "DEFAULT_CACHE_ROOT", "FORMAT_NAME", "KV_DTYPES", "REQUIRED_PROVENANCE_KEYS", "SCHEMA_VERSION",
     "SUPPORTED_SCHEMA_VERSIONS", "TRAJ_LAYOUT", "TRAJ_SIZE", "CachedSample", "KVSpec", "SizeEstimate", "Store",
-    "StoreError", "StoreWriter", "VerifyReport", "default_store_url", "diff_keys", "estimate_sample_bytes",
+    "SampleReadError", "StoreError", "StoreMismatchError", "StoreWriter", "drop_samples", "expected_files", "VerifyReport", "default_store_url", "diff_keys", "estimate_sample_bytes",
     "make_thumbnails", "normalize_provenance", "sample_id", "synthetic_sample", "unescape_sid",
     "_Loc", "_SampleCommitter",  # used by tests and older callers
 ]

@@ -25,23 +25,28 @@ from shared.store.format import (
     _hidden_tokens_per_chunk,
     _kv_layers_per_chunk,
     sample_id,
+    stored_rows,
 )
 from shared.store.location import _Loc
 
 
 class _CountingStore(zarr.storage.WrapperStore):
-    """A fresh sample directory's store that adds up the bytes written through it.
+    """A fresh sample directory's store that records the size of each file written through it.
 
-    Every key of a sample is written once and whole, so the sum equals what a `du` of the directory
-    finds afterwards, without listing it again."""
+    Every key of a sample is written once and whole, so the sizes are what a listing of the directory
+    finds afterwards (the manifest's `files`, what readers and `verify --quick` check against)."""
 
     def __init__(self, store: zarr.abc.store.Store):
         super().__init__(store)
-        self.nbytes = 0
+        self.sizes: dict[str, int] = {}
 
     async def set(self, key: str, value: Any) -> None:
         await self._store.set(key, value)
-        self.nbytes += len(value)
+        self.sizes[key] = len(value)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes.values())
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class _SampleCommitter:
                 for (name, a), c in zip(arrays.items(), crcs)}
         stored = zs.nbytes
         manifest = {"schema_version": SCHEMA_VERSION, "sid": sid, "writer_id": self.writer_id, **fields,
-                    "arrays": meta, "bytes_stored": stored, "written": _dt.datetime.now(_dt.UTC).isoformat()}
+                    "arrays": meta, "files": dict(sorted(zs.sizes.items())), "bytes_stored": stored, "written": _dt.datetime.now(_dt.UTC).isoformat()}
         body = json.dumps(manifest, sort_keys=True).encode()
         manifest["bytes_stored"] = stored + len(body)
         body = json.dumps(manifest, sort_keys=True).encode()
@@ -113,6 +118,9 @@ class _SampleCommitter:
                               **kw, chunk_key_encoding={"name": "default", "separator": "."},
                               attributes=_array_attrs(name, spec))
         lay = _ArrayLayout(z.metadata, docs, (z.shards or z.chunks)[0])
+        if lay.rows != stored_rows(spec, name, a.shape):  # readers derive file names from stored_rows
+            raise RuntimeError(f"{name}: zarr stores {lay.rows} rows per object, stored_rows says "
+                               f"{stored_rows(spec, name, a.shape)}")
         if len(self._layouts) >= 256:  # many distinct prefix lengths: keep the cache small
             self._layouts.clear()
         self._layouts[key] = lay

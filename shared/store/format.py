@@ -56,6 +56,30 @@ class StoreError(RuntimeError):
     """A store cannot be opened or written as asked (missing, wrong schema, provenance mismatch)."""
 
 
+class SampleReadError(StoreError):
+    """A committed sample's stored data is missing or damaged: never returned as values.
+
+    `key` names the sample, `array` the array, `file` the file under samples/<sid>/ when one is to blame."""
+
+    def __init__(self, url: str, key: str, array: str, reason: str, file: str | None = None):
+        self.url, self.key, self.array, self.reason, self.file = url, key, array, reason, file
+        where = array if file is None else f"{array} ({file})"
+        super().__init__(f"sample {key!r}: {where}: {reason}. `cache-inspect verify {url}` lists every damaged "
+                         f"sample; `cache-inspect verify --drop-bad {url}` then `cache-build --resume` rebuilds them")
+
+
+class StoreMismatchError(StoreError):
+    """A store is not the one the caller needs (another checkpoint, processor, prefix mode, spec).
+
+    `differences` maps each differing key to (the store's value, the expected value)."""
+
+    def __init__(self, url: str, differences: dict[str, tuple[Any, Any]], what: str = "expected"):
+        self.url, self.differences = url, differences
+        detail = "; ".join(f"{k}: store {a!r} vs {what} {b!r}" for k, a, b in
+                           ((k, *differences[k]) for k in sorted(differences)))
+        super().__init__(f"{url} does not match: {detail}")
+
+
 
 @dataclass(frozen=True)
 class KVSpec:
@@ -159,6 +183,38 @@ def _kv_layers_per_chunk(spec: KVSpec, L: int) -> int:
 
 def _hidden_tokens_per_chunk(spec: KVSpec, L: int) -> int:
     return max(1, min(L, int(spec.chunk_mb * 1e6 // (spec.hidden_size * spec.itemsize))))
+
+
+def stored_rows(spec: KVSpec, name: str, shape: tuple[int, ...]) -> int:
+    """Rows (axis 0) of one stored object (chunk, or shard when spec.shard) of array `name`.
+
+    Every array is split along axis 0 only, so a chunk's file is `<name>/c.<i>.0...0`."""
+    if name == "kv":
+        return shape[0] if spec.shard else _kv_layers_per_chunk(spec, shape[3])
+    if name == "hidden":
+        ht = _hidden_tokens_per_chunk(spec, shape[0])
+        return -(-shape[0] // ht) * ht if spec.shard else ht
+    return shape[0]
+
+
+def sample_file_names(spec: KVSpec, arrays: dict[str, dict]) -> list[str]:
+    """Every file a sample directory holds, from the manifest's `arrays` {name: {shape, ...}}: the group's
+    zarr.json, each array's zarr.json and every chunk (all are written, even all-zero ones)."""
+    names = ["zarr.json"]
+    for name, am in arrays.items():
+        shape = tuple(am["shape"])
+        rows = stored_rows(spec, name, shape)
+        tail = ".0" * (len(shape) - 1)
+        names += [f"{name}/zarr.json", *(f"{name}/c.{i}{tail}" for i in range(-(-shape[0] // rows)))]
+    return sorted(names)
+
+
+def expected_files(spec: KVSpec, manifest: dict) -> dict[str, int | None]:
+    """File under samples/<sid>/ -> its size in bytes, from the manifest (`files`, recorded since the
+    reliability work of issue 13); for older manifests the names are derived and the sizes are None."""
+    if "files" in manifest:
+        return dict(manifest["files"])
+    return dict.fromkeys(sample_file_names(spec, manifest["arrays"]))
 
 
 def _root_meta(spec: KVSpec, provenance: dict) -> bytes:

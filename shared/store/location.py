@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import fsspec
 import zarr
 
-from shared.store.format import FORMAT_NAME, SUPPORTED_SCHEMA_VERSIONS, StoreError, unescape_sid
+from shared.store.format import FORMAT_NAME, SUPPORTED_SCHEMA_VERSIONS, StoreError, sample_id, unescape_sid
 
 
 class _Loc:
@@ -104,8 +104,12 @@ def _list_commit_names(loc: _Loc, writers: Iterable[str] | None = None) -> list[
     return sorted(names)
 
 
-def _load_manifests(loc: _Loc, writers: Iterable[str] | None = None, use_index: bool = True) -> list[dict]:
-    """All committed manifests (one per commit file), using index snapshots where they are current."""
+def _load_manifests(loc: _Loc, writers: Iterable[str] | None = None, use_index: bool = True,
+                    bad: dict[str, str] | None = None) -> list[dict]:
+    """All committed manifests (one per commit file), using index snapshots where they are current.
+
+    A manifest that is not JSON or lacks what a reader needs raises StoreError naming it; with `bad`
+    given it is left out and recorded there instead ("<writer_id>/<sid>" -> what is wrong)."""
     names = _list_commit_names(loc, writers)
     have: dict[tuple[str, str], dict] = {}
     if use_index:
@@ -115,16 +119,59 @@ def _load_manifests(loc: _Loc, writers: Iterable[str] | None = None, use_index: 
                 snap = loc.read_json(p)
             except (FileNotFoundError, ValueError):
                 continue
-            for m in snap.get("manifests", []):
-                have[(m["writer_id"], m["sid"])] = m
+            for m in snap.get("manifests", []) if isinstance(snap, dict) else []:
+                if isinstance(m, dict) and _manifest_problem(m, m.get("writer_id"), m.get("sid")) is None:
+                    have[(m["writer_id"], m["sid"])] = m  # anything odd in a snapshot: read the commit file
     todo = [x for x in names if x not in have]
+    problems: dict[str, str] = {}
     if todo:
         paths = [loc.path("commits", w, f"{s}.json") for w, s in todo]
         blobs = loc.fs.cat(paths) if len(paths) > 1 else {paths[0]: loc.fs.cat_file(paths[0])}
         by_path = {_strip(loc, p): b for p, b in blobs.items()}
         for (w, s), p in zip(todo, paths):
-            have[(w, s)] = json.loads(by_path[_strip(loc, p)])
-    return [have[x] for x in names]
+            try:
+                m = json.loads(by_path[_strip(loc, p)])
+            except ValueError as e:
+                problems[f"{w}/{s}"] = f"not JSON ({e})"
+                continue
+            why = _manifest_problem(m, w, s)
+            if why is None:
+                have[(w, s)] = m
+            else:
+                problems[f"{w}/{s}"] = why
+    if problems and bad is None:
+        first = sorted(problems)[0]
+        raise StoreError(f"{len(problems)} damaged manifest(s) in {loc.url}/commits, e.g. {first}.json "
+                         f"(sample {unescape_sid(first.split('/', 1)[1])!r}): {problems[first]}; "
+                         f"`cache-inspect verify {loc.url}` lists them")
+    if bad is not None:
+        bad.update(problems)
+    return [have[x] for x in names if x in have]
+
+
+_MANIFEST_FIELDS = {"key": str, "sid": str, "writer_id": str, "prefix_len": int, "arrays": dict, "schema_version": int,
+                    "clip_id": str, "t0_us": int, "camera_config": str, "split": str, "camera_names": list,
+                    "curvature": dict, "reasoning": str, "bytes_logical": int, "bytes_stored": int}
+
+
+def _manifest_problem(m: object, writer_id: object, sid: object) -> str | None:
+    """What makes a manifest unusable (a reader would crash or misread it), or None."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    for k, typ in _MANIFEST_FIELDS.items():
+        if not isinstance(m.get(k), typ) or isinstance(m.get(k), bool):
+            return f"field {k!r} missing or not {typ.__name__} ({m.get(k, '<missing>')!r:.60})"
+    if m["sid"] != sid or m["writer_id"] != writer_id:
+        return f"sid/writer_id {m['sid']!r}/{m['writer_id']!r} do not match its file name {writer_id}/{sid}"
+    if sample_id(m["key"]) != sid:
+        return f"key {m['key']!r} does not match its file name {sid}"
+    for name, am in m["arrays"].items():
+        if not (isinstance(am, dict) and isinstance(am.get("shape"), list) and isinstance(am.get("dtype"), str)
+                and isinstance(am.get("crc32"), int)):
+            return f"arrays[{name!r}] lacks shape/dtype/crc32"
+    if "files" in m and not (isinstance(m["files"], dict) and all(isinstance(v, int) for v in m["files"].values())):
+        return "files is not {name: size}"
+    return None
 
 
 def _strip(loc: _Loc, p: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -11,7 +12,15 @@ import torch
 import zarr
 
 from shared import kv_quant
-from shared.store.format import TRAJ_LAYOUT, KVSpec, _from_stored
+from shared.store.format import (
+    TRAJ_LAYOUT,
+    KVSpec,
+    SampleReadError,
+    StoreMismatchError,
+    _crc,
+    _from_stored,
+    expected_files,
+)
 from shared.store.location import _load_manifests, _Loc, _read_root
 from shared.store.sample import CachedSample
 from shared.store.verify import VerifyReport, verify_store
@@ -22,8 +31,10 @@ class Store:
 
     One Store per DataLoader worker process; do not share one across threads that read concurrently."""
 
-    def __init__(self, loc: _Loc, attrs: dict, manifests: list[dict], duplicates: dict[str, list[str]]):
+    def __init__(self, loc: _Loc, attrs: dict, manifests: list[dict], duplicates: dict[str, list[str]],
+                 checksums: bool = True):
         self._loc = loc
+        self.checksums = checksums  # crc32 of every whole array read (docs/CACHE_FORMAT.md: its cost)
         self.schema_version: int = attrs["schema_version"]
         self.provenance: dict = attrs["provenance"]
         self.spec: KVSpec = KVSpec.from_dict(attrs["spec"])
@@ -31,14 +42,20 @@ class Store:
         self._manifests = manifests
         self._pos = {m["key"]: i for i, m in enumerate(manifests)}
         self._duplicates = duplicates
+        self.damaged_manifests: dict[str, str] = {}  # "<writer_id>/<sid>" -> why (open(skip_damaged=True))
 
     @classmethod
-    def open(cls, url: str, *, storage_options: dict | None = None) -> Store:
-        """Open a store; refuses a missing store, another format, or an unknown schema version."""
+    def open(cls, url: str, *, storage_options: dict | None = None, checksums: bool = True,
+             skip_damaged: bool = False) -> Store:
+        """Open a store; refuses a missing store, another format, an unknown schema version, or damaged
+        manifests (skip_damaged=True leaves those samples out and lists them in `damaged_manifests`).
+
+        checksums=False skips the crc32 of each array read (missing / resized files are still refused)."""
         loc = _Loc(url, storage_options)
         attrs = _read_root(loc)
         KVSpec.from_dict(attrs["spec"])
-        mans = _load_manifests(loc)
+        bad: dict[str, str] = {}
+        mans = _load_manifests(loc, bad=bad if skip_damaged else None)
         by_key: dict[str, dict] = {}
         dup: dict[str, list[str]] = {}
         for m in mans:
@@ -47,7 +64,9 @@ class Store:
                 continue
             by_key[m["key"]] = m
         ordered = [by_key[k] for k in sorted(by_key)]
-        return cls(loc, attrs, ordered, dup)
+        st = cls(loc, attrs, ordered, dup, checksums)
+        st.damaged_manifests = bad
+        return st
 
     @property
     def url(self) -> str:
@@ -78,7 +97,7 @@ class Store:
         if hasattr(indices_or_keys, "column_names") and "key" in indices_or_keys.column_names:
             indices_or_keys = indices_or_keys["key"]
         mans = [self.manifest(x if isinstance(x, str) else int(x)) for x in indices_or_keys]
-        return Store(self._loc, self._attrs, mans, {})
+        return Store(self._loc, self._attrs, mans, {}, self.checksums)
 
     def table(self) -> Any:
         """Per-sample scalars as a datasets.Dataset (no KV): filter by split / camera config / curvature.
@@ -112,18 +131,37 @@ class Store:
         return datasets.Dataset.from_dict(cols, features=features)
 
     # ---------------------------------------------------------------- reading
-    def _open(self, sid: str, name: str) -> zarr.Array:
-        return zarr.open_array(self._loc.sample_store(sid, read_only=True), path=name, mode="r")
-
     def read_stored(self, i_or_key: int | str, name: str, layers: Sequence[int] | None = None) -> np.ndarray:
-        """One stored array of a sample, as stored (codes / bf16 bits); `layers` slices axis 0 of kv/q_*."""
+        """One stored array of a sample, as stored (codes / bf16 bits); `layers` slices axis 0 of kv/q_*.
+
+        Checked against the manifest: a missing file, a file of another size than recorded, an undecodable
+        chunk, another shape, or (whole arrays, unless the store was opened with checksums=False) another
+        crc32 raise SampleReadError naming the sample. Layer subsets skip the crc32 (it covers the array)."""
         m = self.manifest(i_or_key)
-        z = self._open(m["sid"], name)
-        if layers is None:
-            return z[...]
-        runs = _runs(layers)
-        parts = [z[a:b] for a, b in runs]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        key = m["key"]
+        am = m["arrays"].get(name)
+        if am is None:
+            raise SampleReadError(self.url, key, name, f"no such array (the sample has {sorted(m['arrays'])})")
+        zs = _CheckedStore(self._loc.sample_store(m["sid"], read_only=True), expected_files(self.spec, m))
+        try:
+            z = zarr.open_array(zs, path=name, mode="r")
+            if layers is None:
+                a = z[...]
+            else:
+                parts = [z[a:b] for a, b in _runs(layers)]
+                a = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        except _FileProblem as e:
+            raise SampleReadError(self.url, key, name, e.reason, e.file) from None
+        except Exception as e:  # noqa: BLE001 - any decode failure of stored bytes is damage to this sample
+            raise SampleReadError(self.url, key, name, f"unreadable ({type(e).__name__}: {_first_line(e)})") from e
+        want = list(am["shape"]) if layers is None else [len(layers), *am["shape"][1:]]
+        if list(a.shape) != want or str(a.dtype) != am["dtype"]:
+            raise SampleReadError(self.url, key, name, f"stored {list(a.shape)} {a.dtype}, manifest {want} {am['dtype']}")
+        if layers is None and self.checksums and _crc(a) != am["crc32"]:
+            gone = f"; missing files read as fill values: {zs.missing}" if zs.missing else ""
+            raise SampleReadError(self.url, key, name, f"checksum mismatch (crc32 {_crc(a)}, manifest {am['crc32']})"
+                                  f"{gone}")
+        return a
 
     def read(
         self,
@@ -184,6 +222,17 @@ class Store:
         return out
 
     # ---------------------------------------------------------------- checks
+    def require(self, expected: dict, what: str = "expected") -> None:
+        """Refuse a store built for something else: StoreMismatchError unless every key of `expected`
+        (provenance keys, `schema_version`, or `spec.<field>`) has that value here. `what` names the other
+        side in the message, e.g. "the head checkpoint"."""
+        have = {**self.provenance, "schema_version": self.schema_version,
+                **{f"spec.{k}": v for k, v in self.spec.to_dict().items()}}
+        want = json.loads(json.dumps(expected, sort_keys=True, default=str))
+        diffs = {k: (have.get(k, "<missing>"), v) for k, v in want.items() if have.get(k, "<missing>") != v}
+        if diffs:
+            raise StoreMismatchError(self.url, diffs, what)
+
     def verify(self, *, data: bool = True) -> VerifyReport:
         """Schema, provenance, duplicates, orphans; with data=True also every array's presence, shape,
         crc32 checksum and NaN/Inf (reads the whole store). See shared/store/verify.py."""
@@ -208,6 +257,43 @@ class Store:
             "provenance": self.provenance, "splits": count("split"), "camera_configs": count("camera_config"),
             "writers": count("writer_id"),
         }
+
+
+class _FileProblem(Exception):
+    def __init__(self, file: str, reason: str):
+        super().__init__(reason)
+        self.file, self.reason = file, reason
+
+
+class _CheckedStore(zarr.storage.WrapperStore):
+    """A sample directory's store whose files must be those the manifest lists.
+
+    zarr reads a missing chunk as the fill value (zeros): here a listed file that is missing raises, and
+    a whole-file read of another size than recorded raises (a truncated or appended chunk). For manifests
+    without recorded sizes (older stores) a missing chunk is noted, and the crc32 check decides."""
+
+    def __init__(self, store: zarr.abc.store.Store, expected: dict[str, int | None]):
+        super().__init__(store)
+        self.expected = expected
+        self.missing: list[str] = []
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        buf = await self._store.get(key, prototype, byte_range)
+        if key not in self.expected:
+            return buf
+        size = self.expected[key]
+        if buf is None:
+            if size is not None:
+                raise _FileProblem(key, "file missing (the manifest lists it)")
+            self.missing.append(key)
+        elif byte_range is None and size is not None and len(buf) != size:
+            raise _FileProblem(key, f"file has {len(buf)} bytes, the manifest recorded {size} (truncated or damaged)")
+        return buf
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else ""
 
 
 def _layer_list(layers: int | slice | Sequence[int] | None, n: int) -> list[int] | None:

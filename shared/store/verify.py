@@ -1,4 +1,10 @@
-"""Checking a store: schema, provenance, duplicates, orphans and, with data, every array's checksum."""
+"""Checking a store: what is committed, against what is on disk.
+
+quick (`data=False`): root schema and provenance, manifests parse, duplicates, orphans, each manifest's
+shapes against its prefix length, and every file the manifest lists exists with its recorded size
+(one listing of samples/). It does NOT read file contents: flipped bytes that keep a file's size, and
+NaN/Inf stored, are found only by the full check, which reads and checksums every array.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from shared import kv_quant
+from shared.store.format import (
+    REQUIRED_PROVENANCE_KEYS,
+    KVSpec,
+    SampleReadError,
+    _nonfinite,
+    expected_files,
+    unescape_sid,
+)
 
 if TYPE_CHECKING:
     from shared.store.read import Store
 
-from shared.store.format import REQUIRED_PROVENANCE_KEYS, KVSpec, _crc, _nonfinite
+QUICK_DOES_NOT_CHECK = ("file contents (crc32 of every array: flipped bytes that keep a file's size), "
+                        "NaN/Inf stored; run verify without --quick for those")
 
 
 @dataclass
@@ -20,69 +35,95 @@ class VerifyReport:
     checked_data: bool = True
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    damaged: set[str] = field(default_factory=set)  # keys of samples with an error
 
     @property
-    def ok(store) -> bool:
-        return not store.errors
+    def ok(self) -> bool:
+        return not self.errors
 
-    def __str__(store) -> str:
-        head = f"verify {store.url}: {store.samples} samples, {'OK' if store.ok else f'{len(store.errors)} ERRORS'}"
-        lines = [head, *(f"  ERROR {e}" for e in store.errors), *(f"  warn  {w}" for w in store.warnings)]
+    def error(self, key: str | None, msg: str) -> None:
+        self.errors.append(msg if key is None else f"{key}: {msg}")
+        if key is not None:
+            self.damaged.add(key)
+
+    def __str__(self) -> str:
+        head = f"verify {self.url}: {self.samples} samples, {'OK' if self.ok else f'{len(self.errors)} ERRORS'}"
+        if self.damaged:
+            head += f", {len(self.damaged)} damaged samples: {', '.join(sorted(self.damaged))}"
+        lines = [head, *(f"  ERROR {e}" for e in self.errors), *(f"  warn  {w}" for w in self.warnings)]
+        if not self.checked_data:
+            lines.append(f"  note  --quick did not check {QUICK_DOES_NOT_CHECK}")
         return "\n".join(lines)
 
 
 def verify_store(store: Store, *, data: bool = True) -> VerifyReport:
-    """Schema, provenance, duplicates, orphans; with data=True also every array's presence, shape,
-    crc32 checksum and NaN/Inf (reads the whole store)."""
-    rep = VerifyReport(store.url, samples=len(store), checked_data=data)
+    """Schema, provenance, duplicates, orphans, listed files and sizes; with data=True also every array's
+    shape, crc32 and NaN/Inf (reads the whole store)."""
+    rep = VerifyReport(store.url, samples=len(store) + len(store.damaged_manifests), checked_data=data)
     missing = [k for k in REQUIRED_PROVENANCE_KEYS if k not in store.provenance]
     if missing:
-        rep.errors.append(f"provenance lacks {missing}")
+        rep.error(None, f"provenance lacks {missing}")
     if store.provenance.get("kv_dtype") != store.spec.kv_dtype or store.provenance.get("quant") != store.spec.quant:
-        rep.errors.append("provenance kv_dtype/quant disagree with the spec")
+        rep.error(None, "provenance kv_dtype/quant disagree with the spec")
+    for name, why in sorted(store.damaged_manifests.items()):
+        rep.error(unescape_sid(name.split("/", 1)[1]), f"manifest commits/{name}.json damaged: {why}")
     for key, ws in sorted(store._duplicates.items()):
-        rep.errors.append(f"{key}: committed by several writers {ws}")
+        rep.error(key, f"committed by several writers {ws}")
+    on_disk = _listing(store)
     committed = {m["sid"] for m in store._manifests}
-    sdir = store._loc.path("samples")
-    if store._loc.fresh().exists(sdir):
-        on_disk = {p.rstrip("/").rsplit("/", 1)[-1] for p in store._loc.fs.ls(sdir, detail=False)}
-        on_disk.discard("zarr.json")
-        orphans = sorted(on_disk - committed)
-        if orphans:
-            rep.warnings.append(f"{len(orphans)} uncommitted sample dirs (killed writes; rewritten on resume): "
-                                f"{orphans[:5]}")
+    orphans = sorted({p.split("/", 1)[0] for p in on_disk} - committed - {"zarr.json"})
+    if orphans:
+        rep.warnings.append(f"{len(orphans)} uncommitted sample dirs (killed writes; rewritten on resume): "
+                            f"{orphans[:5]}")
     expected = expected_arrays(store.spec)
     for m in store._manifests:
         key = m["key"]
         if m.get("schema_version") != store.schema_version:
-            rep.errors.append(f"{key}: manifest schema_version {m.get('schema_version')} != {store.schema_version}")
+            rep.error(key, f"manifest schema_version {m.get('schema_version')} != {store.schema_version}")
         if m.get("nonfinite", 0):
-            rep.errors.append(f"{key}: {m['nonfinite']} NaN/Inf values in the KV/hidden given to the writer")
+            rep.error(key, f"{m['nonfinite']} NaN/Inf values in the KV/hidden given to the writer")
         if set(m["arrays"]) != set(expected):
-            rep.errors.append(f"{key}: arrays {sorted(m['arrays'])} != expected {sorted(expected)}")
+            rep.error(key, f"arrays {sorted(m['arrays'])} != expected {sorted(expected)}")
             continue
         L = m["prefix_len"]
         kv_shape = list(kv_quant.code_shape(store.spec.quant, store.spec.num_layers, store.spec.num_kv_heads, L,
                                             store.spec.head_dim))
         if m["arrays"]["kv"]["shape"] != kv_shape:
-            rep.errors.append(f"{key}: kv shape {m['arrays']['kv']['shape']} != {kv_shape} (prefix_len {L})")
-        if not data:
+            rep.error(key, f"kv shape {m['arrays']['kv']['shape']} != {kv_shape} (prefix_len {L})")
             continue
-        for name, am in m["arrays"].items():
+        for f, size in expected_files(store.spec, m).items():
+            got = on_disk.get(f"{m['sid']}/{f}")
+            if got is None:
+                rep.error(key, f"file {f} missing")
+            elif size is not None and got != size:
+                rep.error(key, f"file {f} has {got} bytes, the manifest recorded {size}")
+        if not data or key in rep.damaged:
+            continue
+        for name in m["arrays"]:
             try:
                 a = store.read_stored(key, name)
-            except Exception as e:  # noqa: BLE001 - report any unreadable array
-                rep.errors.append(f"{key}/{name}: unreadable ({type(e).__name__}: {e})")
+            except SampleReadError as e:
+                rep.error(key, f"{name}: {e.reason}" + (f" ({e.file})" if e.file else ""))
                 continue
-            if list(a.shape) != am["shape"] or str(a.dtype) != am["dtype"]:
-                rep.errors.append(f"{key}/{name}: {a.shape} {a.dtype} != manifest {am['shape']} {am['dtype']}")
-            elif _crc(a) != am["crc32"]:
-                rep.errors.append(f"{key}/{name}: checksum mismatch")
             kd = store.spec.kv_dtype if name in ("kv", "hidden") else None
             nf = _nonfinite(a, kd)
             if nf:
-                rep.errors.append(f"{key}/{name}: {nf} NaN/Inf values stored")
+                rep.error(key, f"{name}: {nf} NaN/Inf values stored")
     return rep
+
+
+def _listing(store: Store) -> dict[str, int]:
+    """'<sid>/<file>' -> size of everything under samples/ (one recursive listing)."""
+    loc = store._loc
+    base = loc.path("samples").rstrip("/")
+    fs = loc.fresh()
+    if not fs.exists(base):
+        return {}
+    out = {}
+    for p, info in fs.find(base, detail=True).items():
+        rel = p[len(base) + 1:] if p.startswith(base) else p.split("/samples/", 1)[-1]
+        out[rel] = int(info.get("size") or 0)
+    return out
 
 
 def expected_arrays(spec: KVSpec) -> list[str]:

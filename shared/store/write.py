@@ -9,6 +9,7 @@ import os
 import queue
 import socket
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -28,8 +29,9 @@ from shared.store.format import (
     _to_numpy_stored,
     diff_keys,
     normalize_provenance,
+    sample_id,
 )
-from shared.store.location import _list_committed, _load_manifests, _Loc, _read_root
+from shared.store.location import _list_commit_names, _list_committed, _load_manifests, _Loc, _read_root
 from shared.store.procs import WriterProcess
 from shared.store.sample import CachedSample
 
@@ -334,9 +336,38 @@ class StoreWriter:
             self.samples_written += 1
 
     def _write_index(self) -> None:
-        mans = _load_manifests(self._loc, writers=[self.writer_id], use_index=True)
+        mans = _load_manifests(self._loc, writers=[self.writer_id], use_index=True, bad={})  # damaged: left out
         body = json.dumps({"writer_id": self.writer_id, "manifests": mans}, sort_keys=True).encode()
         self._loc.put_atomic(self._loc.path("index", f"{self.writer_id}.json"), body)
+
+
+def drop_samples(url: str, keys: Iterable[str], *, storage_options: dict | None = None) -> list[str]:
+    """Un-commit samples (damaged ones, named by verify) so that `cache-build --resume` builds them again.
+
+    Removes each key's manifests (every writer's), its entries in the index snapshots, then its arrays;
+    in that order, so a kill part-way leaves at worst an orphan directory. Returns the keys dropped.
+    Run it while no writer is working on these keys."""
+    loc = _Loc(url, storage_options)
+    _read_root(loc)
+    sids = {sample_id(k): k for k in keys}
+    dropped = sorted({sids[s] for w, s in _list_commit_names(loc) if s in sids})
+    touched = set()
+    for w, s in _list_commit_names(loc):
+        if s in sids:
+            loc.fs.rm(loc.path("commits", w, f"{s}.json"))
+            touched.add(w)
+    for w in sorted(touched):
+        p = loc.path("index", f"{w}.json")
+        try:
+            snap = loc.read_json(p)
+        except (FileNotFoundError, ValueError):
+            continue
+        snap["manifests"] = [m for m in snap.get("manifests", []) if m.get("sid") not in sids]
+        loc.put_atomic(p, json.dumps(snap, sort_keys=True).encode())
+    for s in sids:
+        if loc.fresh().exists(loc.path("samples", s)):
+            loc.fs.rm(loc.path("samples", s), recursive=True)
+    return dropped
 
 
 def _nonempty_dir(loc: _Loc) -> bool:
