@@ -34,7 +34,7 @@ def test_release_plan_terms(tiny_head_cfg):
 
 def test_budget_refusal_names_what_to_change(tiny_head_cfg):
     n = 2_280_592_386
-    est = estimate(tiny_head_cfg, n, n, "bfloat16", "adamw", 8, 2993)
+    est = estimate(tiny_head_cfg, n, n, "float32", "adamw", 8, 2993)  # 34 GiB of weights, grads, states
     with pytest.raises(ValueError) as exc:
         check_budget(est, 24 * 2**30, batch=8, checkpoint=False, optimizer="adamw")
     msg = str(exc.value)
