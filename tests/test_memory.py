@@ -52,3 +52,22 @@ def test_parse_bytes(text, value):
 def test_parse_bytes_refuses_garbage():
     with pytest.raises(ValueError, match="--gpu-memory-budget 'lots'"):
         parse_bytes("lots")
+
+
+def test_release_head_counts_on_meta(tiny_text_cfg):
+    """The release head: 2,280,592,386 parameters; projections only; LoRA r=16 on every expert linear."""
+    from transformers import Qwen3VLTextConfig
+
+    from head_trainer.memory import count_params
+    from shared.config import RELEASE_EXPERT_OVERRIDES, HeadConfig
+
+    text = Qwen3VLTextConfig(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                             head_dim=128, intermediate_size=12288, vocab_size=155697).to_dict()
+    cfg = HeadConfig.from_alpamayo_config({"expert_cfg": RELEASE_EXPERT_OVERRIDES}, text)
+    n, n_all = count_params(cfg, "all")
+    assert n == n_all == 2_280_592_386
+    proj = count_params(cfg, "projections")[1]
+    layer = 2 * 2048 * 2048 + 2 * 2048 * 1024 + 3 * 2048 * 8256 + 2 * 128 + 2 * 2048
+    assert proj == n - (36 * layer + 2048)  # the expert: 36 layers without embeddings, plus its final norm
+    per_layer = 16 * ((2048 + 2048) + 2 * (2048 + 1024) + (2048 + 2048) + 2 * (2048 + 8256) + (8256 + 2048))
+    assert count_params(cfg, "lora", 16) == (n + 36 * per_layer, proj + 36 * per_layer)
