@@ -86,7 +86,7 @@ def test_solver_weights_are_the_release_values():
         tuple(float(np.float32(x)) for x in RELEASE_NORM)
 
 
-@pytest.mark.parametrize("solve_dtype, atol", [(torch.float64, 2e-6), (torch.float32, 2e-3)])
+@pytest.mark.parametrize("solve_dtype, atol", [(torch.float64, 2e-6), (torch.float32, 5e-3)])
 def test_traj_to_action_equals_the_release_fits(solve_dtype, atol):
     """Every fit against the written-out release math (weights, smoothing orders, fixed values, ridge).
 
