@@ -1,7 +1,7 @@
 """Read an official-format checkpoint (and its vlm_name_or_path) the way the official code does, with
 transformers 4.57.1, the version NVlabs/alpamayo pins. Run in a small venv without torch:
 
-    .venv-tf457/bin/python tests/release_pin/check_release_configs.py CKPT [CKPT ...]
+    .venv-tf457/bin/python tests/release_pin/check_release_configs.py CKPT [CKPT ...] [--build]
 
 The official package is not on PyPI, so its two config classes are stood in for by classes with the
 same constructor signatures (src/alpamayo_r1/config.py, models/base_model.py), built the same way
@@ -219,11 +219,50 @@ def check_checkpoint(ckpt: Path, problems: list[str]) -> dict:
             "head_header": {k: headers[k][1]["shape"] for k in head_keys if k in headers}}
 
 
+def build_and_load(ckpt: Path, problems: list[str]) -> dict:
+    """With torch importable (optional): the modules AlpamayoR1.__init__ builds with this transformers --
+    Qwen3VLForConditionalGeneration from the enlarged config, the expert by AutoModel.from_config with
+    expert_cfg set over a copy of the text config, embed_tokens deleted -- loaded strictly from the shards."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel, Qwen3VLForConditionalGeneration
+
+    raw = json.loads((ckpt / "config.json").read_text())
+    base = Path(raw["vlm_name_or_path"])
+    vlm_cfg = Qwen3VLConfig.from_pretrained(str(base if base.is_absolute() else ckpt / base), dtype=raw["model_dtype"])
+    vlm_cfg.text_config.vocab_size = vlm_cfg.vocab_size = raw["vocab_size"]
+    with torch.device("meta"):
+        vlm = Qwen3VLForConditionalGeneration(vlm_cfg)
+        expert_cfg = copy.deepcopy(vlm_cfg.text_config)
+        expert_cfg._attn_implementation = "sdpa"
+        for k, v in raw["expert_cfg"].items():
+            setattr(expert_cfg, k, v)
+        expert = AutoModel.from_config(expert_cfg)
+        del expert.embed_tokens
+    state = {}
+    for f in sorted(set(json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"].values())):
+        state.update(load_file(str(ckpt / f)))
+    out = {}
+    for prefix, module in (("vlm.", vlm), ("expert.", expert)):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        module.load_state_dict(sub, strict=True, assign=True)
+        same = all(torch.equal(module.state_dict()[k], v) for k, v in sub.items())
+        if not same:
+            problems.append(f"{prefix}* tensors changed on load")
+        out[prefix.rstrip(".")] = len(sub)
+    return out
+
+
 def main(argv: list[str]) -> int:
     problems: list[str] = []
     if transformers.__version__ != PINNED:
         problems.append(f"transformers {transformers.__version__}, expected the official pin {PINNED}")
+    build = "--build" in argv
+    argv = [a for a in argv if a != "--build"]
     reports = [check_checkpoint(Path(p), problems) for p in argv]
+    if build:
+        for r in reports:
+            r["loaded_strict"] = build_and_load(Path(r["path"]), problems)
     print(json.dumps({"transformers": transformers.__version__, "checkpoints": reports, "problems": problems}))
     return 1 if problems else 0
 
