@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ckpt = write_tiny_checkpoint(work / "tiny", dtype=getattr(torch, kv))
     write_synthetic_world(work / "world", n_clips=a.clips, seed=5, width=384, height=216, duration_s=12.0,
-                          kinds=["sharp-left", "straight", "sharp-right", "gentle-left"][: a.clips] or None)
+                          kinds=["sharp-left", "straight", "sharp-right", "gentle-left"][: a.clips] if a.clips <= 4 else None)
     report = {"device": device, "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if
               device.startswith("cuda") else platform.processor(), "kv_dtype": kv, "runs": {}}
     for pixels in (["inference", "stage2"] if a.pixels == "both" else [a.pixels]):
