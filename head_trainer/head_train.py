@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from shared.checkpoint import AlpamayoCheckpoint, head_from_state, load_head_file, save_head
@@ -28,6 +27,8 @@ from shared.head import AlpamayoHead
 from shared.store import Store
 
 from .data import make_loader, split_indices
+from .optim import build_optimizer, load_optimizer, save_optimizer
+from .step import StepConfig, TrainStep
 
 
 @dataclass
@@ -101,27 +102,6 @@ def open_base(cfg: TrainConfig, store: Store) -> AlpamayoCheckpoint:
     return ckpt
 
 
-# -- optimiser state as safetensors (no pickles) ---------------------------------------------------
-def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
-    sd = opt.state_dict()
-    tensors = {f"{pid}.{name}": v.detach().cpu().contiguous()
-               for pid, st in sd["state"].items() for name, v in st.items() if torch.is_tensor(v)}
-    save_file(tensors, str(path), metadata={"param_groups": json.dumps(sd["param_groups"])})
-
-
-def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
-    from safetensors import safe_open
-
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        groups = json.loads(f.metadata()["param_groups"])
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
 def latest_checkpoint(out: Path) -> Path | None:
     steps = sorted(out.glob("checkpoints/step_*/head.safetensors"))
     return steps[-1].parent if steps else None
@@ -175,7 +155,7 @@ def train(cfg: TrainConfig) -> Path:
         state = ckpt.head_state_dict()
     head = head_from_state(head_cfg, state, dtype, device).train()
     params = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = build_optimizer(params, "adamw", cfg.lr, cfg.weight_decay)
     if resume_dir is not None:
         load_optimizer(opt, resume_dir / "optimizer.safetensors")
 
@@ -187,20 +167,15 @@ def train(cfg: TrainConfig) -> Path:
     # ---- loop -------------------------------------------------------------------------------------
     stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     loader = make_loader(store.url, indices, cfg.batch_size, cfg.seed, start, stop, cfg.num_workers,
-                         pin_memory=device.type == "cuda", ram_budget_bytes=int(cfg.ram_cache_gb * 1e9))
+                         pin_memory=device.type == "cuda", ram_budget_bytes=int(cfg.ram_cache_gb * 1e9),
+                         device=device, dtype=dtype)
+    train_step = TrainStep(head, params, opt, StepConfig(seed=cfg.seed, draws=cfg.draws, grad_clip=cfg.grad_clip))
     log = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=cfg.steps, initial=start, desc="head-train", unit="step", dynamic_ncols=True)
     t_last, step = time.perf_counter(), start
-    for step, batch in enumerate(loader, start=start):
-        batch = batch.to(device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)  # resumable noise
-        loss = head.flow_matching_loss(batch.action, batch.prefix, gen, cfg.draws)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        opt.step()
+    for step, micro in enumerate(loader, start=start):
+        stats = train_step(micro, lr_at(step, cfg), step)  # noise is a function of (seed, step): resumable
+        loss, gnorm = stats.loss, stats.grad_norm
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             now = time.perf_counter()

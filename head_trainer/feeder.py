@@ -1,0 +1,191 @@
+"""Stored-form samples -> device batches: side-stream copies, GPU dequantisation, RAM and GPU tiers.
+
+Per batch shape (B, bucketed L) the feeder owns a few fixed device slots (layers, 2, B, kv_heads, L, D),
+so a CUDA-graph step sees the same input buffers again and again. Samples are copied into their slot
+on a side stream (from the pinned DataLoader output, the pinned RAM tier, or the GPU tier, which holds
+codes as stored) and int8/int4 are dequantised there, a few layers at a time. The main stream waits on
+an event before the step; the side stream waits for the main stream before it reuses a slot.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from shared import kv_quant
+from shared.head import KVPrefix
+from shared.store import Store
+
+DEQUANT_LAYERS = 4  # layers dequantised at once (bounds the fp32 temporaries)
+
+
+class DeviceFeeder:
+    def __init__(self, store: Store, device: torch.device, dtype: torch.dtype | None, bucket: int):
+        self.spec = store.spec
+        self.url = store.url
+        self.device = device
+        self.dtype = dtype or self.spec.torch_dtype
+        self.bucket = bucket
+        self.cuda = device.type == "cuda"
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+        self.ram: dict[int, dict] = {}  # store index -> raw sample in pinned host memory
+        self.gpu: dict[int, dict] = {}  # store index -> raw sample (codes as stored) on the device
+        self._slots: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._next: dict[tuple[int, int], int] = {}
+        self.n_slots = 2
+        self.tier_bytes = {"ram": 0, "gpu": 0}
+
+    def held(self) -> set[int]:
+        return set(self.ram) | set(self.gpu)
+
+    # -- tiers -----------------------------------------------------------------------------------
+    def fill_tiers(self, indices: list[int], ram_budget: int, gpu_budget: int, workers: int, progress: bool) -> None:
+        """Read samples once into the GPU tier (if it fits the budget), then the RAM tier, in index order."""
+        if ram_budget <= 0 and not (self.cuda and gpu_budget > 0):
+            return
+        from .data import RawDataset, _identity, raw_nbytes
+
+        dl = DataLoader(RawDataset(self.url), batch_size=None, sampler=[[i] for i in indices], collate_fn=_identity,
+                        num_workers=workers, pin_memory=self.cuda, prefetch_factor=4 if workers else None)
+        bar = tqdm(total=len(indices), desc="cache tiers", unit="sample", disable=not progress)
+        for (raw,) in dl:
+            n = raw_nbytes(raw)
+            if self.cuda and self.tier_bytes["gpu"] + n <= gpu_budget:
+                self.gpu[raw["index"]] = _move(raw, self.device)
+                self.tier_bytes["gpu"] += n
+            elif self.tier_bytes["ram"] + n <= ram_budget:
+                self.ram[raw["index"]] = raw if not self.cuda or raw["kv"].is_pinned() else _pin(raw)
+                self.tier_bytes["ram"] += n
+            else:
+                break
+            bar.update(1)
+        bar.close()
+
+    # -- batches ---------------------------------------------------------------------------------
+    def _held(self, i: int) -> dict:
+        return self.gpu[i] if i in self.gpu else self.ram[i]
+
+    def _slot(self, bsz: int, lb: int) -> torch.Tensor:
+        key = (bsz, lb)
+        if key not in self._slots:
+            s = self.spec
+            shape = (s.num_layers, 2, bsz, s.num_kv_heads, lb, s.head_dim)
+            self._slots[key] = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_slots)]
+            self._next[key] = 0
+        i = self._next[key]
+        self._next[key] = (i + 1) % self.n_slots
+        return self._slots[key][i]
+
+    def to_batch(self, raws: list[dict | int]):
+        from .data import Batch, bucket_len
+
+        raws = [self._held(r) if isinstance(r, int) else r for r in raws]
+        bsz = len(raws)
+        lb = bucket_len(max(r["L"] for r in raws), self.bucket)
+        if not self.cuda:
+            kv = torch.zeros((self.spec.num_layers, 2, bsz, self.spec.num_kv_heads, lb, self.spec.head_dim),
+                             dtype=self.dtype)
+            for b, r in enumerate(raws):
+                self._place(kv, b, r)
+            return _batch(Batch, raws, kv, self.device)
+        main = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(main)  # the slot's previous reader has been enqueued on main: wait for it
+        with torch.cuda.stream(self.side):
+            kv = self._slot(bsz, lb)
+            for b, r in enumerate(raws):
+                self._place(kv, b, r)
+            batch = _batch(Batch, raws, kv, self.device)
+            for t in (batch.action, batch.hist_xyz, batch.hist_rot, batch.fut_xyz, batch.prefix.lengths,
+                      batch.prefix.rope_deltas):
+                t.record_stream(main)
+            batch.ready = torch.cuda.Event()
+            batch.ready.record(self.side)
+        return batch
+
+    def _place(self, kv: torch.Tensor, b: int, r: dict) -> None:
+        """Write sample r's K/V into batch position b of kv (layers, 2, B, H, Lb, D), dequantising on the device."""
+        L = r["L"]
+        codes = r["kv"].to(self.device, non_blocking=True)
+        if self.spec.quant == "none":
+            kv[:, :, b, :, :L].copy_(codes)
+            return
+        params = {n: t.to(self.device, non_blocking=True) for n, t in r["q"].items()}
+        for lo in range(0, codes.shape[0], DEQUANT_LAYERS):
+            sl = slice(lo, lo + DEQUANT_LAYERS)
+            q = kv_quant.QuantizedKV(codes[sl], {n: t[sl] for n, t in params.items()})
+            k, v = kv_quant.dequantize_kv(q, self.spec.quant, self.dtype)
+            kv[sl, 0, b, :, :L] = k
+            kv[sl, 1, b, :, :L] = v
+
+
+def _batch(cls, raws: list[dict], kv: torch.Tensor, device: torch.device):
+    nb = device.type == "cuda"
+
+    def up(t: torch.Tensor) -> torch.Tensor:  # pinned first: a pageable copy would wait for the side stream
+        return t.pin_memory().to(device, non_blocking=True) if nb else t
+
+    def stack(name):
+        return up(torch.stack([r[name] for r in raws]).float())
+
+    prefix = KVPrefix([kv[i, 0] for i in range(kv.shape[0])], [kv[i, 1] for i in range(kv.shape[0])],
+                      up(torch.tensor([r["L"] for r in raws])), up(torch.tensor([r["delta"] for r in raws])))
+    return cls([r["key"] for r in raws], prefix, stack("action"), stack("hist_xyz"), stack("hist_rot"), stack("fut_xyz"))
+
+
+def _move(raw: dict, device: torch.device) -> dict:
+    out = dict(raw)
+    out["kv"] = raw["kv"].to(device)
+    out["q"] = {n: t.to(device) for n, t in raw["q"].items()}
+    return out
+
+
+def _pin(raw: dict) -> dict:
+    out = dict(raw)
+    out["kv"] = raw["kv"].pin_memory()
+    out["q"] = {n: t.pin_memory() for n, t in raw["q"].items()}
+    return out
+
+
+class FeederLoader:
+    """Iterate: one list of `grad_accum` device Batches per step, the next step's copies already queued.
+
+    `wait_s` = seconds the main thread waited for DataLoader workers (the loader bound)."""
+
+    def __init__(self, dl: DataLoader, feeder: DeviceFeeder, grad_accum: int):
+        self.dl, self.feeder, self.accum = dl, feeder, grad_accum
+        feeder.n_slots = 2 * grad_accum
+        self.wait_s = 0.0
+        self.steps = 0
+
+    def __len__(self) -> int:
+        return len(self.dl.batch_sampler or self.dl.sampler) // self.accum
+
+    def __iter__(self):
+        it = iter(self.dl)
+        pending = None
+        while True:
+            group = []
+            try:
+                for _ in range(self.accum):
+                    t0 = time.perf_counter()
+                    raws = next(it)
+                    self.wait_s += time.perf_counter() - t0
+                    group.append(self.feeder.to_batch(raws))
+            except StopIteration:
+                break
+            if pending is not None:
+                yield self._hand_over(pending)
+            pending = group
+        if pending is not None:
+            yield self._hand_over(pending)
+
+    def _hand_over(self, group):
+        if self.feeder.cuda:
+            main = torch.cuda.current_stream(self.feeder.device)
+            for b in group:
+                main.wait_event(b.ready)
+        self.steps += 1
+        return group

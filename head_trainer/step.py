@@ -1,0 +1,194 @@
+"""One optimiser step of the head: flow-matching loss over micro-batches, all-reduce, clip, update.
+
+The (t, noise) draws are a pure function of (seed, step, global sample position), drawn on the CPU:
+a resumed run, a 2-rank run at the same global batch and a CUDA-graph run all see the same draws.
+Global position of local sample b of micro-batch m on rank r: (m * world + r) * B + b.
+
+On CUDA with `cuda_graphs`, the first `warmup` steps run eagerly (they are real steps), then the
+forward + backward of a micro-batch is captured once per (shape, input buffer) and the clip +
+optimiser update once; later steps only copy the small inputs and replay, so the host does the same
+few launches whatever the number of layers, and never waits for the GPU (the loss is read only when
+the caller calls `.item()`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shared.fast_expert import FastExpert, action_mask
+from shared.flow_matching import sample_time
+from shared.head import N_ACTION, AlpamayoHead, KVPrefix
+
+from .optim import make_capturable, set_lr
+
+
+@dataclass
+class World:
+    """This process's place in a data-parallel run; all_reduce averages gradients in place."""
+
+    rank: int = 0
+    size: int = 1
+    all_reduce: Callable[[list[torch.Tensor]], None] | None = None
+
+
+@dataclass
+class StepConfig:
+    seed: int = 42
+    draws: int = 1  # (t, noise) draws per prefix, in one expert pass
+    grad_clip: float = 1.0  # max grad norm (0 = off)
+    grad_accum: int = 1  # micro-batches per step
+    compile: bool = False  # torch.compile one decoder layer (reused by all layers)
+    cuda_graphs: bool = False  # capture forward+backward and the update as CUDA graphs (CUDA only)
+    checkpoint: bool = False  # recompute expert layers in backward (activation memory)
+    warmup: int = 2  # eager steps before capture (CUDA graphs)
+
+
+@dataclass
+class StepStats:
+    loss: torch.Tensor  # 0-dim, on the device: mean flow-matching loss of the global batch (this rank's share)
+    grad_norm: torch.Tensor  # 0-dim, before clipping
+
+
+def draw_noise(seed: int, step: int, n: int, draws: int, fm_cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t (n, K), noise (n, K, 64, 2)) for the n samples of a global batch, sample-major, on the CPU."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    t = sample_time(n * draws, fm_cfg, gen).view(n, draws)
+    noise = torch.randn((n * draws, N_ACTION, 2), generator=gen).view(n, draws, N_ACTION, 2)
+    return t, noise
+
+
+def flow_loss(fast: FastExpert, action: torch.Tensor, prefix: KVPrefix, t: torch.Tensor, noise: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE of predicted vs target velocity. action (B, 64, 2); t (B, K); noise (B, K, 64, 2)."""
+    x = action.float()[:, None]
+    tt = t[..., None, None]
+    x_t, target = tt * x + (1 - tt) * noise, x - noise
+    return nn.functional.mse_loss(fast.velocity(x_t, t, prefix, mask), target)
+
+
+class TrainStep:
+    def __init__(self, head: AlpamayoHead, params: list[nn.Parameter], opt: torch.optim.Optimizer,
+                 cfg: StepConfig, world: World | None = None):
+        self.head, self.params, self.opt, self.cfg = head, params, opt, cfg
+        self.world = world or World()
+        self.fast = FastExpert(head, compile=cfg.compile, checkpoint=cfg.checkpoint)
+        self.device = params[0].device
+        self.graphs = cfg.cuda_graphs and self.device.type == "cuda"
+        self._eager_steps = 0
+        self._fb: dict[tuple, tuple[torch.cuda.CUDAGraph, dict]] = {}  # per (shape, KV buffer)
+        self._opt_graph: torch.cuda.CUDAGraph | None = None
+        self._pool = None
+        self._loss_sum: torch.Tensor | None = None
+        self._gnorm: torch.Tensor | None = None
+
+    # -- the pieces ------------------------------------------------------------------------------
+    def _slice(self, m: int, bsz: int) -> slice:
+        start = (m * self.world.size + self.world.rank) * bsz
+        return slice(start, start + bsz)
+
+    def _clip_and_update(self) -> torch.Tensor:
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+        self.opt.step()
+        return gnorm
+
+    def _reduce(self) -> None:
+        if self.world.size > 1:
+            self.world.all_reduce([p.grad for p in self.params])
+
+    def __call__(self, micro: list, lr: float, step: int) -> StepStats:
+        if len(micro) != self.cfg.grad_accum:
+            raise ValueError(f"expected {self.cfg.grad_accum} micro-batches, got {len(micro)}")
+        set_lr(self.opt, lr)
+        bsz = micro[0].action.shape[0]
+        n_global = bsz * self.world.size * len(micro)
+        t_all, eps_all = draw_noise(self.cfg.seed, step, n_global, self.cfg.draws, self.head.cfg.diffusion)
+        if self.graphs and self._eager_steps >= self.cfg.warmup:
+            return self._replay(micro, t_all, eps_all, bsz)
+        stats = self._eager(micro, t_all, eps_all, bsz)
+        self._eager_steps += 1
+        return stats
+
+    def _eager(self, micro, t_all, eps_all, bsz) -> StepStats:
+        self.opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for m, b in enumerate(micro):
+            sl = self._slice(m, bsz)
+            loss = flow_loss(self.fast, b.action, b.prefix, t_all[sl].to(self.device), eps_all[sl].to(self.device))
+            (loss / len(micro)).backward()
+            total += loss.detach() / len(micro)
+        self._reduce()
+        gnorm = self._clip_and_update()
+        if self.graphs:
+            make_capturable(self.opt)
+        return StepStats(total, gnorm)
+
+    # -- CUDA graphs -----------------------------------------------------------------------------
+    def _capture_fb(self, b) -> tuple[torch.cuda.CUDAGraph, dict]:
+        """Capture loss + backward for this batch's shapes, reading its KV tensors in place."""
+        dev = self.device
+        k = self.cfg.draws
+        st = {"action": b.action.to(dev).clone(), "t": torch.zeros(b.action.shape[0], k, device=dev),
+              "eps": torch.zeros(b.action.shape[0], k, N_ACTION, 2, device=dev),
+              "lengths": b.prefix.lengths.to(dev).clone(), "deltas": b.prefix.rope_deltas.to(dev).clone(),
+              "scale": torch.ones((), device=dev)}
+        prefix = KVPrefix(b.prefix.keys, b.prefix.values, st["lengths"], st["deltas"])
+        if self._loss_sum is None:
+            self._loss_sum = torch.zeros((), device=dev)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # one warm-up pass of this shape outside capture (compile, workspaces)
+            mask = action_mask(prefix, k, self.head.dtype, self.head.causal)
+            grads = [p.grad.clone() for p in self.params]
+            flow_loss(self.fast, st["action"], prefix, st["t"], st["eps"], mask).backward()
+            for p, g in zip(self.params, grads):
+                p.grad.copy_(g)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            mask = action_mask(prefix, k, self.head.dtype, self.head.causal)
+            loss = flow_loss(self.fast, st["action"], prefix, st["t"], st["eps"], mask)
+            (loss * st["scale"]).backward()
+            self._loss_sum += loss.detach() * st["scale"]
+        self._pool = g.pool()
+        return g, st
+
+    def _capture_opt(self) -> None:
+        self._opt_graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self._opt_graph, pool=self._pool):
+            self._gnorm = self._clip_and_update()
+        self._pool = self._opt_graph.pool()
+
+    def _replay(self, micro, t_all, eps_all, bsz) -> StepStats:
+        if any(p.grad is None for p in self.params):
+            raise RuntimeError("CUDA-graph steps need gradients from an eager step first")
+        torch._foreach_zero_([p.grad for p in self.params])
+        if self._loss_sum is not None:
+            self._loss_sum.zero_()
+        for m, b in enumerate(micro):
+            key = (tuple(b.prefix.keys[0].shape), b.prefix.keys[0].data_ptr(), b.prefix.values[0].data_ptr())
+            if key not in self._fb:
+                if len(self._fb) >= 16:
+                    raise RuntimeError("more than 16 distinct batch shapes/buffers: use bucketed loader slots")
+                self._fb[key] = self._capture_fb(b)
+            g, st = self._fb[key]
+            sl = self._slice(m, bsz)
+            st["action"].copy_(b.action, non_blocking=True)
+            st["t"].copy_(t_all[sl], non_blocking=True)
+            st["eps"].copy_(eps_all[sl], non_blocking=True)
+            st["lengths"].copy_(b.prefix.lengths, non_blocking=True)
+            st["deltas"].copy_(b.prefix.rope_deltas, non_blocking=True)
+            st["scale"].fill_(1.0 / len(micro))
+            g.replay()
+        self._reduce()
+        if self._opt_graph is None:
+            self._capture_opt()  # capture only records: run the update once for this step
+        self._opt_graph.replay()
+        return StepStats(self._loss_sum.clone(), self._gnorm.clone())

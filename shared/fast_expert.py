@@ -1,0 +1,111 @@
+"""The expert's forward over a cached prefix, written for speed; equal to `AlpamayoHead.velocity`.
+
+Same modules, same weights, same math as transformers' `Qwen3VLTextModel` with a `DynamicCache`
+(tests/test_fast_expert.py holds them equal in fp32 to 1e-5); what changes is the plumbing:
+
+- no cache object: layer i's action keys/values are concatenated after the prefix's directly;
+- grouped-query attention without repeating K/V: the `group` query heads that share a KV head are
+  stacked along the query axis, so SDPA sees (B, kv_heads, group * T, D) against (B, kv_heads, L + T, D);
+- K draws of (t, noise) share one prefix in one pass: the K action blocks sit side by side in the
+  query axis with a block-diagonal mask among them (each block sees the prefix and itself only, at the
+  release positions p_i = L + delta + i), so a prefix is never copied per draw;
+- one decoder layer is one function, so `torch.compile` compiles it once and reuses it for all layers
+  (regional compilation: bounded compile time), and a CUDA graph can capture the whole step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .head import N_ACTION, AlpamayoHead, KVPrefix
+
+
+def action_mask(prefix: KVPrefix, draws: int, dtype: torch.dtype, causal: bool, n_action: int = N_ACTION
+                ) -> torch.Tensor:
+    """Additive mask (B, 1, K*64, L_max + K*64): 0 = attend, finfo.min = blocked.
+
+    Columns [L, L_max) (padding) are blocked; among the K action blocks each sees only itself
+    (all-see-all inside the block, or lower-triangular when `causal`)."""
+    device = prefix.lengths.device
+    bsz, lmax, t = prefix.batch_size, prefix.max_len, draws * n_action
+    keep_prefix = torch.arange(lmax, device=device).view(1, -1) < prefix.lengths.view(-1, 1)  # (B, Lmax)
+    block = torch.arange(t, device=device) // n_action
+    keep_action = block.view(-1, 1) == block.view(1, -1)  # (T, T) block-diagonal
+    if causal:
+        keep_action &= torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    keep = torch.cat([keep_prefix.view(bsz, 1, 1, lmax).expand(bsz, 1, t, lmax),
+                      keep_action.view(1, 1, t, t).expand(bsz, 1, t, t)], dim=-1)
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def rope_tables(head: AlpamayoHead, prefix: KVPrefix, draws: int, like: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, K*64, head_dim) for p_i = L + delta + i, the same positions for every draw."""
+    base = (prefix.lengths + prefix.rope_deltas).view(-1, 1)
+    pos = (base + torch.arange(N_ACTION, device=base.device).view(1, -1)).repeat(1, draws)  # (B, K*64)
+    return head.expert.rotary_emb(like, pos.unsqueeze(0).expand(3, -1, -1))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One Qwen3-VL text decoder layer over [prefix; action tokens].
+
+    h: (B, T, hidden); k_pre, v_pre: (B, kv_heads, L_max, D) post-RoPE keys / raw values of the prefix;
+    cos, sin: (B, T, D); mask: (B, 1, T, L_max + T) additive or None -> (B, T, hidden)."""
+    attn = layer.self_attn
+    bsz, t, _ = h.shape
+    d = attn.head_dim
+    n_kv = k_pre.shape[1]
+    group = attn.num_key_value_groups
+    x = layer.input_layernorm(h)
+    q = attn.q_norm(attn.q_proj(x).view(bsz, t, -1, d)).transpose(1, 2)  # (B, heads, T, D)
+    k = attn.k_norm(attn.k_proj(x).view(bsz, t, -1, d)).transpose(1, 2)  # (B, kv_heads, T, D)
+    v = attn.v_proj(x).view(bsz, t, -1, d).transpose(1, 2)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    keys = torch.cat([k_pre.to(k.dtype), k], dim=2)  # (B, kv_heads, L_max + T, D)
+    values = torch.cat([v_pre.to(v.dtype), v], dim=2)
+    q = q.reshape(bsz, n_kv, group * t, d)  # heads j*group..j*group+group-1 share KV head j
+    m = None if mask is None else mask.repeat(1, 1, group, 1)
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=m, scale=attn.scaling)  # (B, kv, g*T, D)
+    o = o.reshape(bsz, n_kv * group, t, d).transpose(1, 2).reshape(bsz, t, -1)
+    h = h + attn.o_proj(o)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+class FastExpert:
+    """velocity(x_t, t, prefix) for K draws per prefix, optionally with a compiled decoder layer.
+
+    x_t: (B, K, 64, 2); t: (B, K) -> (B, K, 64, 2) fp32 velocity. `compile` = torch.compile the layer
+    once (shapes static per bucket); `checkpoint` = recompute each layer in the backward pass."""
+
+    def __init__(self, head: AlpamayoHead, compile: bool = False, checkpoint: bool = False):
+        self.head = head
+        self.checkpoint = checkpoint
+        self.layer_fn = torch.compile(decoder_layer, dynamic=False) if compile else decoder_layer
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, prefix: KVPrefix,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        head = self.head
+        bsz, draws = x_t.shape[:2]
+        emb = head.action_in_proj(x_t.reshape(bsz * draws, N_ACTION, 2), t.reshape(bsz * draws, 1, 1))
+        h = emb.view(bsz, draws * N_ACTION, -1)  # (B, K*64, hidden)
+        cos, sin = rope_tables(head, prefix, draws, h)
+        if mask is None:
+            mask = action_mask(prefix, draws, h.dtype, head.causal)
+        for i, layer in enumerate(head.expert.layers):
+            args = (layer, h, prefix.keys[i], prefix.values[i], cos, sin, mask)
+            if self.checkpoint and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(self.layer_fn, *args, use_reentrant=False)
+            else:
+                h = self.layer_fn(*args)
+        out = head.action_out_proj(head.expert.norm(h)).float()  # (B, K*64, 2)
+        return out.view(bsz, draws, N_ACTION, 2)
