@@ -28,17 +28,18 @@ class FiniteGuard:
         for b in micro:
             self._pending.append((step, list(b.keys), finite_per_sample(b)))
 
-    def check(self, resume_hint: str) -> None:
-        """Raise TrainingStopped naming the first non-finite sample seen since the last check."""
+    def problem(self, resume_hint: str) -> str | None:
+        """A message naming the first non-finite sample seen since the last call, or None."""
         pending, self._pending = self._pending, []
         if not pending:
-            return
+            return None
         ok = torch.cat([f for _, _, f in pending]).cpu()
         if bool(ok.all()):
-            return
+            return None
         pos = int((~ok).nonzero()[0])
-        for step, keys, flags in pending:
+        for step, keys, _ in pending:
             if pos < len(keys):
-                raise TrainingStopped(f"step {step + 1}: sample {keys[pos]!r} holds NaN/Inf values in its cached "
-                                      f"K/V or action; fix or drop it from the store, then {resume_hint}")
-            pos -= len(flags)
+                return (f"step {step + 1}: sample {keys[pos]!r} holds NaN/Inf values in its cached K/V or action; "
+                        f"fix or drop it from the store, then {resume_hint}")
+            pos -= len(keys)
+        return None

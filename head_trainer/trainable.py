@@ -11,11 +11,8 @@ Saved and exported heads always carry the release's names: LoRA adapters are mer
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from shared.head import AlpamayoHead
 
@@ -89,40 +86,3 @@ def merged_lora_state(lora_state: dict[str, torch.Tensor], base: dict[str, torch
         w = base[f"{stem}.weight"]
         out[f"{stem}.weight"] = (w.float() + (b @ a) * (alpha / rank)).to(w.dtype)
     return out
-
-
-def _prefix_safe_checkpoint(layer_idx: int, run, *args):
-    """torch checkpoint of one expert layer whose recompute sees the same KV prefix.
-
-    The layer appends its 64 action keys/values to the prefix cache; the backward replay would append
-    them a second time, so the cache layer's tensors are put back before the replay.
-    """
-    cache = run.keywords.get("cache")
-    if cache is None:
-        return checkpoint(run, *args, use_reentrant=False)
-    layer = cache.layers[layer_idx]
-    keys, values = layer.keys, layer.values
-
-    def replay(*a):
-        layer.keys, layer.values = keys, values
-        return run(*a)
-
-    return checkpoint(replay, *args, use_reentrant=False)
-
-
-def enable_gradient_checkpointing(head: AlpamayoHead) -> None:
-    """Recompute each expert layer in backward (activations of one layer kept instead of all).
-
-    transformers' own switch drops the cache under checkpointing (the prefix would vanish), so each
-    layer is allowed to keep it and gets the prefix-safe checkpoint above.
-    """
-    expert = head.expert
-    enable = getattr(expert, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable({"use_reentrant": False})
-    else:  # transformers releases before the rename
-        expert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for i, layer in enumerate(expert.layers):
-        if layer.gradient_checkpointing:
-            layer._can_checkpoint_with_cache = True
-            layer._gradient_checkpointing_func = partial(_prefix_safe_checkpoint, i)

@@ -2,7 +2,9 @@
 
 The (t, noise) draws of a validation sample are a function of its key alone (drawn on the CPU from
 crc32(key)), not of the step, the batch it lands in, the device or the run; so the same head gets
-the same number twice and curves of different runs compare point by point.
+the same number twice and curves of different runs compare point by point. Both measures run through
+the training step's expert path (`FastExpert`: the K draws, or the K sampled trajectories, of a
+prefix share one pass over it).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import zlib
 import torch
 from torch import nn
 
-from shared.flow_matching import interpolate, sample_time
+from shared.fast_expert import FastExpert
+from shared.flow_matching import euler_sample, sample_time
 from shared.head import N_ACTION, AlpamayoHead
 from shared.store import Store
 
@@ -40,19 +43,19 @@ class Validator:
     @torch.no_grad()
     def loss(self, head: AlpamayoHead) -> float:
         """Mean flow-matching MSE over the validation samples, `draws` fixed draws each."""
-        was_training = head.training
+        was_training, fast = head.training, FastExpert(head)
         head.eval()
         total, n = 0.0, 0
         for batch in self._batches(self.indices):
             draws = [fixed_draws(k, self.draws, head.cfg.diffusion) for k in batch.keys]
-            t = torch.cat([d[0] for d in draws]).to(self.device)  # (B*K, 1, 1)
-            noise = torch.cat([d[1] for d in draws]).to(self.device)  # (B*K, 64, 2)
-            action = batch.action.to(self.device).repeat_interleave(self.draws, 0)
-            prefix = batch.prefix.to(self.device).repeat_interleave(self.draws)
-            x_t, target = interpolate(action.float(), noise, t)
-            err = nn.functional.mse_loss(head.velocity(x_t, t, prefix), target, reduction="none")
-            total += float(err.double().mean(dim=(1, 2)).sum())
-            n += err.shape[0]
+            t = torch.stack([d[0].view(-1) for d in draws]).to(self.device)  # (B, K)
+            noise = torch.stack([d[1] for d in draws]).to(self.device)  # (B, K, 64, 2)
+            x = batch.action.to(self.device).float()[:, None]  # (B, 1, 64, 2)
+            tt = t[..., None, None]
+            pred = fast.velocity(tt * x + (1 - tt) * noise, t, batch.prefix.to(self.device))
+            err = nn.functional.mse_loss(pred, x - noise, reduction="none")  # (B, K, 64, 2)
+            total += float(err.double().mean(dim=(2, 3)).sum())
+            n += err.shape[0] * err.shape[1]
         head.train(was_training)
         return total / max(n, 1)
 
@@ -61,13 +64,23 @@ class Validator:
         """Mean minADE (m) of `num_samples` sampled trajectories on the first `ade_items` samples."""
         if self.ade_items == 0:
             return float("nan")
-        was_training = head.training
+        was_training, fast = head.training, FastExpert(head)
         head.eval()
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
         vals = []
         for batch in self._batches(self.indices[: self.ade_items]):
             b = batch.to(self.device)
-            pred = head.sample_trajectories(b.prefix, b.hist_xyz, b.hist_rot, num_samples, generator=gen)
+            bsz = b.action.shape[0]
+            noise = torch.randn((bsz, num_samples, N_ACTION, 2), generator=gen).to(self.device)
+
+            def velocity(x, t, b=b, bsz=bsz):  # x (B, S, 64, 2), t (B, 1, 1) -> same-time velocity
+                return fast.velocity(x, t.view(bsz, 1).expand(bsz, num_samples), b.prefix)
+
+            actions = euler_sample(velocity, noise, head.cfg.diffusion.num_inference_steps)  # (B, S, 64, 2)
+            hx = b.hist_xyz.float().repeat_interleave(num_samples, 0)
+            hr = b.hist_rot.float().repeat_interleave(num_samples, 0)
+            xyz, _ = head.action_space.action_to_traj(actions.flatten(0, 1).float(), hx, hr)
+            pred = xyz.view(bsz, num_samples, N_ACTION, 3)
             vals.append(trajectory_metrics(pred.cpu(), b.fut_xyz.cpu())["min_ade"])
         head.train(was_training)
         return float(torch.cat(vals).mean())
