@@ -232,7 +232,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
     if resume_dir is not None:
         load_optimizer(opt, resume_dir / "optimizer.safetensors")
     ema = None
-    if cfg.ema_decay:
+    if cfg.ema_decay and launch.is_main:  # only rank 0 evaluates and saves it
         ema = EMA(dict(zip(names, params)), cfg.ema_decay, cfg.ema_device, cfg.ema_dtype, cfg.ema_every)
         if resume_dir is not None:
             src = "ema_adapter" if lora else "ema_head"

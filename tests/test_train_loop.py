@@ -154,3 +154,24 @@ def test_nan_in_a_batch_stops_with_the_sample_key(tiny_checkpoint, tmp_path, cap
     for ck in (out / "checkpoints").glob("step_*"):  # nothing saved after the bad batch
         state, _ = load_head_file(ck / "head.safetensors")
         assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_presets_fill_only_what_the_command_line_leaves_open():
+    from head_trainer.presets import PRESETS, apply_preset
+
+    argv = ["--cache", "c", "--out", "o", "--preset", "debug", "--steps", "7", "--batch-size", "4"]
+    cfg = head_train.TrainConfig(**apply_preset(vars(_parse(argv)), head_train.explicit_flags(argv)))
+    assert (cfg.steps, cfg.batch_size) == (7, 4)  # given explicitly, even when equal to a default
+    assert cfg.device == PRESETS["debug"]["device"] and cfg.val_every == PRESETS["debug"]["val_every"]
+    assert head_train.explicit_flags(["--cache", "c", "--out", "o", "--no-tensorboard"]) == {"cache", "out",
+                                                                                              "tensorboard"}
+    with pytest.raises(ValueError, match="--preset 'big'"):
+        apply_preset({"preset": "big"}, set())
+    for name, values in PRESETS.items():  # every preset is a valid config
+        head_train.TrainConfig(cache="c", out="o", **{**values, "steps": max(values.get("steps", 300), 3)}).validate()
+
+
+def _parse(argv):
+    from shared.cli import parser_for
+
+    return parser_for(head_train.TrainConfig, "head-train", "", ("cache", "out")).parse_args(argv)
