@@ -38,6 +38,8 @@ def detect() -> Launch:
 
 def init(launch: Launch, device: torch.device) -> None:
     if launch.size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # collectives on the current device are this rank's
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=launch.rank, world_size=launch.size,
                                 device_id=device if device.type == "cuda" else None)

@@ -164,6 +164,11 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"{cfg.cache}: no samples in split {cfg.split!r} (splits: "
                          f"{sorted({store.manifest(i)['split'] for i in range(len(store))})})")
     val_indices = split_indices(store, cfg.val_split)[: cfg.val_max_items] if cfg.val_every else []
+    if cfg.val_every and not val_indices:
+        print(f"head-train: note: no samples in split {cfg.val_split!r}: no validation", file=sys.stderr)
+    elif set(val_indices) & set(indices):
+        print(f"head-train: note: the validation samples (split {cfg.val_split!r}) are also trained on",
+              file=sys.stderr)
     device = resolve_device(cfg.device, launch.local_rank)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -267,7 +272,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
         raise TrainingStopped(f"{exc}; the run directory is intact: {last_ckpt}") from exc
     validator = Validator(store, val_indices, cfg.batch_size, cfg.val_draws, cfg.val_ade_items, device)
     writer = run_dir.CheckpointWriter(out, cfg.keep_last, cfg.background_save, save_optimizer)
-    best = run_dir.BestK(out, cfg.keep_best, start) if main else None
+    best = run_dir.BestK(out, cfg.keep_best, start, cfg.background_save) if main else None
     bar = tqdm(total=cfg.steps, initial=start, desc="head-train", unit="step", dynamic_ncols=True, disable=not main)
     log = Logger(out, start, bar, cfg.tensorboard, cfg.wandb, cfg.wandb_project, meta) if main else None
     guard = FiniteGuard()
@@ -326,15 +331,15 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
         if main:
             log.close()
             writer.wait()
+            best.wait()
     if not main:
         return out / "head.safetensors"
     final = run_dir.latest_checkpoint(out)
     if stop < cfg.steps:
         return final / "head.safetensors"
-    if main:
-        for stem in ("head", "ema_head"):
-            if (final / f"{stem}.safetensors").is_file():
-                shutil.copy2(final / f"{stem}.safetensors", out / f"{stem}.safetensors")
+    for stem in ("head", "ema_head"):
+        if (final / f"{stem}.safetensors").is_file():
+            shutil.copy2(final / f"{stem}.safetensors", out / f"{stem}.safetensors")
     return out / "head.safetensors"
 
 

@@ -160,12 +160,46 @@ class _FrozenOptimizer:
 
     def __init__(self, opt: torch.optim.Optimizer):
         sd = opt.state_dict()
-        self._sd = {"state": {pid: {n: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
-                                    for n, v in st.items()} for pid, st in sd["state"].items()},
-                    "param_groups": sd["param_groups"]}
+        if "state" in sd:  # (torchao's CPU-offload optimizer has another layout; save_optimizer refuses it)
+            sd = {"state": {pid: {n: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+                                  for n, v in st.items()} for pid, st in sd["state"].items()},
+                  "param_groups": sd["param_groups"]}
+        self._sd = sd
 
     def state_dict(self) -> dict:
         return self._sd
+
+
+class Background:
+    """One write at a time on a thread (or inline); an error is raised on the caller's next wait()."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def run(self, fn, *args) -> None:
+        self.wait()
+        if not self.enabled:
+            fn(*args)
+            return
+
+        def target():
+            try:
+                fn(*args)
+            except BaseException as exc:
+                self._error = exc
+
+        self._thread = threading.Thread(target=target, daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
 
 
 class CheckpointWriter:
@@ -177,10 +211,10 @@ class CheckpointWriter:
     """
 
     def __init__(self, out: Path, keep_last: int, background: bool, save_optimizer):
-        self.out, self.keep_last, self.background = Path(out), keep_last, background
+        self.out, self.keep_last = Path(out), keep_last
         self._save_optimizer = save_optimizer
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._bg = Background(background)
+        self.wait = self._bg.wait
 
     def save(self, step: int, heads: dict[str, dict[str, torch.Tensor]], opt: torch.optim.Optimizer, meta: dict,
              extra: dict[str, dict[str, torch.Tensor]]) -> Path:
@@ -189,18 +223,8 @@ class CheckpointWriter:
         snap = ({k: cpu_snapshot(v) for k, v in heads.items()}, _FrozenOptimizer(opt),
                 {k: cpu_snapshot(v) for k, v in extra.items()})
         final = self.out / "checkpoints" / f"step_{step:07d}"
-        if self.background:
-            self._thread = threading.Thread(target=self._run, args=(final, step, meta, *snap), daemon=False)
-            self._thread.start()
-        else:
-            self._write(final, step, meta, *snap)
+        self._bg.run(self._write, final, step, meta, *snap)
         return final
-
-    def _run(self, *args) -> None:
-        try:
-            self._write(*args)
-        except BaseException as exc:  # re-raised on the training thread by wait()
-            self._error = exc
 
     def _write(self, final: Path, step: int, meta: dict, heads, opt, extra) -> None:
         tmp = final.with_name(final.name + ".partial")
@@ -217,14 +241,6 @@ class CheckpointWriter:
         for old in checkpoint_dirs(self.out)[:-self.keep_last]:
             shutil.rmtree(old)
 
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
-
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
@@ -234,8 +250,10 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 class BestK:
     """The k heads with the lowest validation loss, in out/best/step_N/ (index.json ranks them)."""
 
-    def __init__(self, out: Path, k: int, resumed_step: int = 0):
+    def __init__(self, out: Path, k: int, resumed_step: int = 0, background: bool = False):
         self.dir, self.k = Path(out) / "best", k
+        self._bg = Background(background)
+        self.wait = self._bg.wait
         index = self.dir / "index.json"
         self.entries: list[dict] = json.loads(index.read_text()) if index.is_file() else []
         # entries from after the resumed checkpoint are recomputed by this run
@@ -245,21 +263,26 @@ class BestK:
             shutil.rmtree(self.dir / f"step_{e['step']:07d}", ignore_errors=True)
 
     def offer(self, step: int, val_loss: float, heads: dict[str, dict[str, torch.Tensor]], meta: dict) -> bool:
-        if self.k < 1:
+        """Keep this head if it ranks among the k best (host copy now, files written in the background)."""
+        entry = {"step": step, "val_loss": val_loss}
+        ranked = sorted(self.entries + [entry], key=lambda e: (e["val_loss"], e["step"]))
+        if self.k < 1 or entry not in ranked[: self.k]:
             return False
-        ranked = sorted(self.entries + [{"step": step, "val_loss": val_loss}], key=lambda e: (e["val_loss"], e["step"]))
-        if {"step": step, "val_loss": val_loss} not in ranked[: self.k]:
-            return False
+        self.wait()
+        self.entries = ranked[: self.k]
+        snap = {k: cpu_snapshot(v) for k, v in heads.items()}
+        self._bg.run(self._write, step, val_loss, snap, meta, [e["step"] for e in ranked[self.k:]], list(self.entries))
+        return True
+
+    def _write(self, step, val_loss, heads, meta, drop: list[int], entries: list[dict]) -> None:
         tmp = self.dir / f"step_{step:07d}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         for stem, state in heads.items():
             save_head(state, tmp / f"{stem}.safetensors", {**meta, "step": step, "val_loss": val_loss})
         shutil.rmtree(self.dir / f"step_{step:07d}", ignore_errors=True)
         os.replace(tmp, self.dir / f"step_{step:07d}")
-        for e in ranked[self.k:]:
-            shutil.rmtree(self.dir / f"step_{e['step']:07d}", ignore_errors=True)
-        self.entries = ranked[: self.k]
+        for s in drop:
+            shutil.rmtree(self.dir / f"step_{s:07d}", ignore_errors=True)
         index = self.dir / "index.json"
-        index.with_suffix(".tmp").write_text(json.dumps(self.entries, indent=1) + "\n")
+        index.with_suffix(".tmp").write_text(json.dumps(entries, indent=1) + "\n")
         os.replace(index.with_suffix(".tmp"), index)
-        return True

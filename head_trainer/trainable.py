@@ -59,10 +59,12 @@ def official_state(head: AlpamayoHead, override: dict[str, torch.Tensor] | None 
 
     `override` (name -> tensor, names as in `trainable_state`) replaces parameters first, e.g. EMA values.
     """
-    from peft.tuners.lora import LoraLayer
-
     override = override or {}
     sd = {k: override.get(k, v) for k, v in head.state_dict(keep_vars=True).items()}
+    if not is_lora(head):
+        return {k: v.detach() for k, v in sd.items()}
+    from peft.tuners.lora import LoraLayer
+
     out = {k.replace(".base_layer.", "."): v.detach() for k, v in sd.items() if ".lora_" not in k}
     for name, mod in head.named_modules():
         if isinstance(mod, LoraLayer):
@@ -70,19 +72,4 @@ def official_state(head: AlpamayoHead, override: dict[str, torch.Tensor] | None 
             b = sd[f"{name}.lora_B.{ADAPTER}.weight"].float()  # (out, r)
             w = sd[f"{name}.base_layer.weight"]
             out[f"{name}.weight"] = (w.float() + (b @ a) * mod.scaling[ADAPTER]).to(w.dtype)
-    return out
-
-
-def merged_lora_state(lora_state: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
-                      alpha: float, rank: int) -> dict[str, torch.Tensor]:
-    """Merge an adapter file (names as in `trainable_state`) into an official head state (for head-export)."""
-    out = dict(base)
-    for k, v in lora_state.items():
-        if ".lora_" not in k:
-            out[k] = v
-    for k in [k for k in lora_state if f".lora_A.{ADAPTER}.weight" in k]:
-        stem = k.split(".lora_A.")[0]
-        a, b = lora_state[k].float(), lora_state[f"{stem}.lora_B.{ADAPTER}.weight"].float()
-        w = base[f"{stem}.weight"]
-        out[f"{stem}.weight"] = (w.float() + (b @ a) * (alpha / rank)).to(w.dtype)
     return out
