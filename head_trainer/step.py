@@ -149,7 +149,7 @@ class TrainStep:
                 p.grad.copy_(g)
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
+        with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
             mask = action_mask(prefix, k, self.head.dtype, self.head.causal)
             loss = flow_loss(self.fast, st["action"], prefix, st["t"], st["eps"], mask)
             (loss * st["scale"]).backward()
@@ -162,7 +162,7 @@ class TrainStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(self._opt_graph, pool=self._pool):
+        with torch.cuda.graph(self._opt_graph, pool=self._pool, capture_error_mode="thread_local"):
             self._gnorm = self._clip_and_update()
         self._pool = self._opt_graph.pool()
 

@@ -1,0 +1,139 @@
+"""Peak GPU memory of a head-train plan, estimated before any model loads (`--gpu-memory-budget`).
+
+Terms (bytes): weights, gradients and optimizer states of the trainable parameters; the frozen
+weights; the feeder's KV input slots; saved activations (per expert layer and token, plus the
+[prefix; action] K/V each layer's attention keeps for backward, unless layers are checkpointed);
+and a fixed allowance for the CUDA context-free workspace the allocator holds (cuBLAS, fragments).
+bench/bench_head_train.py prints the estimate beside the measured peak for every configuration.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from shared.config import HeadConfig
+from shared.head import N_ACTION
+
+from .optim import OPTIMIZERS
+
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
+WORKSPACE_BYTES = 0.6e9  # allocator slack + cuBLAS / attention workspaces (calibrated on H200, docs/TRAINING.md)
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float
+    gradients: float
+    optimizer: float
+    kv_inputs: float
+    activations: float
+    workspace: float = WORKSPACE_BYTES
+
+    @property
+    def total(self) -> float:
+        return sum(asdict(self).values())
+
+    def describe(self) -> str:
+        gib = 2**30
+        parts = ", ".join(f"{k} {v / gib:.1f}" for k, v in asdict(self).items())
+        return f"{self.total / gib:.1f} GiB ({parts})"
+
+
+def state_bytes_per_param(optimizer: str, param_bytes: int) -> float:
+    """Optimizer state per trainable parameter: two moments in the parameter dtype, or quantised."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    return {"adamw": 2.0 * param_bytes, "adamw-sr": 2.0 * param_bytes, "adamw8bit": 2.0 + 8 / 256,
+            "adamw4bit": 1.0 + 8 / 128, "adamw-offload": 0.0}[optimizer]
+
+
+def activation_bytes(cfg: HeadConfig, batch: int, draws: int, max_len: int, act_bytes: int,
+                     checkpoint: bool) -> float:
+    """Saved tensors of the backward pass for B prefixes x K draws of 64 tokens."""
+    e = cfg.expert
+    hidden, inter = int(e["hidden_size"]), int(e["intermediate_size"])
+    q_dim = int(e["num_attention_heads"]) * cfg.head_dim
+    kv_dim = cfg.num_kv_heads * cfg.head_dim
+    tokens = batch * draws * N_ACTION
+    # per token per layer: norms (fp32 inside), q/k/v and their normed/rotated forms, attention output,
+    # residuals, and the MLP's gate / up / activation / product
+    per_token = act_bytes * (8 * hidden + 4 * q_dim + 6 * kv_dim + 4 * inter) + 4 * (2 * hidden + q_dim + kv_dim)
+    per_layer = tokens * per_token + batch * 2 * kv_dim * (max_len + draws * N_ACTION) * act_bytes
+    layers = cfg.num_layers
+    if checkpoint:  # only each layer's input is kept; one layer's tensors live during its recompute
+        return layers * tokens * hidden * act_bytes + per_layer
+    return layers * per_layer
+
+
+def estimate(cfg: HeadConfig, n_params: int, n_trainable: int, dtype: str, optimizer: str, batch: int,
+             max_len: int, draws: int = 1, kv_slots: int = 2, checkpoint: bool = False,
+             kv_dtype: str = "bfloat16") -> MemoryEstimate:
+    pb = DTYPE_BYTES[dtype]
+    kv_batch = cfg.num_layers * 2 * batch * cfg.num_kv_heads * max_len * cfg.head_dim * DTYPE_BYTES[kv_dtype]
+    return MemoryEstimate(
+        weights=n_params * pb,
+        gradients=n_trainable * pb,
+        optimizer=n_trainable * state_bytes_per_param(optimizer, pb),
+        kv_inputs=kv_slots * kv_batch,
+        activations=activation_bytes(cfg, batch, draws, max_len, pb, checkpoint),
+    )
+
+
+def parse_bytes(text: str) -> float:
+    """'24GiB', '24 GB', '20e9' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*(GiB|GB|MiB|MB|G|)\s*", str(text))
+    if not m:
+        raise ValueError(f"--gpu-memory-budget {text!r}: use e.g. 24GiB, 24GB or 2.4e10")
+    scale = {"GiB": 2**30, "GB": 1e9, "G": 1e9, "MiB": 2**20, "MB": 1e6, "": 1}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def check_budget(est: MemoryEstimate, budget: float, batch: int, checkpoint: bool, optimizer: str) -> None:
+    """Refuse a plan whose estimated peak exceeds the budget, in one line that names what to change."""
+    if est.total <= budget:
+        return
+    hints = []
+    if not checkpoint:
+        hints.append("--gradient-checkpointing")
+    if optimizer in ("adamw", "adamw-sr"):
+        hints.append("--optimizer adamw8bit")
+    if batch > 1:
+        hints.append(f"--batch-size {max(1, batch // 2)} with --grad-accum 2")
+    hints.append("--trainable lora")
+    raise ValueError(f"estimated peak {est.describe()} exceeds --gpu-memory-budget {budget / 2**30:.1f} GiB; "
+                     f"try {' or '.join(hints)}")
+
+
+def count_params(cfg: HeadConfig, trainable: str = "all", lora_rank: int = 16,
+                 lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj") -> tuple[int, int]:
+    """(all parameters, trainable parameters) of the head under a --trainable mode, counted on meta."""
+    import torch
+    from torch import nn
+
+    from shared.head import AlpamayoHead
+
+    with torch.device("meta"):
+        head = AlpamayoHead(cfg)
+    n = sum(p.numel() for p in head.parameters())
+    proj = sum(p.numel() for m in (head.action_in_proj, head.action_out_proj) for p in m.parameters())
+    if trainable == "all":
+        return n, n
+    if trainable == "projections":
+        return n, proj
+    targets = {t.strip() for t in lora_targets.split(",") if t.strip()}
+    extra = sum(lora_rank * (m.in_features + m.out_features) for name, m in head.expert.named_modules()
+                if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    return n + extra, proj + extra
+
+
+def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str) -> MemoryEstimate:
+    """head-train's check before any model loads: the plan of `train_cfg` against --gpu-memory-budget."""
+    from .data import bucket_len
+
+    n, n_train = count_params(head_cfg, train_cfg.trainable, train_cfg.lora_rank, train_cfg.lora_targets)
+    est = estimate(head_cfg, n, n_train, dtype, train_cfg.optimizer, train_cfg.batch_size, bucket_len(max_len),
+                   train_cfg.draws, kv_slots=2 * train_cfg.grad_accum, checkpoint=train_cfg.gradient_checkpointing)
+    check_budget(est, parse_bytes(train_cfg.gpu_memory_budget), train_cfg.batch_size,
+                 train_cfg.gradient_checkpointing, train_cfg.optimizer)
+    return est
