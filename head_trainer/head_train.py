@@ -175,9 +175,13 @@ def train(cfg: TrainConfig) -> Path:
     ckpt = open_base(cfg, store)
     head_cfg = ckpt.head_config()
     if cfg.gpu_memory_budget:
-        from . import memory
+        from .memory import check_train_budget
 
-        memory.check_budget(cfg, head_cfg, max(store.manifest(i)["prefix_len"] for i in indices))
+        est = check_train_budget(cfg, head_cfg, max(store.manifest(i)["prefix_len"] for i in indices),
+                                 str(dtype).removeprefix("torch."))
+        if launch.is_main:
+            print(f"head-train: estimated peak {est.describe()} within --gpu-memory-budget {cfg.gpu_memory_budget}",
+                  file=sys.stderr)
     keys = [store.manifest(i)["key"] for i in indices]
     meta = {"train_config": asdict(cfg), "base_checkpoint": ckpt.identity(), "head_config": head_cfg.to_dict(),
             "cache": {"url": store.url, "provenance": store.provenance, "split": cfg.split, "samples": len(indices),
@@ -262,7 +266,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
     # ---- loop -------------------------------------------------------------------------------------
     stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     main = launch.is_main
-    last_ckpt = f"--resume (from step {start})" if start else "start again"
+    last_ckpt = f"--resume (from step {start})"
     try:  # the RAM / GPU tiers read samples here
         loader = make_loader(store.url, indices, cfg.batch_size, cfg.seed, start, stop, cfg.num_workers,
                              pin_memory=device.type == "cuda", ram_budget_bytes=int(cfg.ram_cache_gb * 1e9),

@@ -15,7 +15,7 @@ from head_trainer import data, head_export, head_train
 from head_trainer.run_dir import RunLock
 from head_trainer.validation import Validator
 from shared.checkpoint import AlpamayoCheckpoint, head_from_state, load_head_file
-from shared.store import Store, StoreError
+from shared.store import Store, StoreError, sample_id
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +139,8 @@ def test_resume_refuses_config_changes_and_bad_warmup(store, tmp_path, capsys):
     assert head_train.main(_args(store, out, "--resume", "--num-workers", "0", "--log-every", "2")) == 0  # harmless
     assert head_train.main(_args(store, tmp_path / "w", "--warmup-steps", "5")) == 2
     assert "--warmup-steps 5 is not shorter than the run" in capsys.readouterr().err
+    assert head_train.main(_args(store, tmp_path / "m", "--gpu-memory-budget", "1MiB")) == 2  # before any model
+    assert "exceeds --gpu-memory-budget" in capsys.readouterr().err and not (tmp_path / "m").exists()
 
 
 def test_nan_in_a_batch_stops_with_the_sample_key(tiny_checkpoint, tmp_path, capsys):
@@ -175,3 +177,16 @@ def _parse(argv):
     from shared.cli import parser_for
 
     return parser_for(head_train.TrainConfig, "head-train", "", ("cache", "out")).parse_args(argv)
+
+
+def test_a_crc_mismatch_stops_with_the_sample_key(tiny_checkpoint, tmp_path, capsys):
+    st_path = write_train_store(tmp_path / "crc", tiny_checkpoint, n=6, codec="none")
+    st = Store.open(str(st_path))
+    key = next(k for k in st.keys() if st.manifest(k)["split"] == "train")
+    chunk = sorted((st_path / "samples" / sample_id(key) / "kv").glob("c*"))[0]
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size: only the crc32 sees it
+    chunk.write_bytes(bytes(raw))
+    assert head_train.main(_args(st_path, tmp_path / "run")) == 1
+    err = capsys.readouterr().err
+    assert f"sample {key!r}" in err and "checksum mismatch" in err and "--resume (from step 0)" in err
