@@ -329,7 +329,10 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
                 last_ckpt = f"--resume (from step {done})"
         if main:
             writer.wait()
-            _summary(loader, time.perf_counter() - t_start, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            _summary(out, loader, stop - start, (stop - start) * samples_per_step, time.perf_counter() - t_start,
+                     device)
     finally:
         bar.close()
         if main:
@@ -347,12 +350,19 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
     return out / "head.safetensors"
 
 
-def _summary(loader, wall_s: float, device: torch.device) -> None:
-    """What bounded the run: time the loop waited for the loader, and the device's peak memory."""
-    wait = getattr(loader, "wait_s", 0.0)
-    line = f"head-train: {wall_s:.1f} s, waited {wait:.1f} s ({100 * wait / max(wall_s, 1e-9):.0f} %) for the loader"
+def _summary(out: Path, loader, steps: int, samples: int, wall_s: float, device: torch.device) -> None:
+    """What bounded the run (time the loop waited for the loader), throughput and peak memory -> summary.json."""
+    wait = float(getattr(loader, "wait_s", 0.0))
+    rec = {"steps": steps, "samples": samples, "wall_s": round(wall_s, 3),
+           "samples_per_s": round(samples / max(wall_s, 1e-9), 3), "loader_wait_s": round(wait, 3),
+           "loader_wait_fraction": round(wait / max(wall_s, 1e-9), 4)}
+    rec["bound"] = "loader" if rec["loader_wait_fraction"] > 0.1 else "step"
+    line = (f"head-train: {steps} steps in {wall_s:.1f} s ({rec['samples_per_s']:.1f} samples/s); waited "
+            f"{wait:.1f} s ({100 * rec['loader_wait_fraction']:.0f} %) for the loader: {rec['bound']}-bound")
     if device.type == "cuda":
-        line += f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+        rec["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        line += f"; peak GPU memory {rec['peak_gpu_gib']:.2f} GiB"
+    (out / "summary.json").write_text(json.dumps(rec, indent=1) + "\n")
     print(line, file=sys.stderr)
 
 

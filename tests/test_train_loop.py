@@ -113,6 +113,8 @@ def test_validation_best_k_and_logs(store, tmp_path):
     assert index == [{"step": best_step, "val_loss": vals[best_step]}]
     assert [p.name for p in (out / "best").iterdir() if p.is_dir()] == [f"step_{best_step:07d}"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps"], summary["samples"]) == (4, 8) and summary["bound"] in ("loader", "step")
 
 
 def test_lock_refuses_a_second_run_and_recovers_a_dead_one(store, tmp_path, capsys):
