@@ -50,6 +50,8 @@ class EvalConfig:
     force: bool = False  # recompute even when a result with the same metadata exists
     baseline: str | None = None  # another result JSON to compare against in --plot
     plot: str | None = None  # write a PNG comparing baseline (if any) and this result
+    live: int = 0  # also run the VLM on this many of the samples instead of reading their cache; report agreement (GPU)
+    dataset: str | None = None  # --live: the dataset the store was built from (default: its provenance)
 
     def validate(self) -> None:
         if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1:
@@ -58,6 +60,8 @@ class EvalConfig:
             raise ValueError(f"--dtype {self.dtype!r}: use float32 or bfloat16")
         if self.head and not Path(self.head).is_file():
             raise ValueError(f"--head {self.head}: no such file (train one with head-train)")
+        if self.live < 0:
+            raise ValueError(f"--live {self.live}: must be >= 0")
         if self.baseline and not Path(self.baseline).is_file():
             raise ValueError(f"--baseline {self.baseline}: no such result file (run head-eval without --head first)")
 
@@ -131,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(EvalConfig, argv, "head-eval", __doc__.split("\n\n")[0], ("cache", "out"))
     try:
         result = evaluate(cfg)
+        if cfg.live:
+            from .live import run_live
+
+            result = run_live(cfg, result)
         if cfg.plot:
             from .plots import plot_comparison
 

@@ -87,8 +87,12 @@ def build_vlm_inputs(
     cot: str | None = None,
     min_pixels: int = MIN_PIXELS,
     max_pixels: int = MAX_PIXELS,
+    pixels: str = "inference",
 ) -> dict:
     """VLM inputs for one sample: what the release feeds Qwen3-VL, with history already fused.
+
+    `pixels`: "inference" (release inference's uint8 path, the default) or "stage2" (the official
+    Stage-2 training code's float path); see shared.images.
 
     `processor` comes from shared.qwen_files.load_processor (Alpamayo tokens added). Returns
     input_ids (1, T) int64, attention_mask (1, T) int64, pixel_values (n_img * patches, 1536) float32,
@@ -104,7 +108,7 @@ def build_vlm_inputs(
     if images.ndim != 5 or images.dtype != torch.uint8:
         raise ValueError(f"sample.images must be (n_cam, n_frames, 3, H, W) uint8, got {tuple(images.shape)}")
     frames = images.flatten(0, 1)  # (n_img, 3, H, W): camera-major, each camera oldest -> newest
-    pixel_values, grid = preprocess_images(frames, min_pixels=min_pixels, max_pixels=max_pixels)
+    pixel_values, grid = preprocess_images(frames, min_pixels=min_pixels, max_pixels=max_pixels, pixels=pixels)
 
     text = render_prompt(processor, frames.shape[0], mode, cot)
     pieces = text.split(IMAGE_PAD)
