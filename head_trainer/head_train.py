@@ -1,74 +1,125 @@
 """head-train: fit the action expert + action projections from a cache store.
 
     head-train --cache cache/demo/store --out runs/demo --steps 300
+    head-train --cache cache/front --out runs/front --preset 24gb          # the plan for a 24 GB card
+    accelerate launch --num_processes 8 -m head_trainer.head_train ...     # data parallel
 
 Reads top to bottom: config -> checks -> data -> model -> optimiser -> loop -> checkpoints.
 The frozen VLM never runs here: every step reads cached KV prefixes. Defaults follow the
 official Stage-2 recipe (AdamW lr 1e-4, weight decay 0, cosine to 1e-6 after 100 warm-up steps,
-grad-norm clip 1.0, flow-matching MSE only).
+grad-norm clip 1.0, flow-matching MSE only). docs/TRAINING.md explains the options.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from shared.checkpoint import AlpamayoCheckpoint, head_from_state, load_head_file, save_head
-from shared.cli import config_from_args, user_errors
-from shared.head import AlpamayoHead
-from shared.store import Store
+from shared.checkpoint import AlpamayoCheckpoint, head_from_state, load_head_file
+from shared.cli import config_from_args, parser_for, user_errors
+from shared.store import Store, StoreError
 
+from . import distributed, run_dir
 from .data import make_loader, split_indices
+from .ema import EMA
+from .integrity import FiniteGuard, TrainingStopped
+from .logger import Logger
 from .optim import build_optimizer, load_optimizer, save_optimizer
-from .step import StepConfig, TrainStep
+from .presets import apply_preset
+from .step import StepConfig, TrainStep, World
+from .trainable import LORA_TARGETS, MODES, apply_trainable, official_state
+from .validation import Validator
 
 
 @dataclass
 class TrainConfig:
     cache: str  # cache store (path or fsspec URL) written by cache-build
-    out: str  # run directory: checkpoints, metrics.jsonl, config.json
+    out: str  # run directory: checkpoints, metrics.jsonl, config.json, tensorboard/
+    preset: str | None = None  # debug | 24gb | 80gb: defaults for the card (flags given explicitly win)
     checkpoint: str | None = None  # official checkpoint the head starts from (default: the store's provenance)
     vlm_base: str | None = None  # override for the checkpoint's vlm_name_or_path
     init_head: str | None = None  # start from a head file of this tool instead of the checkpoint's head
     split: str = "train"  # which store split to train on ("all" = every sample)
     steps: int = 300  # optimiser steps
-    batch_size: int = 4  # prefixes per step
+    batch_size: int = 4  # prefixes per device per micro-batch (global batch = this x processes x grad-accum)
+    grad_accum: int = 1  # micro-batches accumulated per optimiser step
     draws: int = 1  # (t, eps) draws per prefix per step: amortises each cache read
+    trainable: str = "all"  # all | projections | lora (docs/TRAINING.md)
+    lora_rank: int = 16  # LoRA rank r (--trainable lora)
+    lora_alpha: float = 16.0  # LoRA scale alpha (update = alpha / r * B A)
+    lora_targets: str = LORA_TARGETS  # comma-separated expert module names that get adapters
+    optimizer: str = "adamw"  # optimiser (docs/TRAINING.md lists the choices)
     lr: float = 1e-4  # peak learning rate
     min_lr: float = 1e-6  # cosine floor
     warmup_steps: int = 100  # linear warm-up
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max grad norm (0 = off)
+    gradient_checkpointing: bool = False  # recompute expert layers in backward (less activation memory)
+    compile: bool = False  # torch.compile one expert layer (reused by all layers)
+    cuda_graphs: bool = False  # capture the step as CUDA graphs (CUDA; shapes repeat through length buckets)
+    gpu_memory_budget: str | None = None  # e.g. 24GiB: refuse before loading when the estimated peak exceeds it
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
     num_workers: int = 0  # DataLoader worker processes reading the store
     ram_cache_gb: float = 2.0  # keep decoded samples in RAM up to this size (per worker)
+    val_split: str = "val"  # store split for validation
+    val_every: int = 100  # steps between validations (0 = off); also at the end
+    val_max_items: int = 64  # validation samples used (the first N of the split)
+    val_draws: int = 4  # fixed (t, eps) draws per validation sample
+    val_ade_items: int = 8  # samples for the quick val minADE (0 = off)
+    keep_best: int = 2  # best heads by val loss kept in out/best
+    ema_decay: float = 0.0  # EMA of the trainable weights (e.g. 0.999; 0 = off)
+    ema_device: str = "same"  # same | cpu: where the EMA lives (an fp32 EMA of the full head is 9.1 GB)
+    ema_dtype: str = "float32"  # float32 | bfloat16
+    ema_every: int = 1  # update the EMA every N steps (decay**N each time)
     save_every: int = 100  # steps between checkpoints (and at the end)
     keep_last: int = 2  # checkpoints kept
+    background_save: bool = True  # write checkpoints on a background thread (state copied to host first)
     log_every: int = 10
+    tensorboard: bool = True  # TensorBoard event files in out/tensorboard
+    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
+    wandb_project: str = "alpamayo-headtune"
     stop_after: int | None = None  # end this invocation after N more steps (time-boxed jobs; --resume later)
     resume: bool = False  # continue from the latest checkpoint in `out`
+    allow_config_change: bool = False  # with --resume: accept result-altering config changes (printed)
     overwrite: bool = False  # replace an existing run directory
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "draws", "save_every", "keep_last", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "draws", "save_every", "keep_last", "log_every",
+                     "lora_rank", "val_max_items", "val_draws", "ema_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("val_every", "val_ade_items", "keep_best", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if not (0 < self.lr and 0 <= self.min_lr <= self.lr):
             raise ValueError("need 0 < --lr and 0 <= --min-lr <= --lr")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} is not shorter than the run (--steps {self.steps})")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"--dtype {self.dtype!r}: use auto, float32 or bfloat16")
+        if self.trainable not in MODES:
+            raise ValueError(f"--trainable {self.trainable!r}: use one of {', '.join(MODES)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay {self.ema_decay}: use 0 (off) or 0 < decay < 1")
+        if self.ema_device not in ("same", "cpu") or self.ema_dtype not in ("float32", "bfloat16"):
+            raise ValueError("--ema-device: same | cpu; --ema-dtype: float32 | bfloat16")
+        if not self.lora_alpha > 0 or not [t for t in self.lora_targets.split(",") if t.strip()]:
+            raise ValueError("--lora-alpha must be > 0 and --lora-targets name at least one module")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
+        if self.allow_config_change and not self.resume:
+            raise ValueError("--allow-config-change only applies with --resume")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -80,9 +131,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
@@ -102,112 +153,239 @@ def open_base(cfg: TrainConfig, store: Store) -> AlpamayoCheckpoint:
     return ckpt
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    steps = sorted(out.glob("checkpoints/step_*/head.safetensors"))
-    return steps[-1].parent if steps else None
-
-
-def save_checkpoint(out: Path, step: int, head: AlpamayoHead, opt: torch.optim.Optimizer, meta: dict,
-                    keep_last: int) -> Path:
-    """checkpoints/step_N/{head.safetensors, optimizer.safetensors, state.json}, written then renamed."""
-    final = out / "checkpoints" / f"step_{step:07d}"
-    tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_head(head, tmp / "head.safetensors", {**meta, "step": step})
-    save_optimizer(opt, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted((out / "checkpoints").glob("step_*[0-9]"))[:-keep_last]:
-        shutil.rmtree(old)
-    return final
-
-
 def train(cfg: TrainConfig) -> Path:
     cfg.validate()
     out = Path(cfg.out)
+    launch = distributed.detect()
     # ---- checks before any model loads ------------------------------------------------------------
     store = Store.open(cfg.cache)
     indices = split_indices(store, None if cfg.split == "all" else cfg.split)
     if not indices:
         raise ValueError(f"{cfg.cache}: no samples in split {cfg.split!r} (splits: "
                          f"{sorted({store.manifest(i)['split'] for i in range(len(store))})})")
-    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
-        raise FileExistsError(f"{out} exists; pass --resume to continue or --overwrite to start again")
-    if cfg.overwrite:
-        shutil.rmtree(out, ignore_errors=True)
-    device = resolve_device(cfg.device)
+    val_indices = split_indices(store, cfg.val_split)[: cfg.val_max_items] if cfg.val_every else []
+    if cfg.val_every and not val_indices:
+        print(f"head-train: note: no samples in split {cfg.val_split!r}: no validation", file=sys.stderr)
+    elif set(val_indices) & set(indices):
+        print(f"head-train: note: the validation samples (split {cfg.val_split!r}) are also trained on",
+              file=sys.stderr)
+    device = resolve_device(cfg.device, launch.local_rank)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     ckpt = open_base(cfg, store)
     head_cfg = ckpt.head_config()
+    if cfg.gpu_memory_budget:
+        from .memory import check_train_budget
+
+        est = check_train_budget(cfg, head_cfg, max(store.manifest(i)["prefix_len"] for i in indices),
+                                 str(dtype).removeprefix("torch."))
+        if launch.is_main:
+            print(f"head-train: estimated peak {est.describe()} within --gpu-memory-budget {cfg.gpu_memory_budget}",
+                  file=sys.stderr)
+    keys = [store.manifest(i)["key"] for i in indices]
+    meta = {"train_config": asdict(cfg), "base_checkpoint": ckpt.identity(), "head_config": head_cfg.to_dict(),
+            "cache": {"url": store.url, "provenance": store.provenance, "split": cfg.split, "samples": len(indices),
+                      "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()}}
+    distributed.init(launch, device)
+    lock = run_dir.RunLock(out)
+    try:
+        refusal = None
+        if launch.is_main:  # rank 0 owns the run directory; the other ranks follow its verdict
+            try:
+                _claim_run_dir(cfg, out, lock, meta)
+            except user_errors() as exc:
+                refusal = exc
+        if not distributed.agree(refusal is None):
+            raise refusal or ValueError("rank 0 refused the run directory (see its error)")
+        return _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, ckpt, meta)
+    finally:
+        lock.release()
+        distributed.shutdown()
+
+
+def _claim_run_dir(cfg: TrainConfig, out: Path, lock: run_dir.RunLock, meta: dict) -> None:
+    """Lock `out`, then: refuse an existing run without --resume/--overwrite, clear it, or check the resume."""
+    lock.acquire()
+    if run_dir.has_run(out) and not (cfg.resume or cfg.overwrite):
+        raise FileExistsError(f"{out} exists; pass --resume to continue or --overwrite to start again")
+    if cfg.overwrite:
+        run_dir.clear_run_dir(out)
+    if cfg.resume and run_dir.has_run(out):
+        for line in run_dir.check_resume(out, meta, cfg.allow_config_change):
+            print(f"head-train: config change accepted: {line}", file=sys.stderr)
+    (out / "config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, ckpt, meta) -> Path:
+    resume_dir = run_dir.latest_checkpoint(out) if cfg.resume else None
 
     # ---- model ------------------------------------------------------------------------------------
-    start = 0
-    resume_dir = latest_checkpoint(out) if cfg.resume else None
-    if resume_dir is not None:
+    start = json.loads((resume_dir / "state.json").read_text())["step"] if resume_dir else 0
+    lora = cfg.trainable == "lora"
+    if resume_dir is not None and not lora:
         state, _ = load_head_file(resume_dir / "head.safetensors")
-        start = json.loads((resume_dir / "state.json").read_text())["step"]
     elif cfg.init_head:
         state, _ = load_head_file(cfg.init_head)
     else:
         state = ckpt.head_state_dict()
-    head = head_from_state(head_cfg, state, dtype, device).train()
-    params = [p for p in head.parameters() if p.requires_grad]
-    opt = build_optimizer(params, "adamw", cfg.lr, cfg.weight_decay)
+    head = head_from_state(ckpt.head_config(), state, dtype, device).train()
+    del state
+    params = apply_trainable(head, cfg.trainable, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
+    names = [n for n, p in head.named_parameters() if p.requires_grad]
+    if resume_dir is not None and lora:
+        named = dict(head.named_parameters())
+        with torch.no_grad():
+            for n, t in run_dir.load_tensors(resume_dir / "adapter.safetensors").items():
+                named[n].copy_(t)
+    opt = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
     if resume_dir is not None:
         load_optimizer(opt, resume_dir / "optimizer.safetensors")
+    ema = None
+    if cfg.ema_decay and launch.is_main:  # only rank 0 evaluates and saves it
+        ema = EMA(dict(zip(names, params)), cfg.ema_decay, cfg.ema_device, cfg.ema_dtype, cfg.ema_every)
+        if resume_dir is not None:
+            src = "ema_adapter" if lora else "ema_head"
+            ema.load(run_dir.load_tensors(resume_dir / f"{src}.safetensors"))
+    world = World(launch.rank, launch.size, distributed.all_reduce_mean if launch.size > 1 else None)
+    step_cfg = StepConfig(seed=cfg.seed, draws=cfg.draws, grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum,
+                          compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, checkpoint=cfg.gradient_checkpointing)
+    train_step = TrainStep(head, params, opt, step_cfg, world)
 
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"train_config": asdict(cfg), "base_checkpoint": ckpt.identity(), "head_config": head_cfg.to_dict(),
-            "cache": {"url": store.url, "provenance": store.provenance, "split": cfg.split, "samples": len(indices)}}
-    (out / "config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    def heads() -> dict:
+        out_heads = {"head": official_state(head)}
+        if ema is not None:
+            out_heads["ema_head"] = official_state(head, ema.state())
+        return out_heads
+
+    def resume_extra() -> dict:
+        if not lora:
+            return {}
+        extra = {"adapter": dict(zip(names, params))}
+        return extra | ({"ema_adapter": ema.state()} if ema is not None else {})
 
     # ---- loop -------------------------------------------------------------------------------------
     stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
-    loader = make_loader(store.url, indices, cfg.batch_size, cfg.seed, start, stop, cfg.num_workers,
-                         pin_memory=device.type == "cuda", ram_budget_bytes=int(cfg.ram_cache_gb * 1e9),
-                         device=device, dtype=dtype)
-    train_step = TrainStep(head, params, opt, StepConfig(seed=cfg.seed, draws=cfg.draws, grad_clip=cfg.grad_clip))
-    log = open(out / "metrics.jsonl", "a")
-    bar = tqdm(total=cfg.steps, initial=start, desc="head-train", unit="step", dynamic_ncols=True)
-    t_last, step = time.perf_counter(), start
-    for step, micro in enumerate(loader, start=start):
-        stats = train_step(micro, lr_at(step, cfg), step)  # noise is a function of (seed, step): resumable
-        loss, gnorm = stats.loss, stats.grad_norm
-        bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            now = time.perf_counter()
-            rec = {"step": step + 1, "loss": loss.item(), "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"],
-                   "samples_per_s": cfg.log_every * cfg.batch_size / max(now - t_last, 1e-9)}
-            t_last = now
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 in (cfg.steps, stop):
-            save_checkpoint(out, step + 1, head, opt, meta, cfg.keep_last)
-    bar.close()
-    log.close()
+    main = launch.is_main
+    last_ckpt = f"--resume (from step {start})"
+    try:  # the RAM / GPU tiers read samples here
+        loader = make_loader(store.url, indices, cfg.batch_size, cfg.seed, start, stop, cfg.num_workers,
+                             pin_memory=device.type == "cuda", ram_budget_bytes=int(cfg.ram_cache_gb * 1e9),
+                             rank=launch.rank, world_size=launch.size, grad_accum=cfg.grad_accum, device=device,
+                             dtype=dtype, progress=main)
+    except StoreError as exc:
+        raise TrainingStopped(f"{exc}; the run directory is intact: {last_ckpt}") from exc
+    validator = Validator(store, val_indices, cfg.batch_size, cfg.val_draws, cfg.val_ade_items, device)
+    writer = run_dir.CheckpointWriter(out, cfg.keep_last, cfg.background_save, save_optimizer)
+    best = run_dir.BestK(out, cfg.keep_best, start, cfg.background_save) if main else None
+    bar = tqdm(total=cfg.steps, initial=start, desc="head-train", unit="step", dynamic_ncols=True, disable=not main)
+    log = Logger(out, start, bar, cfg.tensorboard, cfg.wandb, cfg.wandb_project, meta) if main else None
+    guard = FiniteGuard()
+    samples_per_step = cfg.batch_size * cfg.grad_accum * launch.size
+    loss_sum, t_last, n_window, t_start = torch.zeros((), device=device), time.perf_counter(), 0, time.perf_counter()
+    try:
+        batches = iter(loader)
+        for step in range(start, stop):
+            try:
+                micro = [b.to(device) for b in next(batches)]
+            except StoreError as exc:
+                raise TrainingStopped(f"before step {step + 1}: {exc}; the run directory is intact: {last_ckpt}"
+                                      ) from exc
+            guard.add(step, micro)
+            stats = train_step(micro, lr_at(step, cfg), step)
+            if ema is not None:
+                ema.update(params, step)
+            loss_sum += stats.loss.detach()
+            n_window += 1
+            bar.update(1)
+            done = step + 1
+            is_val = bool(val_indices) and (done % cfg.val_every == 0 or done == cfg.steps)
+            is_save = done % cfg.save_every == 0 or done in (cfg.steps, stop)
+            if done % cfg.log_every == 0 or is_val or is_save:
+                bad = guard.problem(last_ckpt)
+                if not distributed.agree(bad is None):
+                    raise TrainingStopped(bad or "another rank read non-finite data (see its error)")
+                if launch.size > 1:
+                    distributed.all_reduce_mean([loss_sum])  # each rank holds its share's loss
+                loss = float(loss_sum) / n_window
+                if not math.isfinite(loss):
+                    raise TrainingStopped(f"step {done}: the loss is {loss} on finite data; lower --lr, then "
+                                          f"{last_ckpt}")
+                now = time.perf_counter()
+                rec = {"step": done, "loss": loss, "grad_norm": float(stats.grad_norm), "lr": lr_at(step, cfg),
+                       "samples_per_s": n_window * samples_per_step / max(now - t_last, 1e-9)}
+                if is_val and main:
+                    rec["val_loss"] = validator.loss(head)
+                    rec["val_min_ade"] = validator.min_ade(head)
+                    if ema is not None:
+                        with ema.swapped_in(params):
+                            rec["val_loss_ema"] = validator.loss(head)
+                    best.offer(done, rec["val_loss"], heads(), meta)
+                if main:
+                    log.log(rec)
+                loss_sum.zero_()
+                n_window, t_last = 0, time.perf_counter()
+            if is_save and main:
+                writer.save(done, heads(), opt, meta, resume_extra())
+                last_ckpt = f"--resume (from step {done})"
+        if main:
+            writer.wait()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            _summary(out, loader, stop - start, (stop - start) * samples_per_step, time.perf_counter() - t_start,
+                     device)
+    finally:
+        bar.close()
+        if main:
+            log.close()
+            writer.wait()
+            best.wait()
+    if not main:
+        return out / "head.safetensors"
+    final = run_dir.latest_checkpoint(out)
     if stop < cfg.steps:
-        return latest_checkpoint(out) / "head.safetensors"
-    final = latest_checkpoint(out)
-    if final is None or json.loads((final / "state.json").read_text())["step"] != cfg.steps:
-        save_checkpoint(out, cfg.steps, head, opt, meta, cfg.keep_last)  # e.g. resumed at the end already
-        final = latest_checkpoint(out)
-    head_path = out / "head.safetensors"
-    shutil.copy2(final / "head.safetensors", head_path)
-    return head_path
+        return final / "head.safetensors"
+    for stem in ("head", "ema_head"):
+        if (final / f"{stem}.safetensors").is_file():
+            shutil.copy2(final / f"{stem}.safetensors", out / f"{stem}.safetensors")
+    return out / "head.safetensors"
+
+
+def _summary(out: Path, loader, steps: int, samples: int, wall_s: float, device: torch.device) -> None:
+    """What bounded the run (time the loop waited for the loader), throughput and peak memory -> summary.json."""
+    wait = float(getattr(loader, "wait_s", 0.0))
+    rec = {"steps": steps, "samples": samples, "wall_s": round(wall_s, 3),
+           "samples_per_s": round(samples / max(wall_s, 1e-9), 3), "loader_wait_s": round(wait, 3),
+           "loader_wait_fraction": round(wait / max(wall_s, 1e-9), 4)}
+    rec["bound"] = "loader" if rec["loader_wait_fraction"] > 0.1 else "step"
+    line = (f"head-train: {steps} steps in {wall_s:.1f} s ({rec['samples_per_s']:.1f} samples/s); waited "
+            f"{wait:.1f} s ({100 * rec['loader_wait_fraction']:.0f} %) for the loader: {rec['bound']}-bound")
+    if device.type == "cuda":
+        rec["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        line += f"; peak GPU memory {rec['peak_gpu_gib']:.2f} GiB"
+    (out / "summary.json").write_text(json.dumps(rec, indent=1) + "\n")
+    print(line, file=sys.stderr)
+
+
+def explicit_flags(argv: list[str] | None) -> set[str]:
+    """Fields the command line sets (presets fill in only the others)."""
+    p = parser_for(TrainConfig, "head-train", "", ("cache", "out"))
+    p.set_defaults(**{f.name: None for f in fields(TrainConfig)})
+    return {k for k, v in vars(p.parse_args(argv)).items() if v is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(TrainConfig, argv, "head-train", __doc__.split("\n\n")[0], ("cache", "out"))
     try:
+        cfg = TrainConfig(**apply_preset(asdict(cfg), explicit_flags(argv)))
         head_path = train(cfg)
+    except TrainingStopped as exc:
+        print(f"head-train: stopped: {exc}", file=sys.stderr)
+        return 1
     except user_errors() as exc:
         print(f"head-train: error: {exc}", file=sys.stderr)
         return 2
-    print(f"head-train: done. fine-tuned head: {head_path}")
+    if distributed.detect().is_main:
+        print(f"head-train: done. fine-tuned head: {head_path}")
     return 0
 
 

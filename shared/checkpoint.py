@@ -191,15 +191,15 @@ def head_from_state(cfg: HeadConfig, state: dict[str, torch.Tensor], dtype: torc
             f"head tensors do not match the architecture: missing={missing[:5]} unexpected={unexpected[:5]} "
             f"shape-mismatch={bad_shape[:5]}"
         )
-    store_dtype = dtype or state["action_out_proj.weight"].dtype
+    # Allocate in the requested dtype (copy_ casts on load), so no fp32 copy of the weights ever exists;
+    # the action-space constants stay fp32 for the solvers, whatever the weight dtype.
+    head.to(dtype=dtype or state["action_out_proj.weight"].dtype)
+    head.action_space.float()
     head.to_empty(device=device)
-    head.load_state_dict({k: v.to(device=device, dtype=store_dtype if v.is_floating_point() else v.dtype)
-                          for k, v in state.items()}, strict=True)
+    head.load_state_dict(state, strict=True)
     # Rotary inverse frequencies are non-persistent buffers: recompute them on the real device.
     with torch.device(device):
         head.expert.rotary_emb = type(head.expert.rotary_emb)(head.expert.config)
-    # The action-space constants stay fp32 for the solvers, whatever the weight dtype.
-    head.action_space.float()
     return head
 
 
