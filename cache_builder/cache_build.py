@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from shared.checkpoint import AlpamayoCheckpoint
 from shared.cli import config_from_args, user_errors
+from shared.failpoints import failpoint
 from shared.prompt import build_vlm_inputs
 from shared.qwen_files import load_processor
 from shared.sample import Sample
@@ -307,6 +308,7 @@ class Builder:
         pin = self.vlm.device.type == "cuda"
         batch = {k: _cat([x[k] for x in xs], pin)  # cat, not stack, for pixel_values (Qwen3-VL)
                  for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")}
+        failpoint("prefill", keys=[p.sample.key for p in group])
         pf = prefill(self.vlm, batch, L, keep_hidden=self.cfg.hidden)
         return [self.record(p, pf.keys[:, b], pf.values[:, b], None if pf.hidden is None else pf.hidden[b],
                             pf.rope_deltas[b]) for b, p in enumerate(group)]

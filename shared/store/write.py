@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from shared import kv_quant
+from shared.failpoints import armed, failpoint
 from shared.store.commit import _SampleCommitter
 from shared.store.format import (
     _WRITER_ID_RE,
@@ -338,7 +339,10 @@ class StoreWriter:
     def _write_index(self) -> None:
         mans = _load_manifests(self._loc, writers=[self.writer_id], use_index=True, bad={})  # damaged: left out
         body = json.dumps({"writer_id": self.writer_id, "manifests": mans}, sort_keys=True).encode()
-        self._loc.put_atomic(self._loc.path("index", f"{self.writer_id}.json"), body)
+        path = self._loc.path("index", f"{self.writer_id}.json")
+        if armed("index_write"):
+            failpoint("index_write", partial=(f"{path}.tmp-failpoint", body) if self._loc.local else None)
+        self._loc.put_atomic(path, body)
 
 
 def drop_samples(url: str, keys: Iterable[str], *, storage_options: dict | None = None) -> list[str]:
