@@ -121,12 +121,15 @@ class StoreWriter:
         # Re-read in every mode: also catches a concurrent creator with a different build.
         attrs = _read_root(loc)
         _check_same_build(loc.url, attrs, prov, spec)
+        lock = _lock_writer_id(loc, str(writer_id))
         loc.put_atomic(
             loc.path("writers", f"{writer_id}.json"),
             json.dumps({"writer_id": writer_id, "host": socket.gethostname(), "pid": os.getpid(), "mode": mode,
                         "started": _dt.datetime.now(_dt.UTC).isoformat()}, indent=2).encode(),
         )
-        return cls(loc, spec, prov, str(writer_id), workers, max_pending, processes)
+        w = cls(loc, spec, prov, str(writer_id), workers, max_pending, processes)
+        w._id_lock = lock
+        return w
 
     # ---------------------------------------------------------------- public
     @property
@@ -212,7 +215,10 @@ class StoreWriter:
             self._closed = True
             self._pool.shutdown(wait=True)
             self._stop_processes()
-        self._write_index()
+        try:
+            self._write_index()
+        finally:
+            self._unlock()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -224,6 +230,12 @@ class StoreWriter:
             self._closed = True
             self._pool.shutdown(wait=True)
             self._stop_processes()
+            self._unlock()
+
+    def _unlock(self) -> None:
+        lock, self._id_lock = getattr(self, "_id_lock", None), None
+        if lock is not None:
+            lock.close()  # releases the flock
 
     def _stop_processes(self) -> None:
         for p in self._procs:
@@ -242,6 +254,9 @@ class StoreWriter:
         with self._lock:
             e, self._error = self._error, None
         if e is not None:
+            if isinstance(e, OSError):  # disk full, permissions, a vanished mount: say what to do next
+                raise StoreError(f"writing into {self.url} failed: {e}; the samples committed so far are intact: "
+                                 "fix the cause (free space), then rerun with --resume") from e
             raise StoreError(f"background write failed: {e!r}") from e
 
     def _staging_stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -372,6 +387,32 @@ def drop_samples(url: str, keys: Iterable[str], *, storage_options: dict | None 
         if loc.fresh().exists(loc.path("samples", s)):
             loc.fs.rm(loc.path("samples", s), recursive=True)
     return dropped
+
+
+def _lock_writer_id(loc: _Loc, writer_id: str):
+    """Hold writers/<writer_id>.lock (flock) while this writer lives, so a second build of the same shard
+    refuses instead of deleting the first one's half-written samples. The kernel drops the lock when the
+    process dies, so a killed build never leaves a stale lock. Local stores only: object stores have no
+    lock; there two writers of one id must be kept apart by the launcher (docs/RELIABILITY.md)."""
+    if not loc.local:
+        return None
+    import fcntl
+
+    path = loc.path("writers", f"{writer_id}.lock")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "a+b")  # noqa: SIM115 - held open for the writer's lifetime
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        try:
+            who = loc.read_json(loc.path("writers", f"{writer_id}.json"))
+            who = f" (pid {who.get('pid')} on {who.get('host')}, started {who.get('started')})"
+        except (OSError, ValueError):
+            who = ""
+        raise StoreError(f"another writer with id {writer_id!r} is writing into {loc.url}{who}: wait for it, or give "
+                         "this build another shard (--shard i/N) / writer_id") from None
+    return f
 
 
 def _nonempty_dir(loc: _Loc) -> bool:
