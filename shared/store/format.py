@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -286,6 +287,12 @@ def unescape_sid(sid: str) -> str:
 
 
 def default_store_url(name_or_url: str) -> str:
-    """A bare name means cache/<name>; anything with a '/' or '://' is taken as given."""
+    """Where a store named on a command line lives: URLs and absolute or ./-relative paths as given; a
+    bare name is cache/<name>; a relative path (`demo/store`) is itself when a store is there, else
+    cache/<path>."""
     s = str(name_or_url)
-    return s if ("/" in s or "://" in s or s.startswith(".")) else f"{DEFAULT_CACHE_ROOT}/{s}"
+    if "://" in s or os.path.isabs(s) or s.startswith("."):
+        return s
+    if "/" in s and os.path.exists(os.path.join(s, "zarr.json")):
+        return s
+    return f"{DEFAULT_CACHE_ROOT}/{s}"

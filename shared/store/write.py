@@ -254,10 +254,12 @@ class StoreWriter:
         with self._lock:
             e, self._error = self._error, None
         if e is not None:
-            if isinstance(e, OSError):  # disk full, permissions, a vanished mount: say what to do next
-                raise StoreError(f"writing into {self.url} failed: {e}; the samples committed so far are intact: "
+            what = str(e) if isinstance(e, (OSError, StoreError)) else repr(e)
+            if isinstance(e, OSError) or "[Errno " in what:  # disk full, permissions, a vanished mount (here or
+                # in a writer process): say what to do next
+                raise StoreError(f"writing into {self.url} failed: {what}; the samples committed so far are intact: "
                                  "fix the cause (free space), then rerun with --resume") from e
-            raise StoreError(f"background write failed: {e!r}") from e
+            raise StoreError(f"background write failed: {what}") from e
 
     def _staging_stream(self, device: torch.device) -> torch.cuda.Stream:
         """One CUDA stream per writer thread (and device): staging never queues behind the prefill."""
