@@ -56,7 +56,8 @@ def test_every_numeric_flag_refuses_a_non_number(prog, argv, bad, capsys):
     _assert_one_line(prog, rc, lines, bad)
 
 
-HEAD_ORDER = "checks the store / files before this flag (validate the config before touching inputs)"
+HEAD_ORDER = "opens the store before checking this flag (validate the whole config before touching inputs)"
+NO_VALUE = "the message names the flag but not the bad value"
 SEMANTIC = [
     ("cache-build", ["--device", "tpu"], "tpu", None),
     ("cache-build", ["--device", "cuda:7"], "cuda:7", None),
@@ -76,18 +77,18 @@ SEMANTIC = [
     ("cache-build", ["--bogus-flag", "1"], "--bogus-flag", None),
     ("cache-build", [], "/nonexistent/ds", None),
     ("head-train", ["--device", "tpu"], "tpu", HEAD_ORDER),
-    ("head-train", ["--steps", "-1"], "-1", HEAD_ORDER),
-    ("head-train", ["--batch-size", "0"], "0", HEAD_ORDER),
-    ("head-train", ["--lr", "-1"], "-1", HEAD_ORDER),
+    ("head-train", ["--steps", "-1"], "--steps -1", NO_VALUE),
+    ("head-train", ["--batch-size", "0"], "--batch-size 0", NO_VALUE),
+    ("head-train", ["--lr", "-1"], "--lr -1", NO_VALUE),
     ("head-train", ["--dtype", "fp8"], "fp8", None),
     ("head-train", ["--num-workers", "-2"], "-2", HEAD_ORDER),
     ("head-train", [], "/nonexistent/store", None),
     ("head-eval", ["--device", "tpu"], "tpu", HEAD_ORDER),
-    ("head-eval", ["--num-samples", "0"], "0", HEAD_ORDER),
+    ("head-eval", ["--num-samples", "0"], "--num-samples 0", NO_VALUE),
     ("head-eval", ["--dtype", "fp8"], "fp8", None),
     ("head-eval", ["--head", "README.md"], "README.md", HEAD_ORDER),
     ("head-eval", [], "/nonexistent/store", None),
-    ("head-export", ["--head", "README.md"], "README.md", "head-export --head README.md is not refused by name"),
+    ("head-export", ["--head", "README.md"], "README.md", "a non-safetensors --head gives a SafetensorError traceback"),
     ("head-export", [], "/nonexistent/h", None),
 ]
 
