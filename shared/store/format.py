@@ -62,11 +62,21 @@ class SampleReadError(StoreError):
 
     `key` names the sample, `array` the array, `file` the file under samples/<sid>/ when one is to blame."""
 
-    def __init__(self, url: str, key: str, array: str, reason: str, file: str | None = None):
+    def __init__(self, url: str, key: str | None = None, array: str = "?", reason: str = "", file: str | None = None):
+        if key is None:  # rebuilt from its message alone (torch DataLoader workers re-raise that way)
+            super().__init__(url)
+            self.url = self.key = self.file = None
+            self.array, self.reason = array, url
+            return
         self.url, self.key, self.array, self.reason, self.file = url, key, array, reason, file
         where = array if file is None else f"{array} ({file})"
         super().__init__(f"sample {key!r}: {where}: {reason}. `cache-inspect verify {url}` lists every damaged "
                          f"sample; `cache-inspect verify --drop-bad {url}` then `cache-build --resume` rebuilds them")
+
+    def __reduce__(self):  # pickles whole across processes (DataLoader workers, writer processes)
+        if self.key is None:
+            return (type(self), (self.reason,))
+        return (type(self), (self.url, self.key, self.array, self.reason, self.file))
 
 
 class StoreMismatchError(StoreError):
