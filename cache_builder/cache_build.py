@@ -30,12 +30,13 @@ import torch
 from tqdm import tqdm
 
 from shared.checkpoint import AlpamayoCheckpoint
-from shared.cli import config_from_args, user_errors
+from shared.cli import check_device, config_from_args, user_errors
+from shared.failpoints import failpoint
 from shared.images import PIXEL_PATHS
 from shared.prompt import build_vlm_inputs
 from shared.qwen_files import load_processor
 from shared.sample import Sample
-from shared.store import CachedSample, KVSpec, StoreWriter, estimate_sample_bytes, make_thumbnails
+from shared.store import CODECS, CachedSample, KVSpec, StoreWriter, estimate_sample_bytes, make_thumbnails
 
 MODES = ("teacher", "rollout", "given-cot")
 CODE_VERSION = "alpamayo-headtune 0.1.0"
@@ -86,7 +87,21 @@ class BuildConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         if self.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
+            raise ValueError(f"--batch-size {self.batch_size}: must be >= 1")
+        if self.codec not in CODECS:
+            raise ValueError(f"--codec {self.codec!r}: use one of {', '.join(CODECS)}")
+        check_device("--device", self.device)
+        if self.device.startswith("cuda"):
+            n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            idx = int(self.device.split(":")[1]) if ":" in self.device else 0
+            if idx >= n_gpu:
+                raise ValueError(f"--device {self.device!r}: this machine has {n_gpu} CUDA device(s)")
+        if self.attn not in ("sdpa", "eager", "flash_attention_2"):
+            raise ValueError(f"--attn {self.attn!r}: use sdpa, eager or flash_attention_2")
+        if self.max_samples is not None and self.max_samples < 0:
+            raise ValueError(f"--max-samples {self.max_samples}: must be >= 0")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {self.max_new_tokens}: must be >= 1")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers {self.workers}: must be >= 0")
         if self.writer_threads is not None and self.writer_threads < 1:
@@ -315,6 +330,7 @@ class Builder:
         pin = self.vlm.device.type == "cuda"
         batch = {k: _cat([x[k] for x in xs], pin)  # cat, not stack, for pixel_values (Qwen3-VL)
                  for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")}
+        failpoint("prefill", keys=[p.sample.key for p in group])
         pf = prefill(self.vlm, batch, L, keep_hidden=self.cfg.hidden)
         return [self.record(p, pf.keys[:, b], pf.values[:, b], None if pf.hidden is None else pf.hidden[b],
                             pf.rope_deltas[b]) for b, p in enumerate(group)]
@@ -443,7 +459,7 @@ def build(cfg: BuildConfig) -> dict:
         L = build_vlm_inputs(processor, first, mode=cfg.mode)["prefix_len"]
         est = estimate_sample_bytes(spec, L, n_cam=len(first.camera_names))
         report = {"store": cfg.store_url, "clips": len(clips), "prefix_len": L, "per_sample": asdict(est),
-                  "estimated_total_stored_bytes_one_keyframe_per_clip": est.stored * len(clips)}
+                  "estimated_total_stored_bytes_one_keyframe_per_clip": est.stored_bytes * len(clips)}
         print(json.dumps(report, indent=2))
         return report
 

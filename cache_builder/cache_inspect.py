@@ -3,10 +3,13 @@
     cache-inspect summary run1                      # samples, tokens, bytes, codecs, provenance
     cache-inspect ls run1 --split val --min-curvature 0.02
     cache-inspect verify run1                       # checksums, NaN/Inf, schema; exit 1 on failure
+    cache-inspect verify run1 --drop-bad            # ... and un-commit damaged samples for cache-build --resume
     cache-inspect show run1 3 --out s3.png          # reasoning, trajectories, t0 thumbnails
+    cache-inspect show run1 clip-0001@5100000:front-only   # by key: clip_id@t0_us:camera_config
     cache-inspect probe run1                        # does the frozen prefix carry the curve at all?
 
-STORE is a name under cache/ or any path / fsspec URL (s3://...; --storage-options for endpoints).
+STORE is a name under cache/ (`run1`, `demo/store`: cache/demo/store unless ./demo/store is a store), or
+any path / fsspec URL (s3://...; --storage-options for endpoints).
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from shared.store import Store, StoreError, default_store_url
+from shared.cli import OneLineParser, user_errors
+from shared.store import Store, default_store_url, drop_samples
 
 
 # ============================================================================ configs
@@ -29,14 +34,14 @@ class StoreArg:
     store: str  # cache name (-> cache/<name>) or path / URL
     storage_options: str = ""  # JSON dict passed to fsspec, e.g. '{"endpoint_url": "http://..."}'
 
-    def open(self) -> Store:
+    def open(self, skip_damaged: bool = False) -> Store:
         try:
             so = json.loads(self.storage_options) if self.storage_options else None
         except json.JSONDecodeError as e:
             raise ValueError(f"--storage-options is not valid JSON: {e}") from None
         if so is not None and not isinstance(so, dict):
             raise ValueError("--storage-options must be a JSON object")
-        return Store.open(default_store_url(self.store), storage_options=so)
+        return Store.open(default_store_url(self.store), storage_options=so, skip_damaged=skip_damaged)
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,8 @@ class LsConfig(StoreArg):
 
 @dataclass(frozen=True)
 class VerifyConfig(StoreArg):
-    quick: bool = False  # metadata only: skip reading arrays (checksums, NaN/Inf)
+    quick: bool = False  # files and sizes only: skip reading arrays (checksums, NaN/Inf)
+    drop_bad: bool = False  # un-commit the damaged samples found, so cache-build --resume rebuilds them
 
 
 @dataclass(frozen=True)
@@ -142,9 +148,12 @@ def cmd_ls(cfg: LsConfig) -> int:
 
 
 def cmd_verify(cfg: VerifyConfig) -> int:
-    st = cfg.open()
+    st = cfg.open(skip_damaged=True)  # damaged manifests are reported, not fatal
     rep = st.verify(data=not cfg.quick)
     print(rep)
+    if cfg.drop_bad and rep.damaged:
+        dropped = drop_samples(st.url, sorted(rep.damaged), storage_options=st._loc.storage_options or None)
+        print(f"dropped {len(dropped)} damaged samples: rebuild them with `cache-build ... --out {st.url} --resume`")
     return 0 if rep.ok else 1
 
 
@@ -289,8 +298,8 @@ def cmd_probe(cfg: ProbeConfig) -> int:
 
 # ============================================================================ CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cache-inspect", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = OneLineParser(prog="cache-inspect", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
 
     def store_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("store", help="cache name (cache/<name>) or path / fsspec URL of the store")
@@ -310,11 +319,15 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("verify", help="checksums, NaN/Inf, schema, provenance; exit 1 on failure")
     store_args(sp)
-    sp.add_argument("--quick", action="store_true", help="metadata only; do not read the arrays")
+    sp.add_argument("--quick", action="store_true",
+                    help="manifests, files and their sizes only; does not read contents (checksums, NaN/Inf)")
+    sp.add_argument("--drop-bad", action="store_true",
+                    help="un-commit the damaged samples found, so that cache-build --resume rebuilds them")
 
     sp = sub.add_parser("show", help="one sample: reasoning, trajectories, t0 thumbnails")
     store_args(sp)
-    sp.add_argument("sample", help="sample key (clip_id@t0_us) or integer index")
+    sp.add_argument("sample", help="sample key clip_id@t0_us:camera_config (as `ls` prints it, e.g. "
+                    "clip-00003@5400000:front-only) or integer index")
     sp.add_argument("--out", default=None, help="write a PNG of trajectories + thumbnails to this path")
 
     sp = sub.add_parser("probe", help="ridge probe: cached prefix features -> GT future curvature")
@@ -339,8 +352,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     cls, fn = _COMMANDS[args.pop("cmd")]
     try:
-        return fn(cls(**args))
-    except (FileNotFoundError, StoreError, ValueError, KeyError, IndexError) as e:
+        rc = fn(cls(**args))
+        sys.stdout.flush()  # here, not at exit: a closed pipe is caught below
+        return rc
+    except BrokenPipeError:  # `cache-inspect ls ... | head`: the reader left; not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout at exit: let that go nowhere
+        return 0
+    except (*user_errors(), KeyError, IndexError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"cache-inspect: error: {msg}", file=sys.stderr)
         return 2

@@ -193,27 +193,28 @@ def test_sigkill_resume_and_concurrent_shards_equal_an_uninterrupted_build(world
     ref = Store.open(str(ref_url))
     assert len(ref) >= 8
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # 1) kill -9 mid-build, then resume
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(world, tiny_checkpoint, killed, "--writer-processes", "2"), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.2)
-        try:
-            n = len(Store.open(str(killed)))
-        except Exception:  # noqa: BLE001 - not created yet
-            n = 0
-        if n >= 2 or proc.poll() is not None:
-            break
-    proc.send_signal(signal.SIGKILL)
+    # 1) kill -9 while a writer process holds a fully written sample just before its commit, then resume
+    killed, marker = tmp_path / "killed", tmp_path / "marker"
+    proc = subprocess.Popen(_cli(world, tiny_checkpoint, killed, "--writer-processes", "2"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            env={**env, "ALPAMAYO_FAILPOINTS": "before_commit=hold@2",
+                                 "ALPAMAYO_FAILPOINTS_MARKER": str(marker)})
+    deadline = time.time() + 300
+    while not (marker.exists() and marker.read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.1)
+    held = json.loads(marker.read_text().splitlines()[0])
+    torn = killed / "samples" / held["sid"]
+    assert any(torn.glob("kv/c.*")) and not list((killed / "commits").glob(f"*/{held['sid']}.json"))
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = len(Store.open(str(killed)))
     assert 1 <= partial < len(ref), "the kill should land mid-build"
+    assert Store.open(str(killed)).verify().warnings  # the held sample is an orphan
     summary = build(_cfg(world, tiny_checkpoint, killed, resume=True))
     assert summary["already_done"] == partial and summary["written"] == len(ref) - partial
     resumed = Store.open(str(killed))
-    assert resumed.verify().ok
+    assert resumed.verify().ok and not resumed.verify().warnings and held["key"] in resumed
     _assert_same_samples(ref, resumed)
     # 2) two processes, disjoint shards, one store
     shared_url = tmp_path / "sharded"

@@ -3,6 +3,7 @@ damaged sample (`--quick` what it can see without reading contents), nothing rea
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,9 @@ def test_a_deleted_chunk_is_refused_not_read_as_zeros(tmp_path, spec_kw):
         st.read(key)
     assert (e.value.key, e.value.array, e.value.file) == (key, "kv", chunk)
     assert repr(key) in str(e.value) and "cache-inspect verify" in str(e.value)
+    back = pickle.loads(pickle.dumps(e.value))  # crosses DataLoader worker processes whole
+    assert (back.key, back.file, str(back)) == (key, chunk, str(e.value))
+    assert str(SampleReadError(str(e.value))) == str(e.value)  # torch's re-raise from the message alone
     with pytest.raises(SampleReadError, match="file missing"):  # unchecked crc or a layer subset: still refused
         Store.open(st.url, checksums=False).read(key, layers=[st.spec.num_layers - 1])
     for data in (False, True):

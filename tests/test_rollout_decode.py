@@ -109,19 +109,28 @@ def test_rows_finished_by_eos_are_padded_as_generate_pads_them(setup, monkeypatc
     _assert_same(ref, got)
 
 
-def test_build_prefixes_from_the_decoder(setup):
-    """generate_prefixes with the decoder returns copies (the next batch reuses the decoder's buffers)."""
+def test_build_prefixes_from_the_decoder(setup, monkeypatch):
+    """Every row stops (forced after 3 tokens), so every row has a prefix from the generation's cache:
+    the decoder's equal generate's, and they are copies (the next batch reuses the decoder's buffers)."""
     vlm, proc, _, keys, inputs = setup
+    ids = alpamayo_token_ids(proc.tokenizer)
+    monkeypatch.setattr(StopAfter, "token", ids["traj_future_start"])
+    monkeypatch.setattr(rollout, "MaskTrajTokens", StopAfter)
     dec = rollout.make_decoder(vlm, proc)
-    a = rollout.generate_prefixes(vlm, proc, keys, inputs, seed=5, max_new_tokens=6, decoder=dec)
-    b = rollout.generate_prefixes(vlm, proc, keys, inputs, seed=5, max_new_tokens=6)
+    a = rollout.generate_prefixes(vlm, proc, keys, inputs, seed=5, max_new_tokens=40, decoder=dec)
+    b = rollout.generate_prefixes(vlm, proc, keys, inputs, seed=5, max_new_tokens=40)
+    P = inputs[0]["input_ids"].shape[1]
     for (xa, ca, pa), (xb, cb, pb) in zip(a, b):
         assert torch.equal(xa["input_ids"], xb["input_ids"]) and ca == cb
-        assert (pa is None) == (pb is None)
-    k0 = None if a[0][2] is None else a[0][2].k.clone()
-    rollout.generate_prefixes(vlm, proc, keys[::-1], inputs[::-1], seed=9, max_new_tokens=6, decoder=dec)
-    if k0 is not None:
-        assert torch.equal(a[0][2].k, k0)
+        assert xa["prefix_len"] == P + 4 and int(xa["input_ids"][0, -1]) == ids["traj_future_start"]
+        assert pa is not None and pb is not None  # the copy check below always runs
+        assert pa.k.shape[2] == xa["prefix_len"]
+        for got, ref in ((pa.k, pb.k), (pa.v, pb.v), (pa.hidden, pb.hidden)):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(pa.rope_delta, pb.rope_delta)
+    k0, v0 = a[0][2].k.clone(), a[0][2].v.clone()
+    rollout.generate_prefixes(vlm, proc, keys[::-1], inputs[::-1], seed=9, max_new_tokens=40, decoder=dec)
+    assert torch.equal(a[0][2].k, k0) and torch.equal(a[0][2].v, v0)
 
 
 def test_grouped_decode_attention_equals_repeated_heads():

@@ -265,6 +265,7 @@ def test_torn_write_is_invisible_and_resumed(tmp_path, monkeypatch):
         w.write(s)
     with pytest.raises(StoreError, match="simulated crash"):
         w.flush()
+    w.__exit__(StoreError, None, None)  # gone, as after `with` on an error (or its process dying)
     monkeypatch.setattr(store_mod._Loc, "put_atomic", real_put)
     st = Store.open(url)
     assert ss[1].key not in st and len(st) == 2

@@ -16,6 +16,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync as zarr_sync
 
+from shared.failpoints import armed, failpoint
 from shared.store.format import (
     SCHEMA_VERSION,
     KVSpec,
@@ -41,6 +42,10 @@ class _CountingStore(zarr.storage.WrapperStore):
         self.sizes: dict[str, int] = {}
 
     async def set(self, key: str, value: Any) -> None:
+        if armed("chunk_write") and "/c." in key:
+            root = getattr(self._store, "root", None)
+            failpoint("chunk_write", partial=None if root is None else (str(root / key), value.to_bytes()), file=key,
+                      sid=getattr(root, "name", "?"))
         await self._store.set(key, value)
         self.sizes[key] = len(value)
 
@@ -89,7 +94,11 @@ class _SampleCommitter:
         body = json.dumps(manifest, sort_keys=True).encode()
         if before_commit is not None:
             before_commit()
-        loc.put_atomic(loc.path("commits", self.writer_id, f"{sid}.json"), body)  # the commit point
+        path = loc.path("commits", self.writer_id, f"{sid}.json")
+        failpoint("before_commit", key=fields["key"], sid=sid)
+        if armed("manifest_write"):
+            failpoint("manifest_write", partial=(f"{path}.tmp-failpoint", body) if loc.local else None, key=fields["key"])
+        loc.put_atomic(path, body)  # the commit point
         return manifest
 
     def _layout(self, name: str, a: np.ndarray, L: int) -> _ArrayLayout:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -61,11 +62,21 @@ class SampleReadError(StoreError):
 
     `key` names the sample, `array` the array, `file` the file under samples/<sid>/ when one is to blame."""
 
-    def __init__(self, url: str, key: str, array: str, reason: str, file: str | None = None):
+    def __init__(self, url: str, key: str | None = None, array: str = "?", reason: str = "", file: str | None = None):
+        if key is None:  # rebuilt from its message alone (torch DataLoader workers re-raise that way)
+            super().__init__(url)
+            self.url = self.key = self.file = None
+            self.array, self.reason = array, url
+            return
         self.url, self.key, self.array, self.reason, self.file = url, key, array, reason, file
         where = array if file is None else f"{array} ({file})"
         super().__init__(f"sample {key!r}: {where}: {reason}. `cache-inspect verify {url}` lists every damaged "
                          f"sample; `cache-inspect verify --drop-bad {url}` then `cache-build --resume` rebuilds them")
+
+    def __reduce__(self):  # pickles whole across processes (DataLoader workers, writer processes)
+        if self.key is None:
+            return (type(self), (self.reason,))
+        return (type(self), (self.url, self.key, self.array, self.reason, self.file))
 
 
 class StoreMismatchError(StoreError):
@@ -286,6 +297,12 @@ def unescape_sid(sid: str) -> str:
 
 
 def default_store_url(name_or_url: str) -> str:
-    """A bare name means cache/<name>; anything with a '/' or '://' is taken as given."""
+    """Where a store named on a command line lives: URLs and absolute or ./-relative paths as given; a
+    bare name is cache/<name>; a relative path (`demo/store`) is itself when a store is there, else
+    cache/<path>."""
     s = str(name_or_url)
-    return s if ("/" in s or "://" in s or s.startswith(".")) else f"{DEFAULT_CACHE_ROOT}/{s}"
+    if "://" in s or os.path.isabs(s) or s.startswith("."):
+        return s
+    if "/" in s and os.path.exists(os.path.join(s, "zarr.json")):
+        return s
+    return f"{DEFAULT_CACHE_ROOT}/{s}"

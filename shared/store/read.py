@@ -85,7 +85,9 @@ class Store:
         """The per-sample manifest (scalars, checksums, sizes) without touching the arrays."""
         if isinstance(i_or_key, str):
             if i_or_key not in self._pos:
-                raise KeyError(f"no sample {i_or_key!r} in {self.url}")
+                near = [k for k in self._pos if k.startswith(i_or_key)][:3] or self.keys()[:2]
+                raise KeyError(f"no sample {i_or_key!r} in {self.url}: keys are clip_id@t0_us:camera_config, "
+                               f"e.g. {near}")
             return self._manifests[self._pos[i_or_key]]
         i = int(i_or_key)
         if not -len(self) <= i < len(self):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from shared import kv_quant
+from shared.failpoints import armed, failpoint
 from shared.store.commit import _SampleCommitter
 from shared.store.format import (
     _WRITER_ID_RE,
@@ -120,12 +121,15 @@ class StoreWriter:
         # Re-read in every mode: also catches a concurrent creator with a different build.
         attrs = _read_root(loc)
         _check_same_build(loc.url, attrs, prov, spec)
+        lock = _lock_writer_id(loc, str(writer_id))
         loc.put_atomic(
             loc.path("writers", f"{writer_id}.json"),
             json.dumps({"writer_id": writer_id, "host": socket.gethostname(), "pid": os.getpid(), "mode": mode,
                         "started": _dt.datetime.now(_dt.UTC).isoformat()}, indent=2).encode(),
         )
-        return cls(loc, spec, prov, str(writer_id), workers, max_pending, processes)
+        w = cls(loc, spec, prov, str(writer_id), workers, max_pending, processes)
+        w._id_lock = lock
+        return w
 
     # ---------------------------------------------------------------- public
     @property
@@ -211,7 +215,10 @@ class StoreWriter:
             self._closed = True
             self._pool.shutdown(wait=True)
             self._stop_processes()
-        self._write_index()
+        try:
+            self._write_index()
+        finally:
+            self._unlock()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -223,6 +230,12 @@ class StoreWriter:
             self._closed = True
             self._pool.shutdown(wait=True)
             self._stop_processes()
+            self._unlock()
+
+    def _unlock(self) -> None:
+        lock, self._id_lock = getattr(self, "_id_lock", None), None
+        if lock is not None:
+            lock.close()  # releases the flock
 
     def _stop_processes(self) -> None:
         for p in self._procs:
@@ -241,7 +254,12 @@ class StoreWriter:
         with self._lock:
             e, self._error = self._error, None
         if e is not None:
-            raise StoreError(f"background write failed: {e!r}") from e
+            what = str(e) if isinstance(e, (OSError, StoreError)) else repr(e)
+            if isinstance(e, OSError) or "[Errno " in what:  # disk full, permissions, a vanished mount (here or
+                # in a writer process): say what to do next
+                raise StoreError(f"writing into {self.url} failed: {what}; the samples committed so far are intact: "
+                                 "fix the cause (free space), then rerun with --resume") from e
+            raise StoreError(f"background write failed: {what}") from e
 
     def _staging_stream(self, device: torch.device) -> torch.cuda.Stream:
         """One CUDA stream per writer thread (and device): staging never queues behind the prefill."""
@@ -338,7 +356,10 @@ class StoreWriter:
     def _write_index(self) -> None:
         mans = _load_manifests(self._loc, writers=[self.writer_id], use_index=True, bad={})  # damaged: left out
         body = json.dumps({"writer_id": self.writer_id, "manifests": mans}, sort_keys=True).encode()
-        self._loc.put_atomic(self._loc.path("index", f"{self.writer_id}.json"), body)
+        path = self._loc.path("index", f"{self.writer_id}.json")
+        if armed("index_write"):
+            failpoint("index_write", partial=(f"{path}.tmp-failpoint", body) if self._loc.local else None)
+        self._loc.put_atomic(path, body)
 
 
 def drop_samples(url: str, keys: Iterable[str], *, storage_options: dict | None = None) -> list[str]:
@@ -368,6 +389,32 @@ def drop_samples(url: str, keys: Iterable[str], *, storage_options: dict | None 
         if loc.fresh().exists(loc.path("samples", s)):
             loc.fs.rm(loc.path("samples", s), recursive=True)
     return dropped
+
+
+def _lock_writer_id(loc: _Loc, writer_id: str):
+    """Hold writers/<writer_id>.lock (flock) while this writer lives, so a second build of the same shard
+    refuses instead of deleting the first one's half-written samples. The kernel drops the lock when the
+    process dies, so a killed build never leaves a stale lock. Local stores only: object stores have no
+    lock; there two writers of one id must be kept apart by the launcher (docs/RELIABILITY.md)."""
+    if not loc.local:
+        return None
+    import fcntl
+
+    path = loc.path("writers", f"{writer_id}.lock")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "a+b")  # noqa: SIM115 - held open for the writer's lifetime
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        try:
+            who = loc.read_json(loc.path("writers", f"{writer_id}.json"))
+            who = f" (pid {who.get('pid')} on {who.get('host')}, started {who.get('started')})"
+        except (OSError, ValueError):
+            who = ""
+        raise StoreError(f"another writer with id {writer_id!r} is writing into {loc.url}{who}: wait for it, or give "
+                         "this build another shard (--shard i/N) / writer_id") from None
+    return f
 
 
 def _nonempty_dir(loc: _Loc) -> bool:

@@ -1,0 +1,215 @@
+"""Long fault-injection runs of cache-build (issue 13; docs/RELIABILITY.md has the table they fill).
+
+Each trial starts `cache-build` on the tiny checkpoint and a synthetic world, stops it at a random point
+and checks what is left, then resumes and compares with an uninterrupted build:
+
+  kill    SIGKILL while a failpoint holds the build (shared/failpoints.py) at a random hit of: prefill,
+          chunk_write (a half-written chunk file), before_commit (a whole sample without its manifest),
+          manifest_write (half a manifest in its tmp file), index_write (half an index snapshot); or
+          at a random time (`time`). The torn state is asserted to exist before the kill.
+  enospc  the disk fills at a random chunk write: cache-build must exit 2 with one line naming the
+          cause; then --resume (space "freed").
+  shard   a second cache-build of the same shard while the first is held: it must refuse (exit 2).
+
+Outcome per trial: recovered (resume verifies clean, every sample once, bitwise equal to the reference)
+| refused with message | lost data | silently wrong | harness error.
+
+    PYTHONPATH=. python bench/fault_injection.py --trials 24 --seed 0 --out /tmp/faults
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shared.store import Store  # noqa: E402
+
+POINTS = ("prefill", "chunk_write", "before_commit", "manifest_write", "index_write", "time")
+
+
+def cli(world: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cache_builder.cache_build", "--dataset", str(world), "--checkpoint", str(ckpt),
+            "--out", str(out), "--kv-dtype", "float32", "--cameras", "front-only", "--keyframes", "stride:2",
+            "--batch-size", "1", *extra]
+
+
+def start(cmd: list[str], failpoints: str = "", marker: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ALPAMAYO_FAILPOINTS": failpoints,
+           "ALPAMAYO_FAILPOINTS_MARKER": str(marker or ""), "TQDM_DISABLE": "1"}
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_marker(marker: Path, p: subprocess.Popen, timeout: float = 600) -> dict | None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if marker.exists() and marker.read_text().strip():
+            return json.loads(marker.read_text().splitlines()[0])
+        if p.poll() is not None:
+            return None
+        time.sleep(0.05)
+    return None
+
+
+def kill(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
+def torn_state(out: Path, point: str, hit: dict) -> bool:
+    """The state the point is about exists right now (so the kill tests something)."""
+    commits = list((out / "commits").glob("*/*.json"))
+    committed = {p.stem for p in commits}
+    if point == "chunk_write":
+        return (out / "samples" / hit["sid"] / hit["file"]).exists() and hit["sid"] not in committed
+    if point == "before_commit":
+        return any((out / "samples" / hit["sid"]).glob("kv/c.*")) and hit["sid"] not in committed
+    if point == "manifest_write":
+        return bool(list((out / "commits").glob("*/*.json.tmp-failpoint")))
+    if point == "index_write":
+        return bool(list((out / "index").glob("*.json.tmp-failpoint")))
+    return True  # prefill / time: nothing half-written is promised
+
+
+def compare(out: Path, ref: Store) -> str:
+    try:
+        st = Store.open(str(out))
+    except Exception as e:  # noqa: BLE001
+        return f"lost data (store unreadable: {e})"
+    rep = st.verify()
+    if not rep.ok or rep.warnings:
+        return f"refused with message (verify: {rep.errors[:2] or rep.warnings[:2]})"
+    if st.keys() != ref.keys() or st._duplicates:
+        return f"lost data ({len(set(ref.keys()) - set(st.keys()))} missing, {len(st._duplicates)} duplicated)"
+    for k in ref.keys():
+        a, b = st.read(k), ref.read(k)
+        if not (torch.equal(a.k, b.k) and torch.equal(a.v, b.v) and torch.equal(a.hidden, b.hidden)
+                and (a.gt_action == b.gt_action).all() and a.token_ids.equal(b.token_ids)):
+            return f"silently wrong ({k})"
+    return "recovered"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=24)
+    ap.add_argument("--enospc", type=int, default=3, help="extra disk-full trials")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="/tmp/fault-injection")
+    a = ap.parse_args()
+    rng = random.Random(a.seed)
+    work = Path(a.out)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    from shared.data import write_synthetic_world
+    from shared.tiny_checkpoint import write_tiny_checkpoint
+
+    world = work / "world"
+    write_synthetic_world(world, n_clips=3, seed=5, width=160, height=96, duration_s=10.0,
+                          kinds=["sharp-left", "straight", "sharp-right"])
+    ckpt = write_tiny_checkpoint(work / "tiny", dtype=torch.float32)
+    t = time.time()
+    r = subprocess.run(cli(world, ckpt, work / "ref"), env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                       capture_output=True, text=True)
+    ref_s = time.time() - t
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = Store.open(str(work / "ref"))
+    S = len(ref)
+    cps = sum(1 for f in ref.manifest(0)["files"] if "/c." in f)
+    print(f"reference: {S} samples, {cps} chunk files each, {ref_s:.0f} s", flush=True)
+    rows = []
+    plan = [("kill", POINTS[i % len(POINTS)]) for i in range(a.trials)] + [("enospc", "chunk_write")] * a.enospc
+    plan.append(("shard", "before_commit"))
+    for n, (kind, point) in enumerate(plan):
+        procs = rng.choice((0, 2))
+        share = S if procs == 0 else max(1, S // 2)  # each writer process counts its own hits
+        hit_n = {"prefill": rng.randint(1, S), "chunk_write": rng.randint(1, share * cps),
+                 "before_commit": rng.randint(1, share), "manifest_write": rng.randint(1, share),
+                 "index_write": 1, "time": 0}[point]
+        out, marker = work / f"t{n:02d}", work / f"t{n:02d}.marker"
+        cmd = cli(world, ckpt, out, "--writer-processes", str(procs))
+        row = {"trial": n, "kind": kind, "point": point, "hit": hit_n, "writer_processes": procs}
+        t = time.time()
+        if kind == "kill" and point == "time":
+            delay = rng.uniform(0.3, 1.0) * ref_s
+            row["hit"] = f"{delay:.1f}s"
+            p = start(cmd)
+            time.sleep(delay)
+            kill(p)
+            row["torn_state_seen"] = None
+        elif kind == "kill":
+            p = start(cmd, f"{point}=hold@{hit_n}", marker)
+            hit = wait_marker(marker, p)
+            if hit is None:
+                kill(p)
+                row.update(outcome=f"harness: point not reached (rc {p.returncode})")
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
+            row["torn_state_seen"] = torn_state(out, point, hit)
+            kill(p)
+        elif kind == "enospc":
+            p = start(cmd, f"{point}=enospc@{hit_n}")
+            _, err = p.communicate()
+            errs = [ln for ln in err.splitlines() if ln.startswith("cache-build: error:")]  # (torch import warnings
+            row["rc"], row["stderr"] = p.returncode, errs[-1] if errs else err[-300:]  # may precede it)
+            row["one_line_error"] = (p.returncode == 2 and len(errs) == 1 and "No space left" in errs[0]
+                                     and "Traceback" not in err)
+        else:  # a second build of the same shard while the first is held
+            p = start(cmd, "before_commit=hold@1", marker)
+            wait_marker(marker, p)
+            q = subprocess.run(cli(world, ckpt, out, "--resume"), env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                               capture_output=True, text=True)
+            row["second_rc"], row["second_stderr"] = q.returncode, q.stderr.strip().splitlines()[-1:]
+            kill(p)
+        committed = len(list(out.glob("commits/*/*.json")))
+        r = subprocess.run(cli(world, ckpt, out, "--resume", "--writer-processes", str(procs)),
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True, text=True)
+        row["committed_before_resume"] = committed
+        if r.returncode != 0:
+            row["outcome"] = f"resume failed rc {r.returncode}: {r.stderr.strip().splitlines()[-1:]}"
+        else:
+            summary = json.loads(r.stdout[r.stdout.index("{"):])
+            row["resume_written"], row["resume_already_done"] = summary["written"], summary["already_done"]
+            row["outcome"] = compare(out, ref)
+            if summary["written"] + summary["already_done"] != S:
+                row["outcome"] += f" (resume counted {summary['written']}+{summary['already_done']} != {S})"
+        if kind == "enospc" and not row["one_line_error"]:
+            row["outcome"] += "; error was not one line naming ENOSPC"
+        if kind == "shard" and row["second_rc"] != 2:
+            row["outcome"] += "; the second build did not refuse"
+        row["seconds"] = round(time.time() - t, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    (work / "results.json").write_text(json.dumps(rows, indent=2))
+    by: dict[tuple, list] = {}
+    for r in rows:
+        by.setdefault((r["kind"], r["point"]), []).append(r["outcome"])
+    print("\n| fault | point | trials | outcomes |\n|---|---|---|---|")
+    for (kind, point), outs in by.items():
+        counts: dict[str, int] = {}
+        for o in outs:
+            counts[o] = counts.get(o, 0) + 1
+        print(f"| {kind} | {point} | {len(outs)} | {', '.join(f'{v}x {k}' for k, v in counts.items())} |")
+    bad = [r for r in rows if r["outcome"] != "recovered"]
+    return int(bool(bad))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
