@@ -71,15 +71,16 @@ class Validator:
         for batch in self._batches(self.indices[: self.ade_items]):
             b = batch.to(self.device)
             bsz = b.action.shape[0]
-            noise = torch.randn((bsz, num_samples, N_ACTION, 2), generator=gen).to(self.device)
+            noise = torch.randn((bsz * num_samples, N_ACTION, 2), generator=gen).to(self.device)
 
-            def velocity(x, t, b=b, bsz=bsz):  # x (B, S, 64, 2), t (B, 1, 1) -> same-time velocity
-                return fast.velocity(x, t.view(bsz, 1).expand(bsz, num_samples), b.prefix)
+            def velocity(x, t, b=b, bsz=bsz):  # x (B*S, 64, 2), t (B*S, 1, 1): the S samples share a prefix pass
+                v = fast.velocity(x.view(bsz, num_samples, N_ACTION, 2), t.view(bsz, num_samples), b.prefix)
+                return v.view(bsz * num_samples, N_ACTION, 2)
 
-            actions = euler_sample(velocity, noise, head.cfg.diffusion.num_inference_steps)  # (B, S, 64, 2)
+            actions = euler_sample(velocity, noise, head.cfg.diffusion.num_inference_steps)  # (B*S, 64, 2)
             hx = b.hist_xyz.float().repeat_interleave(num_samples, 0)
             hr = b.hist_rot.float().repeat_interleave(num_samples, 0)
-            xyz, _ = head.action_space.action_to_traj(actions.flatten(0, 1).float(), hx, hr)
+            xyz, _ = head.action_space.action_to_traj(actions.float(), hx, hr)
             pred = xyz.view(bsz, num_samples, N_ACTION, 3)
             vals.append(trajectory_metrics(pred.cpu(), b.fut_xyz.cpu())["min_ade"])
         head.train(was_training)
