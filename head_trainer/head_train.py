@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from shared.checkpoint import AlpamayoCheckpoint, head_from_state, load_head_file
-from shared.cli import config_from_args, parser_for, user_errors
+from shared.cli import check_device, config_from_args, parser_for, user_errors
 from shared.store import Store, StoreError
 
 from . import distributed, run_dir
@@ -98,12 +98,13 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "draws", "save_every", "keep_last", "log_every",
                      "lora_rank", "val_max_items", "val_draws", "ema_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        for name in ("val_every", "val_ade_items", "keep_best", "warmup_steps"):
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        for name in ("val_every", "val_ade_items", "keep_best", "warmup_steps", "num_workers"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         if not (0 < self.lr and 0 <= self.min_lr <= self.lr):
-            raise ValueError("need 0 < --lr and 0 <= --min-lr <= --lr")
+            raise ValueError(f"--lr {self.lr} / --min-lr {self.min_lr}: need 0 < --lr and 0 <= --min-lr <= --lr")
+        check_device("--device", self.device)
         if self.warmup_steps >= self.steps:
             raise ValueError(f"--warmup-steps {self.warmup_steps} is not shorter than the run (--steps {self.steps})")
         if self.dtype not in ("auto", "float32", "bfloat16"):

@@ -232,7 +232,11 @@ def load_head_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such head file")
-    with safe_open(str(path), "pt") as f:
+    try:
+        f = safe_open(str(path), "pt")
+    except Exception as exc:  # safetensors raises its own error type for a file that is not safetensors
+        raise CheckpointError(f"{path}: not a safetensors head file ({exc})") from exc
+    with f:
         header = f.metadata() or {}
         if header.get("format") != HEAD_FILE_FORMAT:
             raise CheckpointError(f"{path}: not a head file of this tool (format={header.get('format')!r})")
