@@ -34,6 +34,7 @@ class SynthWorldConfig:
     fps: int = 30  # video frame rate (real: 30; 10 still gives the release's 0.1 s frame spacing)
     mix: str = "default"  # clip kinds: default | straight-dominated | curve-rich (after one clip of each kind)
     val_fraction: float | None = None  # val share of the split column (default: the seed's 10 % hash split)
+    blank: bool = False  # uniform gray videos: the same world without pictures (control runs)
     frame_barcode: bool = False  # draw the frame index as a barcode (tests read it back)
     overwrite: bool = False  # replace a non-empty out_dir
     progress: bool = True  # tqdm progress bar over clips
@@ -82,6 +83,7 @@ def run(cfg: SynthWorldConfig):
         fps=cfg.fps,
         mix=cfg.mix,
         val_fraction=cfg.val_fraction,
+        blank=cfg.blank,
         frame_barcode=cfg.frame_barcode,
         overwrite=cfg.overwrite,
         progress=cfg.progress,
@@ -116,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> SynthWorldConfig:
     p.add_argument("--mix", default="default", help=f"clip kind mix: {' | '.join(MIXES)}")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="val share of the split column (default: the seed's 10 %% clip-id hash split)")
+    p.add_argument("--blank", action="store_true", help="uniform gray videos (same clips and egomotion)")
     p.add_argument("--frame-barcode", action="store_true", help="draw each frame's index as a barcode")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")

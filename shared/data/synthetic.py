@@ -470,7 +470,11 @@ def _render_videos(
     height: int,
     fps: int,
     frame_barcode: bool,
+    blank: bool = False,
 ) -> dict[str, bytes]:
+    if blank:  # same clips and timestamps, no picture (the control that shows a head reads the images)
+        gray = np.full((height, width, 3), 128, np.uint8)
+        return {cam: _encode_mp4((gray for _ in ts), width, height, fps) for cam, ts in truth.frame_timestamps_us.items()}
     rng = np.random.default_rng([seed, 7919, int(truth.clip_id[:8], 16)])
     s = np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(path["x"]), np.diff(path["y"])))])
     sub = slice(None, None, 10)
@@ -546,13 +550,15 @@ def write_synthetic_world(
     progress: bool = False,
     mix: str = "default",
     val_fraction: float | None = None,
+    blank: bool = False,
 ) -> list[ClipTruth]:
     """Write a synthetic download tree under `root` and return the ground truth of every clip.
 
     `cameras=()` writes egomotion only (fast worlds for curvature tests); `kinds` fixes the clip kinds
     (cycled), otherwise they are drawn from `mix` (MIXES) after one clip of each kind;
     `split_column=False` omits clip_index.split so readers fall back to the hash split;
-    `val_fraction` enlarges the val share of the split column.
+    `val_fraction` enlarges the val share of the split column; `blank` writes uniform gray videos
+    (same clips, egomotion and timestamps as without it).
     """
     root = Path(root)
     if n_clips < 1 or not 1 <= n_chunks <= n_clips:
@@ -614,7 +620,7 @@ def write_synthetic_world(
             cid = truth.clip_id
             zip_for("egomotion", chunk).writestr(f"{cid}.egomotion.parquet", _parquet_bytes(ego))
             if cameras:
-                videos = _render_videos(truth, plan, path, seed, width, height, fps, frame_barcode)
+                videos = _render_videos(truth, plan, path, seed, width, height, fps, frame_barcode, blank)
                 for cam, mp4 in videos.items():
                     zf = zip_for(cam, chunk)
                     zf.writestr(f"{cid}.{cam}.mp4", mp4)
@@ -643,6 +649,7 @@ def write_synthetic_world(
                 frame_barcode,
                 mix,
                 val_fraction,
+                blank,
             ]
         ).encode()
     ).hexdigest()[:12]
