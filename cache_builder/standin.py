@@ -203,24 +203,26 @@ def straight_dominated(dataset: str, split: str = "train", sharp_every: int = 3)
 
 # ---------------------------------------------------------------------------- probe
 def probe_peak_curvature(store_url: str, feature: str = "hidden-mean", alpha: float = 10.0,
-                         train_split: str = "train", eval_split: str = "val") -> dict:
+                         train_split: str = "train", eval_split: str = "val", fit_store: str | None = None) -> dict:
     """cache-inspect's ridge probe with the target the stand-in is judged on: the GT future's signed
-    peak curvature (1/m, the store's `future_signed_peak_kappa`). Fit on train, R^2 on held-out val."""
+    peak curvature (1/m, the store's `future_signed_peak_kappa`). Fit on the train split (of
+    `fit_store` when given: a store of the same camera config), R^2 on the held-out val split."""
     from shared.store import Store
 
     from .cache_inspect import _feature, ridge_fit
 
-    st = Store.open(store_url)
-    keys = {sp: [k for k in st.keys() if st.manifest(k)["split"] == sp] for sp in (train_split, eval_split)}
+    stores = {train_split: Store.open(fit_store or store_url), eval_split: Store.open(store_url)}
+    keys = {sp: [k for k in st.keys() if st.manifest(k)["split"] == sp] for sp, st in stores.items()}
     if len(keys[train_split]) < 3 or len(keys[eval_split]) < 2:
-        raise ValueError(f"{store_url}: need >= 3 {train_split} and >= 2 {eval_split} samples")
-    x = {sp: np.stack([_feature(st, k, feature) for k in ks]) for sp, ks in keys.items()}
-    y = {sp: np.array([st.manifest(k)["curvature"]["future_signed_peak_kappa"] for k in ks]) for sp, ks in keys.items()}
+        raise ValueError(f"{store_url}: need >= 3 {train_split} and >= 2 {eval_split} samples (--fit-on a train store)")
+    x = {sp: np.stack([_feature(stores[sp], k, feature) for k in ks]) for sp, ks in keys.items()}
+    y = {sp: np.array([stores[sp].manifest(k)["curvature"]["future_signed_peak_kappa"] for k in ks])
+         for sp, ks in keys.items()}
     w, b, mu, sd = ridge_fit(x[train_split], y[train_split], alpha)
     pred = (x[eval_split] - mu) / sd @ w + b
     ye = y[eval_split]
     r2 = 1 - float(((ye - pred) ** 2).sum()) / float(((ye - ye.mean()) ** 2).sum())
-    return {"store": store_url, "feature": feature, "target": "future_signed_peak_kappa", "alpha": alpha,
+    return {"store": store_url, "fit_store": fit_store or store_url, "feature": feature, "target": "future_signed_peak_kappa", "alpha": alpha,
             "n_train": len(y[train_split]), "n_eval": len(ye), "r2": r2}
 
 
@@ -244,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     sl.add_argument("--sharp-every", type=int, default=3, help="keep every N-th sharp clip (all others are kept)")
     sl.add_argument("--out", required=True, help="text file to write the clip ids to (for cache-build --clips @FILE)")
     sq = sub.add_parser("probe", help="ridge probe: cached prefix -> GT future signed peak curvature (R^2 on val)")
-    sq.add_argument("stores", nargs="+", help="store paths")
+    sq.add_argument("stores", nargs="+", help="store paths (scored on their val split)")
+    sq.add_argument("--fit-on", default=None, help="fit on this store's train split instead (same camera config)")
     sq.add_argument("--feature", default="hidden-mean", help="hidden-mean | hidden-last8 | v-last-mean")
     sq.add_argument("--alpha", type=float, default=10.0, help="ridge strength on standardised features")
     sq.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"standin-vlm: {len(clips)} {a['split']} clips (every sharp clip but one in {a['sharp_every']} "
                   f"left out) -> {a['out']}")
             return 0
-        res = [probe_peak_curvature(s, a["feature"], a["alpha"]) for s in a["stores"]]
+        res = [probe_peak_curvature(s, a["feature"], a["alpha"], fit_store=a["fit_on"]) for s in a["stores"]]
     except (ValueError, OSError, KeyError) as exc:
         print(f"standin-vlm: error: {exc}", file=sys.stderr)
         return 2

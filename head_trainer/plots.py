@@ -40,11 +40,20 @@ def _front_thumb(store, key: str) -> np.ndarray | None:
     return small["thumbs"][idx]
 
 
+def moment(row: dict) -> str:
+    """A sample's clip and keyframe: the same moment in stores of different camera configs."""
+    return f"{row['clip_id']}@{row['t0_us']}"
+
+
+def by_moment(results: list[dict]) -> list[dict[str, dict]]:
+    return [{moment(row): row for row in r["per_sample"]} for r in results]
+
+
 def pick_keys(results: list[dict], max_rows: int) -> list[str]:
-    """Samples common to all results: the sharpest curves of each side first, then one straight."""
-    by_key = [{row["key"]: row for row in r["per_sample"]} for r in results]
+    """Moments common to all results: the sharpest curves of each side first, then one straight."""
+    by_key = by_moment(results)
     rows = [by_key[0][k] for k in by_key[0] if all(k in b for b in by_key)]
-    kappa = {r["key"]: r["curvature"].get("future_signed_peak_kappa", 0.0) for r in rows}
+    kappa = {moment(r): r["curvature"].get("future_signed_peak_kappa", 0.0) for r in rows}
     left = sorted((k for k in kappa if kappa[k] > 0), key=lambda k: -kappa[k])
     right = sorted((k for k in kappa if kappa[k] < 0), key=lambda k: kappa[k])
     straight = sorted(kappa, key=lambda k: abs(kappa[k]))[:1]
@@ -63,14 +72,16 @@ def plot_comparison(results: list[dict], out_png: str | Path, store_url: str | N
 
     store = Store.open(store_url) if store_url else None
     labels = labels or [r.get("label", f"run {i}") for i, r in enumerate(results)]
-    by_key = [{row["key"]: row for row in r["per_sample"]} for r in results]
+    by_key = by_moment(results)
     keys = pick_keys(results, max_rows)
+    if not keys:
+        raise ValueError("the results share no sample (clip and keyframe): nothing to draw")
     fig, axes = plt.subplots(len(keys), 2, figsize=(10, 3.3 * len(keys)), squeeze=False,
                              gridspec_kw={"width_ratios": [1.5, 1]})
     for r, key in enumerate(keys):
         ax_img, ax = axes[r]
         row0 = by_key[0][key]
-        thumb = _front_thumb(store, key)
+        thumb = next((t for t in (_front_thumb(store, b[key]["key"]) for b in by_key) if t is not None), None)
         if thumb is not None:
             ax_img.imshow(thumb)
         ax_img.set_axis_off()

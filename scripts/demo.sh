@@ -30,8 +30,8 @@ step "STAND-IN released model, 2/3: its head, trained on a straight-dominated 4-
 "$BIN/standin-vlm" select --dataset "$OUT/world" --out "$OUT/release_clips.txt"
 "$BIN/cache-build" --dataset "$OUT/world" --checkpoint "$OUT/standin_vlm" --out "$OUT/store_release_4cam" \
     --cameras full --clips "@$OUT/release_clips.txt" "${BUILD[@]}"
-"$BIN/head-train" --cache "$OUT/store_release_4cam" --out "$OUT/run_release" --steps 300 --batch-size 8 \
-    --warmup-steps 30 --save-every 300 --log-every 25 --lr 3e-4
+"$BIN/head-train" --cache "$OUT/store_release_4cam" --out "$OUT/run_release" --steps 100 --batch-size 8 \
+    --warmup-steps 10 --save-every 100 --log-every 10 --lr 5e-4
 
 step "STAND-IN released model, 3/3: exported as an official-format checkpoint"
 "$BIN/head-export" --head "$OUT/run_release/head.safetensors" --out "$OUT/release"
@@ -47,14 +47,15 @@ step "caches of the stand-in release: held-out 4-camera; front-only (train + val
 "$BIN/cache-inspect" summary "$OUT/store_front"
 
 step "does the prefix carry the curve? ridge probe, held-out clips"
-"$BIN/standin-vlm" probe "$OUT/store_val_4cam" "$OUT/store_front" --json "$OUT/probe.json"
+"$BIN/standin-vlm" probe "$OUT/store_val_4cam" --fit-on "$OUT/store_release_4cam" --json "$OUT/probe_4cam.json"
+"$BIN/standin-vlm" probe "$OUT/store_front" --json "$OUT/probe_front.json"
 "$BIN/cache-inspect" probe "$OUT/store_front"
 
 step "fine-tune the head on the curve-rich front-only train split (and the same on blanked images)"
-"$BIN/head-train" --cache "$OUT/store_front" --out "$OUT/run_front" --steps 300 --batch-size 8 \
-    --warmup-steps 30 --save-every 300 --log-every 25 --lr 3e-4
-"$BIN/head-train" --cache "$OUT/store_front_blank" --out "$OUT/run_front_blank" --steps 300 --batch-size 8 \
-    --warmup-steps 30 --save-every 300 --log-every 25 --lr 3e-4
+"$BIN/head-train" --cache "$OUT/store_front" --out "$OUT/run_front" --steps 150 --batch-size 8 \
+    --warmup-steps 10 --save-every 150 --log-every 10 --lr 5e-4
+"$BIN/head-train" --cache "$OUT/store_front_blank" --out "$OUT/run_front_blank" --steps 150 --batch-size 8 \
+    --warmup-steps 10 --save-every 150 --log-every 10 --lr 5e-4
 
 step "compare on held-out clips: the stand-in release on 4 cameras vs front-only, and the fine-tuned heads"
 "$BIN/head-compare" --out "$OUT/compare" \
@@ -66,4 +67,4 @@ step "compare on held-out clips: the stand-in release on 4 cameras vs front-only
 step "export the fine-tuned head as a full official checkpoint"
 "$BIN/head-export" --head "$OUT/run_front/head.safetensors" --out "$OUT/export"
 
-printf '\nDemo done: %s/compare/{compare.md,samples.png,bins.png,loss.png}, %s/probe.json, %s/export\n' "$OUT" "$OUT" "$OUT"
+printf '\nDemo done: %s/compare/{compare.md,samples.png,bins.png,loss.png}, %s/probe_{4cam,front}.json, %s/export\n' "$OUT" "$OUT" "$OUT"
