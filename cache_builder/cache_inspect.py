@@ -194,7 +194,7 @@ def _plot(m: dict, small: dict, out: str) -> None:
     ax.plot(-h[:, 1], h[:, 0], "o-", ms=2, color="gray", label="history")
     ax.plot(-f[:, 1], f[:, 0], "o-", ms=2, color="tab:blue", label="GT future")
     ax.set_aspect("equal", adjustable="datalim")
-    ax.set_xlabel("-y (m, right)")
+    ax.set_xlabel("-y (m)   <- left | right ->   (ego frame: x forward, y left)")
     ax.set_ylabel("x (m, forward)")
     ax.legend(loc="best")
     ax.set_title(m["key"], fontsize=8)

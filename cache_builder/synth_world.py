@@ -1,6 +1,7 @@
 """synth-world: write a synthetic PhysicalAI-AV world (exact on-disk layout) with planted curves.
 
     synth-world /tmp/world --clips 20 --seed 0 --width 576 --height 320 --chunks 2
+    synth-world /tmp/demo --clips 96 --mix curve-rich --val-fraction 0.3 --duration 12 --fps 10   # demo
 
 Open it like a real download (`shared.data.open_dataset`); `synthetic_truth.json` lists each clip's
 kind (straight, gentle-*, sharp-*), curve onset and peak curvature.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.data.cameras import resolve_camera_config
-from shared.data.synthetic import write_synthetic_world
+from shared.data.synthetic import MIXES, write_synthetic_world
 
 
 @dataclass
@@ -30,6 +31,10 @@ class SynthWorldConfig:
     cameras: str = "full"  # camera config or comma list of cameras to render ('none': egomotion only)
     duration: float = 20.0  # clip length [s] (real clips: 20 s)
     ego_hz: float = 100.0  # egomotion rate [Hz] (real: ~100 Hz)
+    fps: int = 30  # video frame rate (real: 30; 10 still gives the release's 0.1 s frame spacing)
+    mix: str = "default"  # clip kinds: default | straight-dominated | curve-rich (after one clip of each kind)
+    val_fraction: float | None = None  # val share of the split column (default: the seed's 10 % hash split)
+    blank: bool = False  # uniform gray videos: the same world without pictures (control runs)
     frame_barcode: bool = False  # draw the frame index as a barcode (tests read it back)
     overwrite: bool = False  # replace a non-empty out_dir
     progress: bool = True  # tqdm progress bar over clips
@@ -47,6 +52,12 @@ class SynthWorldConfig:
             )
         if self.ego_hz < 10:
             raise ValueError(f"--ego-hz must be >= 10, got {self.ego_hz}")
+        if self.fps < 10:
+            raise ValueError(f"--fps must be >= 10 (frames 0.1 s apart are read), got {self.fps}")
+        if self.mix not in MIXES:
+            raise ValueError(f"--mix {self.mix!r}: use one of {', '.join(MIXES)}")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         self.camera_names()
         out = Path(self.out_dir)
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not self.overwrite:
@@ -69,12 +80,18 @@ def run(cfg: SynthWorldConfig):
         cameras=cfg.camera_names(),
         duration_s=cfg.duration,
         ego_hz=cfg.ego_hz,
+        fps=cfg.fps,
+        mix=cfg.mix,
+        val_fraction=cfg.val_fraction,
+        blank=cfg.blank,
         frame_barcode=cfg.frame_barcode,
         overwrite=cfg.overwrite,
         progress=cfg.progress,
     )
     elapsed = time.perf_counter() - start
     kinds = ", ".join(f"{k}={v}" for k, v in sorted(Counter(t.kind for t in truths).items()))
+    val = Counter(t.kind for t in truths if t.split == "val")
+    kinds += f"; val: {sum(val.values())} clips, {sum(v for k, v in val.items() if k != 'straight')} curved"
     print(
         f"synth-world: {len(truths)} clips in {cfg.chunks} chunk(s) at {cfg.width}x{cfg.height} -> {cfg.out_dir}"
     )
@@ -97,6 +114,11 @@ def parse_args(argv: list[str] | None = None) -> SynthWorldConfig:
     )
     p.add_argument("--duration", type=float, default=20.0, help="clip length in seconds")
     p.add_argument("--ego-hz", type=float, default=100.0, help="egomotion sampling rate in Hz")
+    p.add_argument("--fps", type=int, default=30, help="video frame rate (real: 30; >= 10)")
+    p.add_argument("--mix", default="default", help=f"clip kind mix: {' | '.join(MIXES)}")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="val share of the split column (default: the seed's 10 %% clip-id hash split)")
+    p.add_argument("--blank", action="store_true", help="uniform gray videos (same clips and egomotion)")
     p.add_argument("--frame-barcode", action="store_true", help="draw each frame's index as a barcode")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")

@@ -4,15 +4,20 @@
     head-eval --cache cache/demo/store --head runs/demo/head.safetensors --out runs/demo/eval_ft.json \
               --baseline runs/demo/eval_baseline.json --plot runs/demo/compare.png
 
-The result JSON carries its metadata (checkpoint, head file hash, cache provenance, split,
-sampler parameters); when a result with identical metadata already exists the evaluation is
-skipped (use --force to recompute), so a benchmark re-run only computes what changed.
+Metrics follow the release's definitions (docs/METRICS.md), overall and per GT curvature bin
+(straight / gentle / sharp x left / right), with the straight-bias score on curved samples.
+The result JSON carries its metadata: what was evaluated (checkpoint, head file hash, cache
+provenance, split, sampler parameters) and how (code version, time, library versions, device).
+When the same evaluation already exists the run is skipped (--force recomputes); an existing
+result of a different evaluation is never replaced without --force.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +30,10 @@ from shared.cli import config_from_args, user_errors
 from shared.store import Store
 
 from .data import collate, sample_item, split_indices
-from .head_train import resolve_device
-from .metrics import summarize, trajectory_metrics
+from .metrics import curvature_bin, summarize, trajectory_metrics
 
-RESULT_FORMAT = "alpamayo-headtune/eval/v1"
+RESULT_FORMAT = "alpamayo-headtune/eval/v2"
+SUMMARY_KEYS = ("min_ade", "ade", "fde", "min_fde", "max_lat_dev", "corner_distance")
 
 
 @dataclass
@@ -36,7 +41,7 @@ class EvalConfig:
     cache: str  # cache store to evaluate on
     out: str  # result JSON
     head: str | None = None  # fine-tuned head file (default: the checkpoint's released head = baseline)
-    label: str | None = None  # name shown in plots (default: baseline / the head file's run name)
+    label: str | None = None  # name shown in tables and plots (default: baseline / the head file's run name)
     checkpoint: str | None = None  # official checkpoint (default: the store's provenance)
     vlm_base: str | None = None  # override for the checkpoint's vlm_name_or_path
     split: str = "val"  # store split to evaluate ('all' = every sample)
@@ -47,7 +52,7 @@ class EvalConfig:
     max_items: int | None = None  # evaluate at most this many samples
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | bfloat16
-    force: bool = False  # recompute even when a result with the same metadata exists
+    force: bool = False  # recompute, and replace an existing result of another evaluation
     baseline: str | None = None  # another result JSON to compare against in --plot
     plot: str | None = None  # write a PNG comparing baseline (if any) and this result
     live: int = 0  # also run the VLM on this many of the samples instead of reading their cache; report agreement (GPU)
@@ -66,7 +71,25 @@ class EvalConfig:
             raise ValueError(f"--baseline {self.baseline}: no such result file (run head-eval without --head first)")
 
 
-def metadata(cfg: EvalConfig, store: Store, ckpt: AlpamayoCheckpoint, n_items: int) -> dict:
+def code_version() -> str:
+    """`git describe` of the source tree this runs from ('unknown' outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def identity(cfg: EvalConfig, store: Store, ckpt: AlpamayoCheckpoint, n_items: int) -> dict:
+    """What was evaluated: equal identities mean the same evaluation (the run is skipped)."""
     prov = json.dumps(store.provenance, sort_keys=True)
     return {
         "format": RESULT_FORMAT,
@@ -79,6 +102,39 @@ def metadata(cfg: EvalConfig, store: Store, ckpt: AlpamayoCheckpoint, n_items: i
     }
 
 
+def run_info(device: torch.device) -> dict:
+    """How it was evaluated (not part of the identity)."""
+    import transformers
+
+    return {"code_version": code_version(), "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def check_existing(out: Path, meta: dict, force: bool) -> dict | None:
+    """The existing result when it is this evaluation (skip); refuse to replace another one."""
+    if not out.is_file() or force:
+        return None
+    old = json.loads(out.read_text())
+    old_id = {k: v for k, v in old.get("metadata", {}).items() if k != "run"}
+    if old_id == meta:
+        return old
+    changed = sorted(k for k in set(meta) | set(old_id) if meta.get(k) != old_id.get(k))
+    raise FileExistsError(f"{out} holds another evaluation (differs in {', '.join(changed)}); "
+                          "write to a new --out or pass --force to replace it")
+
+
+@torch.no_grad()
+def predict(head, batch, num_samples: int, steps: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> xyz (B, K, 64, 3) and yaw rotations (B, K, 64, 3, 3) in the ego frame at t0."""
+    actions = head.sample_actions(batch.prefix, num_samples, steps, gen)  # (B, K, 64, 2)
+    B, K = actions.shape[:2]
+    hx = batch.hist_xyz.float().repeat_interleave(K, 0)
+    hr = batch.hist_rot.float().repeat_interleave(K, 0)
+    xyz, rot = head.action_space.action_to_traj(actions.flatten(0, 1).float(), hx, hr)
+    return xyz.view(B, K, *xyz.shape[1:]), rot.view(B, K, *rot.shape[1:])
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     cfg.validate()
     store = Store.open(cfg.cache)
@@ -89,13 +145,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     if not ckpt_path:
         raise ValueError("the store records no checkpoint path; pass --checkpoint")
     ckpt = AlpamayoCheckpoint.open(ckpt_path, vlm_base=cfg.vlm_base)
-    meta = metadata(cfg, store, ckpt, len(indices))
+    meta = identity(cfg, store, ckpt, len(indices))
     out = Path(cfg.out)
-    if out.is_file() and not cfg.force:
-        old = json.loads(out.read_text())
-        if old.get("metadata") == meta:
-            print(f"head-eval: {out} is up to date (same checkpoint, head, cache and parameters): skipped")
-            return old
+    old = check_existing(out, meta, cfg.force)
+    if old is not None:
+        print(f"head-eval: {out} is up to date (same checkpoint, head, cache and parameters): skipped")
+        return old
 
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
@@ -103,27 +158,29 @@ def evaluate(cfg: EvalConfig) -> dict:
     head = head_from_state(ckpt.head_config(), state, dtype, device).eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     rows: list[dict] = []
-    per_metric: dict[str, list[torch.Tensor]] = {}
     for i in tqdm(range(0, len(indices), cfg.batch_size), desc="head-eval", unit="batch"):
         chunk = indices[i:i + cfg.batch_size]
-        batch = collate([sample_item(store.read(j, with_hidden=False)) for j in chunk]).to(device)
-        pred = head.sample_trajectories(batch.prefix, batch.hist_xyz, batch.hist_rot, cfg.num_samples,
-                                        cfg.steps, gen)  # (B, K, 64, 3)
-        m = trajectory_metrics(pred.cpu(), batch.fut_xyz.cpu())
-        for k, v in m.items():
-            per_metric.setdefault(k, []).append(v)
+        cached = [store.read(j, with_hidden=False) for j in chunk]
+        batch = collate([sample_item(s) for s in cached]).to(device)
+        pred, pred_rot = predict(head, batch, cfg.num_samples, cfg.steps, gen)
+        gt_rot = torch.stack([torch.from_numpy(s.ego_future_rot) for s in cached])  # (B, 64, 3, 3)
+        m = trajectory_metrics(pred.cpu(), batch.fut_xyz.cpu(), pred_rot.cpu(), gt_rot)
         for b, j in enumerate(chunk):
             man = store.manifest(j)
+            kappa = float(man["curvature"].get("future_signed_peak_kappa", 0.0))
             rows.append({
                 "key": man["key"], "clip_id": man["clip_id"], "t0_us": man["t0_us"],
-                "camera_config": man["camera_config"], "curvature": man["curvature"],
+                "camera_config": man["camera_config"], "curvature": man["curvature"], "bin": curvature_bin(kappa),
                 "metrics": {k: float(v[b]) for k, v in m.items()},
-                "pred_xy": pred[b, :, :, :2].cpu().round(decimals=3).tolist(),  # (K, 64, 2)
+                "pred_xy": pred[b, :, :, :2].cpu().round(decimals=3).tolist(),  # (K, 64, 2) x fwd, y left
                 "gt_xy": batch.fut_xyz[b, :, :2].cpu().round(decimals=3).tolist(),  # (64, 2)
             })
-    summary = summarize({k: torch.cat(v) for k, v in per_metric.items()})
+    by_bin = summarize([{**r["metrics"], "bin": r["bin"]} for r in rows])
+    summary = {k: v for k, v in by_bin["all"].items() if k != "straight_bias"}
+    summary["straight_bias"] = by_bin.get("curved", {}).get("straight_bias")
     label = cfg.label or ("baseline" if cfg.head is None else Path(cfg.head).resolve().parent.name)
-    result = {"metadata": meta, "label": label, "summary": summary, "per_sample": rows, "config": asdict(cfg)}
+    result = {"metadata": {**meta, "run": run_info(device)}, "label": label, "summary": summary, "by_bin": by_bin,
+              "per_sample": rows, "config": asdict(cfg)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -149,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"head-eval: error: {exc}", file=sys.stderr)
         return 2
     s = result["summary"]
+    sb = s.get("straight_bias")
     print(f"head-eval [{result['label']}] {len(result['per_sample'])} samples: "
-          + ", ".join(f"{k}={s[k]:.3f}" for k in ("min_ade", "ade", "fde", "min_fde")))
+          + ", ".join(f"{k}={s[k]:.3f}" for k in SUMMARY_KEYS if s.get(k) is not None)
+          + (f", straight_bias={sb:.2f}" if sb is not None else ""))
     print(f"head-eval: results in {cfg.out}")
     return 0
 

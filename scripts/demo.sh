@@ -1,43 +1,70 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded default: tiny random-weight checkpoint + synthetic world.
+# The straight-bias story end to end on the embedded default (tiny checkpoint + synthetic world):
+# a STAND-IN released model whose head turns with four cameras and goes straight front-only, then
+# fixed by fine-tuning the head on front-only curves.
 #   bash scripts/demo.sh [OUT_DIR]      (make demo runs it into cache/demo)
 set -euo pipefail
 OUT=${1:-cache/demo}
 BIN=${BIN:-.venv/bin}
+CLIPS=${CLIPS:-48}
 export TOKENIZERS_PARALLELISM=false
 rm -rf "$OUT"
 mkdir -p "$OUT"
 step() { printf '\n==> %s\n' "$*"; }
+WORLD=(--clips "$CLIPS" --seed 0 --width 192 --height 108 --duration 12 --fps 10 --mix curve-rich --val-fraction 0.3)
+BUILD=(--kv-dtype float32 --batch-size 4)
 
 step "tiny official-format checkpoint (random weights)"
 "$BIN/tiny-checkpoint" "$OUT/tiny"
 
-step "synthetic world in the PhysicalAI-AV on-disk layout"
-"$BIN/synth-world" "$OUT/world" --clips 24 --seed 0 --width 192 --height 108
+step "synthetic world (PhysicalAI-AV layout): curve-rich, 30 % of clips held out; and the same world blanked"
+"$BIN/synth-world" "$OUT/world" "${WORLD[@]}" --no-progress
+"$BIN/synth-world" "$OUT/world_blank" "${WORLD[@]}" --blank --no-progress
+"$BIN/curve-scan" "$OUT/world" --threshold 0.05 --output "$OUT/curve_scan.json" > /dev/null
 
-step "curve scan"
-"$BIN/curve-scan" "$OUT/world" --threshold 0.05 --output "$OUT/curve_scan.json"
+step "STAND-IN released model, 1/3: a VLM whose prefix carries the scene (mergers trained on the train split)"
+"$BIN/standin-vlm" pretrain --dataset "$OUT/world" --checkpoint "$OUT/tiny/alpamayo" --out "$OUT/standin_vlm" \
+    --steps 200 --lr 1e-2
 
-step "cache-build: teacher-forced prefix, front camera only, bf16 store"
-"$BIN/cache-build" --dataset "$OUT/world" --checkpoint "$OUT/tiny/alpamayo" --out "$OUT/store" \
-    --cameras front-only --keyframes stride:2 --batch-size 4
+step "STAND-IN released model, 2/3: its head, trained on a straight-dominated 4-camera cache"
+"$BIN/standin-vlm" select --dataset "$OUT/world" --out "$OUT/release_clips.txt"
+"$BIN/cache-build" --dataset "$OUT/world" --checkpoint "$OUT/standin_vlm" --out "$OUT/store_release_4cam" \
+    --cameras full --clips "@$OUT/release_clips.txt" "${BUILD[@]}"
+"$BIN/head-train" --cache "$OUT/store_release_4cam" --out "$OUT/run_release" --steps 100 --batch-size 8 \
+    --warmup-steps 10 --save-every 100 --log-every 10 --lr 5e-4
 
-step "cache-inspect"
-"$BIN/cache-inspect" summary "$OUT/store"
+step "STAND-IN released model, 3/3: exported as an official-format checkpoint"
+"$BIN/head-export" --head "$OUT/run_release/head.safetensors" --out "$OUT/release"
+cp "$OUT/standin_vlm/STANDIN.json" "$OUT/release/STANDIN.json"
 
-step "baseline evaluation (released head) on the val split"
-"$BIN/head-eval" --cache "$OUT/store" --out "$OUT/eval_baseline.json"
+step "caches of the stand-in release: held-out 4-camera; front-only (train + val); front-only of the blank world"
+"$BIN/cache-build" --dataset "$OUT/world" --checkpoint "$OUT/release" --out "$OUT/store_val_4cam" --cameras full \
+    --split val "${BUILD[@]}"
+"$BIN/cache-build" --dataset "$OUT/world" --checkpoint "$OUT/release" --out "$OUT/store_front" \
+    --cameras front-only "${BUILD[@]}"
+"$BIN/cache-build" --dataset "$OUT/world_blank" --checkpoint "$OUT/release" --out "$OUT/store_front_blank" \
+    --cameras front-only "${BUILD[@]}"
+"$BIN/cache-inspect" summary "$OUT/store_front"
 
-step "head-train (CPU)"
-"$BIN/head-train" --cache "$OUT/store" --out "$OUT/run" --steps 300 --batch-size 4 --warmup-steps 30 \
-    --save-every 100 --log-every 25
+step "does the prefix carry the curve? ridge probe, held-out clips"
+"$BIN/standin-vlm" probe "$OUT/store_val_4cam" --fit-on "$OUT/store_release_4cam" --json "$OUT/probe_4cam.json"
+"$BIN/standin-vlm" probe "$OUT/store_front" --json "$OUT/probe_front.json"
+"$BIN/cache-inspect" probe "$OUT/store_front"
 
-step "fine-tuned evaluation + comparison plot"
-"$BIN/head-eval" --cache "$OUT/store" --out "$OUT/eval_finetuned.json" --head "$OUT/run/head.safetensors" \
-    --baseline "$OUT/eval_baseline.json" --plot "$OUT/comparison.png"
+step "fine-tune the head on the curve-rich front-only train split (and the same on blanked images)"
+"$BIN/head-train" --cache "$OUT/store_front" --out "$OUT/run_front" --steps 150 --batch-size 8 \
+    --warmup-steps 10 --save-every 150 --log-every 10 --lr 5e-4
+"$BIN/head-train" --cache "$OUT/store_front_blank" --out "$OUT/run_front_blank" --steps 150 --batch-size 8 \
+    --warmup-steps 10 --save-every 150 --log-every 10 --lr 5e-4
 
-step "export a full official checkpoint with the fine-tuned head"
-"$BIN/head-export" --head "$OUT/run/head.safetensors" --out "$OUT/export"
+step "compare on held-out clips: the stand-in release on 4 cameras vs front-only, and the fine-tuned heads"
+"$BIN/head-compare" --out "$OUT/compare" \
+    --cache 4-cam="$OUT/store_val_4cam" --cache front-only="$OUT/store_front" --cache blank="$OUT/store_front_blank" \
+    --head "fine-tuned front-only=$OUT/run_front/head.safetensors@front-only" \
+    --head "fine-tuned blank=$OUT/run_front_blank/head.safetensors@blank" \
+    --runs "front-only=$OUT/run_front" --runs "blank=$OUT/run_front_blank" --runs "release (4-cam)=$OUT/run_release"
 
-printf '\nDemo done. Results:\n  %s\n  %s\n  %s\n  %s\n' "$OUT/eval_baseline.json" "$OUT/eval_finetuned.json" \
-    "$OUT/comparison.png" "$OUT/export"
+step "export the fine-tuned head as a full official checkpoint"
+"$BIN/head-export" --head "$OUT/run_front/head.safetensors" --out "$OUT/export"
+
+printf '\nDemo done: %s/compare/{compare.md,samples.png,bins.png,loss.png}, %s/probe_{4cam,front}.json, %s/export\n' "$OUT" "$OUT" "$OUT"
