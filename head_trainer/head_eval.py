@@ -25,8 +25,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from shared.checkpoint import AlpamayoCheckpoint, head_from_state, load_head_file, sha256_file
-from shared.cli import config_from_args, user_errors
+from shared.checkpoint import (
+    AlpamayoCheckpoint,
+    check_head_file,
+    head_from_state,
+    load_head_file,
+    sha256_file,
+)
+from shared.cli import check_device, config_from_args, user_errors
 from shared.store import Store
 
 from .data import collate, sample_item, split_indices
@@ -59,12 +65,16 @@ class EvalConfig:
     dataset: str | None = None  # --live: the dataset the store was built from (default: its provenance)
 
     def validate(self) -> None:
-        if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("--num-samples, --steps and --batch-size must be >= 1")
+        for name in ("num_samples", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        check_device("--device", self.device)
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype {self.dtype!r}: use float32 or bfloat16")
         if self.head and not Path(self.head).is_file():
             raise ValueError(f"--head {self.head}: no such file (train one with head-train)")
+        if self.head:
+            check_head_file(self.head)  # a file that is not a head of this tool is refused before the store opens
         if self.live < 0:
             raise ValueError(f"--live {self.live}: must be >= 0")
         if self.baseline and not Path(self.baseline).is_file():

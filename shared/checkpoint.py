@@ -227,19 +227,30 @@ def save_head(head: AlpamayoHead | dict[str, torch.Tensor], path: str | os.PathL
     return path
 
 
-def load_head_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """-> (state dict with official names, metadata dict)."""
-    path = Path(path)
+def _open_head_file(path: Path):
+    """safe_open of a head file of this tool (header checked), or CheckpointError naming the path."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such head file")
     try:
         f = safe_open(str(path), "pt")
     except Exception as exc:  # safetensors raises its own error type for a file that is not safetensors
         raise CheckpointError(f"{path}: not a safetensors head file ({exc})") from exc
+    header = f.metadata() or {}
+    if header.get("format") != HEAD_FILE_FORMAT:
+        raise CheckpointError(f"{path}: not a head file of this tool (format={header.get('format')!r})")
+    return f, header
+
+
+def check_head_file(path: str | os.PathLike) -> dict:
+    """Refuse anything but a head file of this tool, reading only its header; -> its metadata."""
+    _, header = _open_head_file(Path(path))
+    return json.loads(header.get("metadata", "{}"))
+
+
+def load_head_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (state dict with official names, metadata dict)."""
+    f, header = _open_head_file(Path(path))
     with f:
-        header = f.metadata() or {}
-        if header.get("format") != HEAD_FILE_FORMAT:
-            raise CheckpointError(f"{path}: not a head file of this tool (format={header.get('format')!r})")
         state = {k: f.get_tensor(k) for k in f.keys()}
     return state, json.loads(header.get("metadata", "{}"))
 
