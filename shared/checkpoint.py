@@ -252,6 +252,10 @@ def load_head_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     f, header = _open_head_file(Path(path))
     with f:
         state = {k: f.get_tensor(k) for k in f.keys()}
+    bad = sorted(k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:  # a head trained on corrupt data must not pass on silently into evaluation or an export
+        raise CheckpointError(f"{path}: {len(bad)} tensors hold NaN/Inf (e.g. {', '.join(bad[:3])}); "
+                              "this head is unusable: retrain or resume from an earlier checkpoint")
     return state, json.loads(header.get("metadata", "{}"))
 
 

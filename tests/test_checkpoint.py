@@ -61,6 +61,20 @@ def test_head_load_save_reload_is_bitwise(tiny_checkpoint, tmp_path):
     assert all(torch.equal(again[k], orig[k]) for k in orig)
 
 
+def test_a_head_with_nan_is_refused_by_eval_and_export(tiny_checkpoint, tmp_path, capsys):
+    """A head trained on corrupt data never passes on silently (the Found case of the reliability issue)."""
+    from head_trainer import head_export
+
+    ck = AlpamayoCheckpoint.open(tiny_checkpoint)
+    state = ck.head_state_dict()
+    state["expert.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    path = save_head(state, tmp_path / "head.safetensors", {"note": "x"})
+    with pytest.raises(CheckpointError, match=r"1 tensors hold NaN/Inf \(e.g. expert.layers.0.mlp.down_proj.weight\)"):
+        load_head_file(path)
+    assert head_export.main(["--head", str(path), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x")]) == 2
+    assert "NaN/Inf" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_export_replaces_head_and_keeps_vlm_bytes(tiny_checkpoint, tmp_path):
     ck = AlpamayoCheckpoint.open(tiny_checkpoint)
     head = ck.load_head()
