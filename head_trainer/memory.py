@@ -103,3 +103,37 @@ def check_budget(est: MemoryEstimate, budget: float, batch: int, checkpoint: boo
     hints.append("--trainable lora")
     raise ValueError(f"estimated peak {est.describe()} exceeds --gpu-memory-budget {budget / 2**30:.1f} GiB; "
                      f"try {' or '.join(hints)}")
+
+
+def count_params(cfg: HeadConfig, trainable: str = "all", lora_rank: int = 16,
+                 lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj") -> tuple[int, int]:
+    """(all parameters, trainable parameters) of the head under a --trainable mode, counted on meta."""
+    import torch
+    from torch import nn
+
+    from shared.head import AlpamayoHead
+
+    with torch.device("meta"):
+        head = AlpamayoHead(cfg)
+    n = sum(p.numel() for p in head.parameters())
+    proj = sum(p.numel() for m in (head.action_in_proj, head.action_out_proj) for p in m.parameters())
+    if trainable == "all":
+        return n, n
+    if trainable == "projections":
+        return n, proj
+    targets = {t.strip() for t in lora_targets.split(",") if t.strip()}
+    extra = sum(lora_rank * (m.in_features + m.out_features) for name, m in head.expert.named_modules()
+                if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    return n + extra, proj + extra
+
+
+def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str) -> MemoryEstimate:
+    """head-train's check before any model loads: the plan of `train_cfg` against --gpu-memory-budget."""
+    from .data import bucket_len
+
+    n, n_train = count_params(head_cfg, train_cfg.trainable, train_cfg.lora_rank, train_cfg.lora_targets)
+    est = estimate(head_cfg, n, n_train, dtype, train_cfg.optimizer, train_cfg.batch_size, bucket_len(max_len),
+                   train_cfg.draws, kv_slots=2 * train_cfg.grad_accum, checkpoint=train_cfg.gradient_checkpointing)
+    check_budget(est, parse_bytes(train_cfg.gpu_memory_budget), train_cfg.batch_size,
+                 train_cfg.gradient_checkpointing, train_cfg.optimizer)
+    return est

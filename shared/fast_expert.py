@@ -15,6 +15,9 @@ Same modules, same weights, same math as transformers' `Qwen3VLTextModel` with a
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -92,6 +95,8 @@ class FastExpert:
         self.checkpoint = checkpoint
         if compile:  # one graph per batch shape, reused by every layer; allow many bucket shapes
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            # compiled kernels persist across runs (a second run of the same shapes skips the compile)
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "alpamayo-headtune" / "inductor"))
         self.layer_fn = torch.compile(decoder_layer, dynamic=False) if compile else decoder_layer
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, prefix: KVPrefix,

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 
 import shared.store as store_mod
 from shared import kv_quant
@@ -286,7 +287,7 @@ def test_background_error_surfaces(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(store_mod.zarr, "create_array", boom)
+    monkeypatch.setattr(zarr, "create_array", boom)
     w.write(synthetic_sample(0, spec))
     with pytest.raises(StoreError, match="disk full"):
         w.close()
