@@ -40,17 +40,6 @@ def mix(v_unguided: torch.Tensor, v_guided: torch.Tensor, weight: float) -> torc
     return (1.0 - weight) * v_unguided + weight * v_guided
 
 
-def unguided_kv(keys: torch.Tensor, values: torch.Tensor, suffix_keys: torch.Tensor, suffix_values: torch.Tensor,
-                r_s: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unguided prefix KV from what a store holds: guided KV [0, r_s) + the unguided suffix.
-
-    keys/values (layers, kv_heads, >= r_s, head_dim); suffix (layers, kv_heads, n, head_dim)
-    -> (layers, kv_heads, r_s + n, head_dim). The shared part is stored once (cache_builder.unguided).
-    """
-    return (torch.cat([keys[..., :r_s, :], suffix_keys.to(keys.dtype)], dim=-2),
-            torch.cat([values[..., :r_s, :], suffix_values.to(values.dtype)], dim=-2))
-
-
 @torch.no_grad()
 def sample_actions_guided(head, guided: KVPrefix, unguided: KVPrefix | None = None, *,
                           cfg: GuidanceConfig = GuidanceConfig(), num_samples: int = 1,

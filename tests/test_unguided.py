@@ -10,9 +10,9 @@ from cache_builder.unguided import unguided_suffix
 from cache_builder.vlm import load_vlm, prefill
 from shared import prompt15 as P15
 from shared.checkpoint import AlpamayoCheckpoint
-from shared.guidance import unguided_kv
 from shared.qwen_files import load_processor
 from shared.sample import Sample
+from shared.store.nav import unguided_kv
 from shared.tiny_checkpoint15 import write_tiny_checkpoint15
 
 
