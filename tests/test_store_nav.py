@@ -39,7 +39,7 @@ def test_navigation_fields_round_trip(tmp_path, kv_dtype, unguided):
         for s in ss:
             w.write(s)
     st = Store.open(str(tmp_path / "c"))
-    assert st.schema_version == SCHEMA_VERSION_NAV == 2 and st.spec == spec
+    assert st.schema_version == SCHEMA_VERSION_NAV == 2 and st.spec == spec and st.verify().ok
     for s in ss:
         got, m = st.read(s.key), st.manifest(s.key)
         assert m["schema_version"] == 2

@@ -1,0 +1,72 @@
+"""The pipeline on a tiny Alpamayo 1.5 checkpoint: world -> cache-build (1.5 prompt, generated navigation,
+unguided suffix) -> train -> eval -> export, and the stored unguided suffix against a no-route build."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cache_builder import cache_build
+from head_trainer import head_eval, head_export, head_train
+from shared.checkpoint import INDEX_NAME, AlpamayoCheckpoint, load_head_file
+from shared.data import write_synthetic_world
+from shared.store import Store
+from shared.store.nav import unguided_kv
+from shared.tiny_checkpoint15 import write_tiny_checkpoint15
+
+
+@pytest.fixture(scope="module")
+def built15(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e15")
+    ckpt = write_tiny_checkpoint15(root / "tiny15", dtype=torch.float32)
+    write_synthetic_world(root / "world", n_clips=3, seed=5, width=192, height=108, duration_s=12.0,
+                          kinds=["sharp-left", "straight", "sharp-right"])
+    common = ["--dataset", str(root / "world"), "--checkpoint", str(ckpt), "--cameras", "front-only",
+              "--keyframes", "stride:2", "--batch-size", "2", "--kv-dtype", "float32", "--no-hidden"]
+    assert cache_build.main(common + ["--out", str(root / "nav"), "--navigation", "generate", "--unguided"]) == 0
+    assert cache_build.main(common + ["--out", str(root / "plain")]) == 0
+    return root, ckpt
+
+
+def test_store_holds_1_5_fields_and_the_unguided_suffix_equals_a_no_route_build(built15):
+    root, _ = built15
+    nav, plain = Store.open(str(root / "nav")), Store.open(str(root / "plain"))
+    assert nav.schema_version == 2 and nav.spec.navigation and nav.spec.unguided
+    assert nav.provenance["prompt"]["layout"] == "sft" and nav.provenance["navigation"]["source"] == "generate"
+    assert nav.provenance["checkpoint"]["model_type"] == "alpamayo1_5"
+    assert nav.keys() == plain.keys() and nav.verify().ok
+    routed = 0
+    for key in nav.keys():
+        a, b = nav.read(key), plain.read(key)
+        assert a.camera_ids == (1,) and b.nav_text is None and b.route_span is None
+        if a.route_span is None:
+            assert a.nav_text is None and torch.equal(a.k, b.k)
+            continue
+        routed += 1
+        assert a.nav_text.startswith("Turn ") and a.prefix_len == b.prefix_len + a.route_span[1] - a.route_span[0] + 1
+        uk, uv = nav.read_unguided(key)
+        fk, fv = unguided_kv(a.k, a.v, uk, uv, a.route_span[0])
+        torch.testing.assert_close(fk, b.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fv, b.v, rtol=1e-5, atol=1e-5)
+    assert 0 < routed < len(nav)  # turning keyframes get a route, straight ones none
+
+
+def test_train_eval_export_on_1_5(built15, tmp_path):
+    root, ckpt = built15
+    store = str(root / "nav")
+    assert head_train.main(["--cache", store, "--out", str(tmp_path / "run"), "--split", "all", "--steps", "2",
+                            "--batch-size", "2", "--warmup-steps", "1", "--log-every", "1"]) == 0
+    state, meta = load_head_file(tmp_path / "run/head.safetensors")
+    assert meta["base_checkpoint"]["model_type"] == "alpamayo1_5"
+    out = tmp_path / "eval.json"
+    assert head_eval.main(["--cache", store, "--split", "all", "--num-samples", "2", "--steps", "4",
+                           "--head", str(tmp_path / "run/head.safetensors"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())
+    assert head_export.main(["--head", str(tmp_path / "run/head.safetensors"), "--out", str(tmp_path / "export")]) == 0
+    src = json.loads((ckpt / INDEX_NAME).read_text())["weight_map"]
+    exp = json.loads((tmp_path / "export" / INDEX_NAME).read_text())["weight_map"]
+    assert set(exp) == set(src)
+    assert (tmp_path / "export/config.json").read_bytes() == (ckpt / "config.json").read_bytes()
+    assert AlpamayoCheckpoint.open(tmp_path / "export").release.model_type == "alpamayo1_5"
