@@ -25,6 +25,7 @@ from shared.cli import config_from_args, user_errors
 from shared.store import Store
 
 from .data import collate, sample_item, split_indices
+from .guided_eval import guidance_options, sample_guided
 from .head_train import resolve_device
 from .metrics import summarize, trajectory_metrics
 
@@ -50,6 +51,9 @@ class EvalConfig:
     force: bool = False  # recompute even when a result with the same metadata exists
     baseline: str | None = None  # another result JSON to compare against in --plot
     plot: str | None = None  # write a PNG comparing baseline (if any) and this result
+    navigation: str = "as-built"  # Alpamayo 1.5 stores: as-built (the stored route) | none (the unguided prefix)
+    guidance_weight: float = 1.0  # Alpamayo 1.5: classifier-free guidance w (1 = off; official nav demo 1.5)
+    noise_temperature: float = 1.0  # Alpamayo 1.5: initial-noise scale (release 1.0; official nav demo 0.6)
 
     def validate(self) -> None:
         if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1:
@@ -60,6 +64,7 @@ class EvalConfig:
             raise ValueError(f"--head {self.head}: no such file (train one with head-train)")
         if self.baseline and not Path(self.baseline).is_file():
             raise ValueError(f"--baseline {self.baseline}: no such result file (run head-eval without --head first)")
+        guidance_options(self)
 
 
 def metadata(cfg: EvalConfig, store: Store, ckpt: AlpamayoCheckpoint, n_items: int) -> dict:
@@ -71,7 +76,8 @@ def metadata(cfg: EvalConfig, store: Store, ckpt: AlpamayoCheckpoint, n_items: i
         "head": None if cfg.head is None else {"path": str(Path(cfg.head).resolve()), "sha256": sha256_file(cfg.head)},
         "cache": {"url": store.url, "provenance_sha256": hashlib.sha256(prov.encode()).hexdigest(),
                   "split": cfg.split, "items": n_items},
-        "parameters": {"num_samples": cfg.num_samples, "steps": cfg.steps, "seed": cfg.seed, "dtype": cfg.dtype},
+        "parameters": {"num_samples": cfg.num_samples, "steps": cfg.steps, "seed": cfg.seed, "dtype": cfg.dtype,
+                       **guidance_options(cfg)},  # the 1.5 options only when set: R1 metadata unchanged
     }
 
 
@@ -102,9 +108,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     per_metric: dict[str, list[torch.Tensor]] = {}
     for i in tqdm(range(0, len(indices), cfg.batch_size), desc="head-eval", unit="batch"):
         chunk = indices[i:i + cfg.batch_size]
-        batch = collate([sample_item(store.read(j, with_hidden=False)) for j in chunk]).to(device)
-        pred = head.sample_trajectories(batch.prefix, batch.hist_xyz, batch.hist_rot, cfg.num_samples,
-                                        cfg.steps, gen)  # (B, K, 64, 3)
+        read = [store.read(j, with_hidden=False) for j in chunk]
+        batch = collate([sample_item(s) for s in read]).to(device)
+        if guidance_options(cfg):  # Alpamayo 1.5: no-route prompt and/or guidance (head_trainer/guided_eval.py)
+            pred = sample_guided(head, store, read, batch, cfg, gen)
+        else:
+            pred = head.sample_trajectories(batch.prefix, batch.hist_xyz, batch.hist_rot, cfg.num_samples,
+                                            cfg.steps, gen)  # (B, K, 64, 3)
         m = trajectory_metrics(pred.cpu(), batch.fut_xyz.cpu())
         for k, v in m.items():
             per_metric.setdefault(k, []).append(v)

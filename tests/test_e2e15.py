@@ -70,3 +70,22 @@ def test_train_eval_export_on_1_5(built15, tmp_path):
     assert set(exp) == set(src)
     assert (tmp_path / "export/config.json").read_bytes() == (ckpt / "config.json").read_bytes()
     assert AlpamayoCheckpoint.open(tmp_path / "export").release.model_type == "alpamayo1_5"
+
+
+def test_eval_without_route_and_with_guidance(built15, tmp_path):
+    root, _ = built15
+    common = ["--split", "all", "--num-samples", "2", "--steps", "4"]
+
+    def run(store, name, *extra):
+        assert head_eval.main(["--cache", str(root / store), "--out", str(tmp_path / name), *common, *extra]) == 0
+        return json.loads((tmp_path / name).read_text())
+
+    nonav, plain = run("nav", "nonav.json", "--navigation", "none"), run("plain", "plain.json")
+    for a, b in zip(nonav["per_sample"], plain["per_sample"]):  # unguided prefix = the no-route build's prefix
+        assert a["key"] == b["key"]
+        assert all(abs(a["metrics"][k] - b["metrics"][k]) <= 1e-3 * max(1.0, abs(b["metrics"][k])) for k in a["metrics"])
+    guided = run("nav", "w15.json", "--guidance-weight", "1.5", "--noise-temperature", "0.6")
+    assert guided["metadata"]["parameters"]["guidance_weight"] == 1.5
+    assert "guidance_weight" not in plain["metadata"]["parameters"]  # R1-form metadata unchanged
+    assert head_eval.main(["--cache", str(root / "nav"), "--out", str(tmp_path / "y.json"), *common,
+                           "--navigation", "none", "--guidance-weight", "2"]) == 2

@@ -80,3 +80,19 @@ def unguided_kv(k: torch.Tensor, v: torch.Tensor, suffix_k: torch.Tensor, suffix
     """Whole unguided prefix (layers, kv_heads, r_s + n, head_dim): guided [0, r_s) + the suffix."""
     return (torch.cat([k[..., :r_s, :], suffix_k.to(k.dtype)], dim=-2),
             torch.cat([v[..., :r_s, :], suffix_v.to(v.dtype)], dim=-2))
+
+
+def unguided_sample(store, s):
+    """The unguided (no-route) variant of a read CachedSample `s`: k/v = guided [0, r_s) + the stored
+    suffix, prefix_len = L_u. A sample without a route is its own unguided variant."""
+    import dataclasses
+
+    if s.route_span is None:
+        return s
+    if not store.spec.unguided:
+        raise ValueError(f"{store.url}: sample {s.key!r} has a route but the store holds no unguided suffix; "
+                         "rebuild it with `cache-build --unguided`")
+    uk, uv = read_unguided(store, s.key, s.k.device)
+    k, v = unguided_kv(s.k, s.v, uk, uv, s.route_span[0])
+    return dataclasses.replace(s, k=k, v=v, prefix_len=int(k.shape[2]), nav_text=None, route_span=None,
+                               unguided_k=None, unguided_v=None, hidden=None)
