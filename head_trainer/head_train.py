@@ -28,6 +28,7 @@ from shared.store import Store
 
 from .data import make_loader, split_indices
 from .optim import build_optimizer, load_optimizer, save_optimizer
+from .route_mix import mix_indices
 from .step import StepConfig, TrainStep
 
 
@@ -58,6 +59,7 @@ class TrainConfig:
     stop_after: int | None = None  # end this invocation after N more steps (time-boxed jobs; --resume later)
     resume: bool = False  # continue from the latest checkpoint in `out`
     overwrite: bool = False  # replace an existing run directory
+    unguided_mix: float = 0.0  # Alpamayo 1.5 stores: fraction of no-route (unguided) training items, e.g. 0.1
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "draws", "save_every", "keep_last", "log_every"):
@@ -133,6 +135,7 @@ def train(cfg: TrainConfig) -> Path:
     if not indices:
         raise ValueError(f"{cfg.cache}: no samples in split {cfg.split!r} (splits: "
                          f"{sorted({store.manifest(i)['split'] for i in range(len(store))})})")
+    indices, mix = mix_indices(store, indices, cfg.unguided_mix, cfg.seed)  # 1.5 only; unchanged at 0
     if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
         raise FileExistsError(f"{out} exists; pass --resume to continue or --overwrite to start again")
     if cfg.overwrite:
@@ -162,6 +165,8 @@ def train(cfg: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"train_config": asdict(cfg), "base_checkpoint": ckpt.identity(), "head_config": head_cfg.to_dict(),
             "cache": {"url": store.url, "provenance": store.provenance, "split": cfg.split, "samples": len(indices)}}
+    if mix:
+        meta["unguided_mix"] = mix
     (out / "config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
     # ---- loop -------------------------------------------------------------------------------------

@@ -89,3 +89,26 @@ def test_eval_without_route_and_with_guidance(built15, tmp_path):
     assert "guidance_weight" not in plain["metadata"]["parameters"]  # R1-form metadata unchanged
     assert head_eval.main(["--cache", str(root / "nav"), "--out", str(tmp_path / "y.json"), *common,
                            "--navigation", "none", "--guidance-weight", "2"]) == 2
+
+
+def test_unguided_mix_trains_on_a_recorded_no_route_share(built15, tmp_path):
+    from head_trainer.data import read_raw
+    from head_trainer.route_mix import mix_indices
+
+    root, _ = built15
+    store = Store.open(str(root / "nav"))
+    idx, info = mix_indices(store, list(range(len(store))), 0.5, seed=0)
+    routed = [i for i in range(len(store)) if store.manifest(i)["route_span"]]
+    assert info["no_route_fraction"] >= 0.5 or info["unguided_variants"] == len(routed)
+    extra = [i - len(store) for i in idx[len(store):]]
+    assert extra and set(extra) <= set(routed)
+    j = extra[0]
+    raw, s = read_raw(store, j + len(store)), store.read(j)
+    k, _ = unguided_kv(s.k, s.v, *store.read_unguided(j), s.route_span[0])
+    assert raw["L"] == k.shape[2] and torch.equal(raw["kv"][:, 0], k)
+    assert mix_indices(store, [0, 1], 0.0, 0) == ([0, 1], {})
+    with pytest.raises(ValueError, match="unguided-mix"):
+        mix_indices(store, [0], 1.0, 0)
+    assert head_train.main(["--cache", str(root / "nav"), "--out", str(tmp_path / "mix"), "--split", "all",
+                            "--steps", "2", "--batch-size", "2", "--warmup-steps", "1", "--unguided-mix", "0.5"]) == 0
+    assert json.loads((tmp_path / "mix/config.json").read_text())["unguided_mix"]["rate"] == 0.5
