@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from shared.checkpoint import AlpamayoCheckpoint
 from shared.cli import config_from_args, user_errors
+from shared.images import PIXEL_PATHS
 from shared.prompt import build_vlm_inputs
 from shared.qwen_files import load_processor
 from shared.release import A15
@@ -52,6 +53,7 @@ class BuildConfig:
     vlm_base: str | None = None  # override for the checkpoint's vlm_name_or_path
     mode: str = "teacher"  # teacher (official Stage-2 prefix) | rollout (VLM writes its CoC) | given-cot
     cameras: str = "full"  # full | front-masked | front-only | comma list of camera names
+    pixels: str = "inference"  # image path: inference (release inference, uint8 resize; default) | stage2 (official Stage-2 training, float resize)
     keyframes: str = "default"  # default (5.1 s) | max-curvature | stride:<s> | turn-onset
     clips: str | None = None  # comma list of clip ids, or @file with one id per line (default: all)
     split: str | None = None  # only clips of this split (train / val)
@@ -83,6 +85,8 @@ class BuildConfig:
             raise ValueError(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.kv_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"--kv-dtype {self.kv_dtype!r}: use bfloat16 or float32")
+        if self.pixels not in PIXEL_PATHS:
+            raise ValueError(f"--pixels {self.pixels!r}: use one of {', '.join(PIXEL_PATHS)}")
         if self.quant not in ("none", "int8", "int4"):
             raise ValueError(f"--quant {self.quant!r}: use none, int8 or int4")
         if self.resume and self.overwrite:
@@ -172,6 +176,7 @@ def provenance(cfg: BuildConfig, ckpt: AlpamayoCheckpoint, ds, processor) -> dic
                       "tokenizer_class": type(tok).__name__, "min_pixels": ckpt.config.get("min_pixels", 163840),
                       "max_pixels": ckpt.config.get("max_pixels", 196608)},
         "prefix_mode": cfg.mode,
+        "pixels": cfg.pixels,  # which official image path made pixel_values (shared.images.PIXEL_PATHS)
         "dataset_revision": ds.revision,
         "dataset_root": str(Path(cfg.dataset).resolve()),
         "keyframes": cfg.keyframes,
@@ -209,15 +214,18 @@ class CpuStage(torch.utils.data.IterableDataset):
     reasoning text they need are counted, not built."""
 
     def __init__(self, samples: Callable[[int, int], Iterable[Sample]], processor, action_space, mode: str,
-                 done: set[str] = frozenset(), cots=None, pixel_dtype: torch.dtype = torch.float32, nav=None):
+                 done: set[str] = frozenset(), cots=None, pixel_dtype: torch.dtype = torch.float32,
+                 pixels: str = "inference", nav=None):
         self.samples, self.processor, self.action_space, self.mode = samples, processor, action_space, mode
-        self.done, self.cots, self.pixel_dtype, self.nav = done, cots, pixel_dtype, nav  # nav: 1.5 only
+        self.done, self.cots, self.pixel_dtype, self.pixels = done, cots, pixel_dtype, pixels
+        self.nav = nav  # release15.NavSource for an Alpamayo 1.5 checkpoint, None for R1
 
     def prepare(self, s: Sample) -> Prepared:
         if self.nav is not None:  # Alpamayo 1.5 checkpoint
-            x = inputs15(self.processor, s, self.mode, self.nav)
+            x = inputs15(self.processor, s, self.mode, self.nav, self.pixels)
         else:
-            x = build_vlm_inputs(self.processor, s, mode=self.mode, cot=s.cot if self.mode == "given-cot" else None)
+            x = build_vlm_inputs(self.processor, s, mode=self.mode, cot=s.cot if self.mode == "given-cot" else None,
+                                 pixels=self.pixels)
         # the VLM's dtype already here: the same rounding as on the GPU, half the bytes to move
         x["pixel_values"] = x["pixel_values"].to(self.pixel_dtype)
         action, v0 = gt_action(self.action_space, s)
@@ -281,7 +289,8 @@ class Builder:
         self.waited = {"inputs_s": 0.0, "writer_s": 0.0}
 
     def stage(self, samples: Callable[[int, int], Iterable[Sample]], done: set[str] = frozenset(), cots=None) -> CpuStage:
-        return CpuStage(samples, self.processor, self.action_space, self.cfg.mode, done, cots, self.vlm.dtype, self.nav)
+        return CpuStage(samples, self.processor, self.action_space, self.cfg.mode, done, cots, self.vlm.dtype,
+                        self.cfg.pixels, self.nav)
 
     def expand(self, group: list[Prepared]) -> list[Prepared]:
         """Prompt -> expert prefix. Teacher / given-cot prompts already end at <|traj_future_start|>;

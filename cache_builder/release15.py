@@ -58,9 +58,10 @@ class NavSource:
         return out
 
 
-def inputs15(processor, s: Sample, mode: str, nav: NavSource) -> dict:
+def inputs15(processor, s: Sample, mode: str, nav: NavSource, pixels: str = "inference") -> dict:
     """The 1.5 VLM inputs of one sample (build_vlm_inputs15: + camera_ids, nav_text, route_span)."""
-    return build_vlm_inputs15(processor, s, mode=mode, nav_text=nav(s), cot=s.cot if mode == "given-cot" else None)
+    return build_vlm_inputs15(processor, s, mode=mode, nav_text=nav(s), cot=s.cot if mode == "given-cot" else None,
+                              pixels=pixels)
 
 
 def attach15(rec, inputs: dict, k, v, rope_delta, vlm, unguided: bool) -> None:

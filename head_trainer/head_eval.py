@@ -54,6 +54,8 @@ class EvalConfig:
     navigation: str = "as-built"  # Alpamayo 1.5 stores: as-built (the stored route) | none (the unguided prefix)
     guidance_weight: float = 1.0  # Alpamayo 1.5: classifier-free guidance w (1 = off; official nav demo 1.5)
     noise_temperature: float = 1.0  # Alpamayo 1.5: initial-noise scale (release 1.0; official nav demo 0.6)
+    live: int = 0  # also run the VLM on this many of the samples instead of reading their cache; report agreement (GPU)
+    dataset: str | None = None  # --live: the dataset the store was built from (default: its provenance)
 
     def validate(self) -> None:
         if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1:
@@ -62,6 +64,8 @@ class EvalConfig:
             raise ValueError(f"--dtype {self.dtype!r}: use float32 or bfloat16")
         if self.head and not Path(self.head).is_file():
             raise ValueError(f"--head {self.head}: no such file (train one with head-train)")
+        if self.live < 0:
+            raise ValueError(f"--live {self.live}: must be >= 0")
         if self.baseline and not Path(self.baseline).is_file():
             raise ValueError(f"--baseline {self.baseline}: no such result file (run head-eval without --head first)")
         guidance_options(self)
@@ -141,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(EvalConfig, argv, "head-eval", __doc__.split("\n\n")[0], ("cache", "out"))
     try:
         result = evaluate(cfg)
+        if cfg.live:
+            from .live import run_live
+
+            result = run_live(cfg, result)
         if cfg.plot:
             from .plots import plot_comparison
 

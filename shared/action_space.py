@@ -19,7 +19,9 @@ from torch import nn
 
 @dataclass(frozen=True)
 class SolverWeights:
-    """(lambda, ridge) per fit; release values = class defaults of UnicycleAccelCurvatureActionSpace."""
+    """(lambda, ridge) per fit. Release values: the class defaults of the official
+    `UnicycleAccelCurvatureActionSpace.__init__` (action_space/unicycle_accel_curvature.py:39-57), which
+    the release config.json repeats; tests/test_action_space.py pins them against a written-out copy."""
 
     theta_lambda: float = 1e-6
     theta_ridge: float = 1e-8
@@ -29,6 +31,10 @@ class SolverWeights:
     a_ridge: float = 1e-4
     kappa_lambda: float = 1e-4
     kappa_ridge: float = 1e-4
+
+
+# Smoothing order k of each fit (the official `w_smooth{k}=1.0` arguments): heading, speed: 3; accel, curvature: 2.
+THETA_ORDER, V_ORDER, A_ORDER, KAPPA_ORDER = 3, 3, 2, 2
 
 
 def finite_difference(n: int, order: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -151,7 +157,7 @@ class UnicycleAccelCurvature(nn.Module):
         theta = unwrap(yaw_of(hist_rot.to(self.solve_dtype)))  # (B, 16)
         a_mat = _trapezoid_speed_design(theta, self.dt)
         b_vec = _dxy_to_rhs(hist_xyz[..., :2].to(self.solve_dtype), self.dt)
-        v = _solve(a_mat, b_vec, 0, None, 3, w.v_lambda, w.v_ridge, self.dt)  # (B, 16)
+        v = _solve(a_mat, b_vec, 0, None, V_ORDER, w.v_lambda, w.v_ridge, self.dt)  # (B, 16)
         return v[:, -1]
 
     def smooth_theta(self, fut_rot: torch.Tensor) -> torch.Tensor:
@@ -161,7 +167,8 @@ class UnicycleAccelCurvature(nn.Module):
         yaw = unwrap(torch.cat([torch.zeros_like(yaw[:, :1]), yaw], dim=1))[:, 1:]
         n = yaw.shape[1] + 1
         a_mat = torch.eye(n, dtype=yaw.dtype, device=yaw.device)[1:].expand(yaw.shape[0], -1, -1)
-        return _solve(a_mat, yaw, 1, torch.zeros_like(yaw[:, :1]), 3, w.theta_lambda, w.theta_ridge, self.dt)
+        return _solve(a_mat, yaw, 1, torch.zeros_like(yaw[:, :1]), THETA_ORDER, w.theta_lambda, w.theta_ridge,
+                      self.dt)
 
     def fit_speed(self, fut_xyz: torch.Tensor, theta: torch.Tensor, v0: torch.Tensor) -> torch.Tensor:
         """Speeds v_0..v_64 along the smoothed headings, v_0 fixed: -> (B, 65)."""
@@ -169,21 +176,22 @@ class UnicycleAccelCurvature(nn.Module):
         xy = torch.cat([torch.zeros_like(fut_xyz[:, :1, :2]), fut_xyz[..., :2]], dim=1).to(self.solve_dtype)
         a_mat = _trapezoid_speed_design(theta, self.dt)
         b_vec = _dxy_to_rhs(xy, self.dt)
-        return _solve(a_mat, b_vec, 1, v0.unsqueeze(-1).to(self.solve_dtype), 3, w.v_lambda, w.v_ridge, self.dt)
+        return _solve(a_mat, b_vec, 1, v0.unsqueeze(-1).to(self.solve_dtype), V_ORDER, w.v_lambda, w.v_ridge,
+                      self.dt)
 
     def fit_accel(self, v: torch.Tensor) -> torch.Tensor:
         """a_t ~ (v_{t+1} - v_t)/dt with 2nd-order smoothing: (B, 65) -> (B, 64)."""
         w = self.weights
         n = v.shape[1] - 1
         a_mat = torch.eye(n, dtype=v.dtype, device=v.device).expand(v.shape[0], -1, -1)
-        return _solve(a_mat, torch.diff(v, dim=1) / self.dt, 0, None, 2, w.a_lambda, w.a_ridge, self.dt)
+        return _solve(a_mat, torch.diff(v, dim=1) / self.dt, 0, None, A_ORDER, w.a_lambda, w.a_ridge, self.dt)
 
     def fit_curvature(self, theta: torch.Tensor, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """s_t kappa_t ~ theta_{t+1} - theta_t, s_t = dt v_t + dt^2/2 a_t: -> (B, 64)."""
         w = self.weights
         s = self.dt * v[:, :-1] + 0.5 * self.dt**2 * a  # (B, 64)
         a_mat = torch.diag_embed(s)
-        return _solve(a_mat, torch.diff(theta, dim=1), 0, None, 2, w.kappa_lambda, w.kappa_ridge, self.dt)
+        return _solve(a_mat, torch.diff(theta, dim=1), 0, None, KAPPA_ORDER, w.kappa_lambda, w.kappa_ridge, self.dt)
 
     @torch.no_grad()
     def traj_to_action(

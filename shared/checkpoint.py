@@ -246,19 +246,39 @@ def load_head_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
 
 
 # -- export a full official checkpoint with a new head ----------------------------------------------
+def _overlap(a: Path, b: Path) -> bool:
+    """a and b are the same directory, or one lies inside the other (symlinks resolved)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_export_target(base: Path, out: Path) -> None:
+    """Refuse an output that would delete or overwrite the base checkpoint (before anything is touched).
+
+    Checked for `out` and for its staging sibling `out.partial`, which is removed if it exists."""
+    base = Path(base)
+    for target in (out, out.with_name(out.name + ".partial")):
+        if _overlap(target, base):
+            raise CheckpointError(
+                f"--out {out}: {'is' if target.resolve() == base.resolve() else 'overlaps'} the base checkpoint "
+                f"{base.resolve()}; write the export to a separate directory"
+            )
+
+
 def export_checkpoint(base: AlpamayoCheckpoint, head_state: dict[str, torch.Tensor], out_dir: str | os.PathLike,
                       overwrite: bool = False) -> Path:
     """A checkpoint directory `AlpamayoR1.from_pretrained` loads: original `vlm.*` shards reused
     (hard-linked where possible), one new shard for the head, the index rewritten.
 
     Head tensors are cast to the dtype each key has in the base checkpoint; the base's buffers
-    (`action_space.*`, Fourier `freqs`) are kept as they are.
+    (`action_space.*`, Fourier `freqs`) are kept as they are. Everything is checked first and the
+    directory is staged next to `out`; an existing `out` (with `overwrite`) goes only once the new
+    one is complete. An `out` that is, contains or lies inside the base checkpoint is refused.
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise CheckpointError(f"{out} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
+    check_export_target(base.path, out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"{out} exists and is not empty; pass --overwrite to replace it")
     base_head = set(base.head_keys())
     # Buffers the base file does not hold (1.5: non-persistent) are not written: same key set as the original.
     head_state = {k: v for k, v in head_state.items() if k in base_head or k not in BUFFER_KEYS}
@@ -301,5 +321,9 @@ def export_checkpoint(base: AlpamayoCheckpoint, head_state: dict[str, torch.Tens
     total = sum((tmp / f).stat().st_size for f in set(new_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
     os.replace(tmp, out)
     return out

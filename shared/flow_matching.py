@@ -2,7 +2,10 @@
 
 t = 0 is pure noise, t = 1 is data:  x_t = t x + (1 - t) eps,  target velocity u = x - eps.
 Training times: u ~ Beta(1.5, 1), t = 0.999 (1 - u)  (weighted towards the noisy end, as in pi0).
-Sampling: Euler from t = 0 to 1 on a uniform grid, 10 steps by default.
+Sampling: Euler from t = 0 to 1, 10 steps by default, on the release's grid: the times are
+`torch.linspace(0, 1, n + 1)` and each step is the difference of neighbours (not i/n and 1/n, which
+differ from it by an ulp at some steps), so the same noise on the same prefix gives the release's
+trajectory bit for bit.
 """
 
 from __future__ import annotations
@@ -45,15 +48,25 @@ def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[
     return t * x + (1.0 - t) * noise, x - noise
 
 
+def euler_time_grid(num_steps: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_i, dt_i), both (num_steps,) fp32: t = linspace(0, 1, n + 1)[:-1], dt = its differences."""
+    grid = torch.linspace(0.0, 1.0, num_steps + 1, device=device)
+    return grid[:-1], grid[1:] - grid[:-1]
+
+
 def euler_sample(
     velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     noise: torch.Tensor,  # (B, 64, 2) the starting point x at t = 0
     num_steps: int = 10,
 ) -> torch.Tensor:
-    """Integrate dx/dt = velocity(x, t) from t = 0 to 1 with `num_steps` Euler steps -> (B, 64, 2)."""
+    """Integrate dx/dt = velocity(x, t) from t = 0 to 1 with `num_steps` Euler steps -> (B, 64, 2).
+
+    velocity gets x and t (B, 1, 1); x <- x + dt_i * v as the release does (dt a (B, 1, 1) tensor).
+    """
     x = noise
-    dt = 1.0 / num_steps
+    times, steps = euler_time_grid(num_steps, x.device)
     for i in range(num_steps):
-        t = torch.full((x.shape[0], 1, 1), i * dt, dtype=torch.float32, device=x.device)
+        t = times[i].view(1, 1, 1).expand(x.shape[0], 1, 1)
+        dt = steps[i].view(1, 1, 1).expand(x.shape[0], 1, 1)
         x = x + dt * velocity(x, t).to(x.dtype)
     return x

@@ -1,4 +1,10 @@
-"""Qwen3-VL still-image preprocessing, exactly as Alpamayo-R1's release inference runs it.
+"""Qwen3-VL still-image preprocessing, exactly as Alpamayo-R1's release runs it, on either of its paths.
+
+PIXEL_PATHS: "inference" (the default; what release inference and the vLLM RL rollout feed, and what
+a fine-tuned head meets at inference) and "stage2" (the official SFT / Stage-2 data code,
+processor/qwen_processor.py:271-279: frames as float x / 255 with do_rescale=False, so torchvision
+resizes in float32 with no rounding or clamp, bicubic overshoot kept, then (y - 0.5) / 0.5). The two
+differ by up to a few hundredths in `pixel_values` on almost every value. Inference path details:
 
 The release passes the uint8 frames to `Qwen2VLImageProcessorFast` on CPU: torchvision's bicubic
 antialiased resize on the uint8 tensor, then `(x - 127.5) / 127.5`, then the patch flattening below
@@ -28,6 +34,7 @@ FACTOR = PATCH_SIZE * MERGE_SIZE  # resized sides are multiples of 32
 MIN_PIXELS = 163_840  # release values (alpamayo helper.py; RL yaml)
 MAX_PIXELS = 196_608
 PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1536
+PIXEL_PATHS = ("inference", "stage2")
 
 
 def smart_resize(
@@ -76,6 +83,17 @@ def resize_uint8(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     )
 
 
+def stage2_pixels(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The Stage-2 training path: uint8 (N, 3, H, W) -> x / 255 in fp32 -> bicubic antialiased float resize
+    (torchvision's float path is this interpolate call; no clamp) -> (y - 0.5) / 0.5, float32 (N, 3, h, w)."""
+    if frames.dtype != torch.uint8 or frames.ndim != 4:
+        raise ValueError(f"expected (N, 3, H, W) uint8 frames, got {tuple(frames.shape)} {frames.dtype}")
+    x = frames.cpu().to(torch.float32) / 255.0
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x.contiguous(), size=list(size), mode="bicubic", align_corners=False, antialias=True)
+    return (x - 0.5) / 0.5
+
+
 def normalize(frames: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, h, w) -> float32 (x - 127.5) / 127.5: Qwen's mean = std = 0.5 fused with 1/255."""
     return (frames.to(torch.float32) - 127.5) / 127.5
@@ -102,20 +120,26 @@ def patchify(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def preprocess_images(
-    frames_uint8: torch.Tensor | np.ndarray, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+    frames_uint8: torch.Tensor | np.ndarray, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+    pixels: str = "inference",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Release image preprocessing for N still images of one size.
+    """Release image preprocessing for N still images of one size, on the `pixels` path (PIXEL_PATHS).
 
     frames_uint8: (N, 3, H, W) uint8. Returns pixel_values (N * h/16 * w/16, 1536) float32 and
     image_grid_thw (N, 3) int64 with rows [1, h/16, w/16]. Each image gives grid.prod() // 4 LLM tokens.
     """
+    if pixels not in PIXEL_PATHS:
+        raise ValueError(f"pixels={pixels!r}: use one of {', '.join(PIXEL_PATHS)}")
     frames = torch.as_tensor(frames_uint8)
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"expected (N, 3, H, W) frames, got {tuple(frames.shape)}")
     h, w = smart_resize(
         int(frames.shape[-2]), int(frames.shape[-1]), min_pixels=min_pixels, max_pixels=max_pixels
     )
-    pixel_values = patchify(normalize(resize_uint8(frames, (h, w))))  # (N * gh * gw, 1536)
+    if pixels == "inference":
+        pixel_values = patchify(normalize(resize_uint8(frames, (h, w))))  # (N * gh * gw, 1536)
+    else:
+        pixel_values = patchify(stage2_pixels(frames, (h, w)))
     grid = torch.tensor(
         [[1, h // PATCH_SIZE, w // PATCH_SIZE]] * frames.shape[0], dtype=torch.int64
     )  # (N, 3)

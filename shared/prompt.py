@@ -92,8 +92,12 @@ def build_vlm_inputs(
     cot: str | None = None,
     min_pixels: int = MIN_PIXELS,
     max_pixels: int = MAX_PIXELS,
+    pixels: str = "inference",
 ) -> dict:
     """VLM inputs for one sample: what the release feeds Qwen3-VL, with history already fused.
+
+    `pixels`: "inference" (release inference's uint8 path, the default) or "stage2" (the official
+    Stage-2 training code's float path); see shared.images.
 
     `processor` comes from shared.qwen_files.load_processor (Alpamayo tokens added). Returns
     input_ids (1, T) int64, attention_mask (1, T) int64, pixel_values (n_img * patches, 1536) float32,
@@ -109,11 +113,12 @@ def build_vlm_inputs(
         raise ValueError(f"sample.images must be (n_cam, n_frames, 3, H, W) uint8, got {tuple(images.shape)}")
     messages = build_messages(images.shape[0] * images.shape[1], mode, cot)
     return inputs_from_messages(processor, messages, images, sample.ego_history_xyz, with_prefix=mode != "rollout",
-                                min_pixels=min_pixels, max_pixels=max_pixels)
+                                min_pixels=min_pixels, max_pixels=max_pixels, pixels=pixels)
 
 
 def inputs_from_messages(processor, messages: list[dict], images: torch.Tensor, ego_history_xyz, *,
-                         with_prefix: bool, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> dict:
+                         with_prefix: bool, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                         pixels: str = "inference") -> dict:
     """Render `messages` (one image item per frame, camera-major), expand the pads, tokenise, fuse history.
 
     images: (n_cam, n_frames, 3, H, W) uint8 in prompt order. Shared by the R1 and 1.5 prompt builders;
@@ -121,7 +126,7 @@ def inputs_from_messages(processor, messages: list[dict], images: torch.Tensor, 
     """
     ids = alpamayo_token_ids(processor.tokenizer)
     frames = images.flatten(0, 1)  # (n_img, 3, H, W): camera-major, each camera oldest -> newest
-    pixel_values, grid = preprocess_images(frames, min_pixels=min_pixels, max_pixels=max_pixels)
+    pixel_values, grid = preprocess_images(frames, min_pixels=min_pixels, max_pixels=max_pixels, pixels=pixels)
 
     text = render_messages(processor, messages)
     pieces = text.split(IMAGE_PAD)

@@ -108,8 +108,9 @@ def remove_route(input_ids: torch.Tensor, span: tuple[int, int]) -> torch.Tensor
 
 
 def build_vlm_inputs15(processor, sample: Sample, *, mode: str, nav_text: str | None = None,
-                       cot: str | None = None, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> dict:
-    """shared.prompt.build_vlm_inputs' dict for the 1.5 layout, plus
+                       cot: str | None = None, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                       pixels: str = "inference") -> dict:
+    """shared.prompt.build_vlm_inputs' dict for the 1.5 layout (`pixels` as there), plus
 
     camera_ids (n_cam,) int64 ascending, nav_text (str | None) and route_span ((r_s, r_e) | None).
     """
@@ -118,7 +119,7 @@ def build_vlm_inputs15(processor, sample: Sample, *, mode: str, nav_text: str | 
     cams, images = sorted_cameras(sample)
     messages = build_messages15(cams.tolist(), mode, nav_text=nav_text, cot=cot, frames_per_camera=images.shape[1])
     out = P.inputs_from_messages(processor, messages, images, sample.ego_history_xyz, with_prefix=mode != "rollout",
-                                 min_pixels=min_pixels, max_pixels=max_pixels)
+                                 min_pixels=min_pixels, max_pixels=max_pixels, pixels=pixels)
     out["camera_ids"] = torch.from_numpy(cams)
     out["nav_text"] = nav_text
     out["route_span"] = route_span(out["input_ids"], alpamayo_token_ids(processor.tokenizer))

@@ -16,12 +16,13 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .action_space import SolverWeights
 from .checkpoint import INDEX_NAME, is_head_key
 from .config import RELEASE_ACTION_SPACE, HeadConfig
 from .head import AlpamayoHead
@@ -49,50 +50,58 @@ class TinySizes:
     in_proj_hidden: int = 32  # 512
 
 
-def _qwen3vl_config(sizes: TinySizes, tok_ids: dict[str, int], vocab_size: int) -> dict:
-    from transformers import Qwen3VLConfig
+def _qwen3vl_config(sizes: TinySizes, tok_ids: dict[str, int], vocab_size: int, dtype: str = "bfloat16") -> dict:
+    """Qwen3-VL's config.json in the form its hub repo ships and the official code's transformers (4.57.1)
+    reads: `rope_theta` + `rope_scaling` in text_config (not transformers 5's `rope_parameters`, which
+    4.57 ignores). Written out rather than produced by the installed transformers' `to_dict`;
+    transformers 5 reads this form too."""
+    text = {
+        "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": tok_ids["endoftext"], "dtype": dtype,
+        "eos_token_id": tok_ids["im_end"], "head_dim": sizes.head_dim, "hidden_act": "silu", "hidden_size": sizes.text_hidden,
+        "initializer_range": 0.02, "intermediate_size": sizes.text_intermediate, "max_position_embeddings": 262144,
+        "model_type": "qwen3_vl_text", "num_attention_heads": sizes.text_heads,
+        "num_hidden_layers": sizes.text_layers, "num_key_value_heads": sizes.kv_heads, "rms_norm_eps": 1e-6,
+        "rope_scaling": {"mrope_interleaved": True, "mrope_section": list(sizes.mrope_section), "rope_type": "default"},
+        "rope_theta": 5_000_000, "use_cache": True, "vocab_size": vocab_size,
+    }
+    vision = {
+        "deepstack_visual_indexes": list(sizes.deepstack), "depth": sizes.vision_depth,
+        "hidden_act": "gelu_pytorch_tanh", "hidden_size": sizes.vision_hidden, "in_channels": 3,
+        "initializer_range": 0.02, "intermediate_size": sizes.vision_intermediate, "model_type": "qwen3_vl",
+        "num_heads": sizes.vision_heads, "num_position_embeddings": 2304, "out_hidden_size": sizes.text_hidden,
+        "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+    }
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"], "image_token_id": tok_ids["image_pad"],
+        "model_type": "qwen3_vl", "text_config": text, "tie_word_embeddings": False,
+        "transformers_version": "4.57.1", "video_token_id": tok_ids["video_pad"], "vision_config": vision,
+        "vision_end_token_id": tok_ids["vision_end"], "vision_start_token_id": tok_ids["vision_start"],
+    }
 
-    text = dict(
-        hidden_size=sizes.text_hidden, num_hidden_layers=sizes.text_layers,
-        num_attention_heads=sizes.text_heads, num_key_value_heads=sizes.kv_heads, head_dim=sizes.head_dim,
-        intermediate_size=sizes.text_intermediate, hidden_act="silu", rms_norm_eps=1e-6,
-        attention_bias=False, max_position_embeddings=262144, vocab_size=vocab_size,
-        rope_theta=5_000_000.0,
-        rope_scaling={"mrope_interleaved": True, "mrope_section": list(sizes.mrope_section), "rope_type": "default"},
-        tie_word_embeddings=False,
-    )
-    vision = dict(
-        depth=sizes.vision_depth, hidden_size=sizes.vision_hidden, num_heads=sizes.vision_heads,
-        intermediate_size=sizes.vision_intermediate, out_hidden_size=sizes.text_hidden, patch_size=16,
-        spatial_merge_size=2, temporal_patch_size=2, in_channels=3, hidden_act="gelu_pytorch_tanh",
-        num_position_embeddings=2304, deepstack_visual_indexes=list(sizes.deepstack),
-    )
-    cfg = Qwen3VLConfig(
-        text_config=text, vision_config=vision, image_token_id=tok_ids["image_pad"],
-        video_token_id=tok_ids["video_pad"], vision_start_token_id=tok_ids["vision_start"],
-        vision_end_token_id=tok_ids["vision_end"], tie_word_embeddings=False,
-    )
-    d = cfg.to_dict()
-    d["architectures"] = ["Qwen3VLForConditionalGeneration"]
-    return d
+
+def _action_space_cfg(curvature_bounds: float) -> dict:
+    """UnicycleAccelCurvatureActionSpace's hydra config with the release constants and solver weights."""
+    w = asdict(SolverWeights())
+    return {
+        "_target_": "alpamayo_r1.action_space.unicycle_accel_curvature.UnicycleAccelCurvatureActionSpace",
+        **RELEASE_ACTION_SPACE, "accel_bounds": [-9.8, 9.8], "curvature_bounds": [-curvature_bounds, curvature_bounds],
+        **{k: w[k] for k in sorted(w)},
+    }
 
 
 def _alpamayo_config(sizes: TinySizes, vlm_base: Path, vocab_size: int, traj_start: int,
                      traj_token_ids: dict[str, int]) -> dict:
-    """The release config.json's structure (model_type alpamayo_r1, hydra sub-configs) at tiny sizes."""
+    """The release config.json's structure (model_type alpamayo_r1, hydra sub-configs) at tiny sizes.
+
+    Curvature bounds (used only by `is_within_bounds`): the class default 0.2 at the top level, 0.33 in
+    the trajectory tokenizer's action space, as the ports quoting the release config give them."""
     return {
         "action_in_proj_cfg": {
             "_target_": "alpamayo_r1.models.action_in_proj.PerWaypointActionInProjV2",
             "hidden_size": sizes.in_proj_hidden, "max_freq": 100.0, "num_enc_layers": 2, "num_fourier_feats": 20,
         },
         "action_out_proj_cfg": {"_target_": "torch.nn.Linear"},
-        "action_space_cfg": {
-            "_target_": "alpamayo_r1.action_space.unicycle_accel_curvature.UnicycleAccelCurvatureActionSpace",
-            **RELEASE_ACTION_SPACE,
-            "accel_bounds": [-9.8, 9.8], "curvature_bounds": [-0.2, 0.2],
-            "theta_lambda": 1e-6, "theta_ridge": 1e-8, "v_lambda": 1e-6, "v_ridge": 1e-4,
-            "a_lambda": 1e-4, "a_ridge": 1e-4, "kappa_lambda": 1e-4, "kappa_ridge": 1e-4,
-        },
+        "action_space_cfg": _action_space_cfg(0.2),
         "add_special_tokens": True,
         "architectures": ["AlpamayoR1"],
         "attn_implementation": "sdpa",
@@ -120,8 +129,10 @@ def _alpamayo_config(sizes: TinySizes, vlm_base: Path, vocab_size: int, traj_sta
         "tokens_per_history_traj": 48,
         "traj_token_ids": traj_token_ids,
         "traj_token_start_idx": traj_start,
-        "traj_tokenizer_cfg": {
+        "traj_tokenizer_cfg": {  # _recursive_ False: the tokenizer instantiates its own action space
+            "_recursive_": False,
             "_target_": "alpamayo_r1.action_space.discrete_action_space.DiscreteTrajectoryTokenizer",
+            "action_space_cfg": _action_space_cfg(0.33),
             "dims_max": [10, 10], "dims_min": [-10, -10], "num_bins": 3000,
         },
         "traj_vocab_size": 4000,
@@ -152,7 +163,8 @@ def write_tiny_checkpoint(out: str | Path, sizes: TinySizes = TinySizes(), seed:
         "image_pad": tok.convert_tokens_to_ids("<|image_pad|>"), "video_pad": tok.convert_tokens_to_ids("<|video_pad|>"),
         "vision_start": tok.convert_tokens_to_ids("<|vision_start|>"),
         "vision_end": tok.convert_tokens_to_ids("<|vision_end|>"),
-    }, vocab_size)
+        "endoftext": tok.convert_tokens_to_ids("<|endoftext|>"), "im_end": tok.convert_tokens_to_ids("<|im_end|>"),
+    }, vocab_size, str(dtype).removeprefix("torch."))
     # The base repo's config carries the ORIGINAL vocab; the Alpamayo config enlarges it (release behaviour).
     base_cfg = json.loads(json.dumps(qcfg))
     base_cfg["text_config"]["vocab_size"] = len(tok) - 4000 - 28

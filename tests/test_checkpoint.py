@@ -115,3 +115,56 @@ def test_vlm_loads_from_the_vlm_shards_only(tiny_checkpoint):
     key = "model.language_model.layers.1.self_attn.k_proj.weight"
     assert torch.equal(vlm.state_dict()[key], ck.read_tensors(["vlm." + key])["vlm." + key])
     assert vlm.config.text_config.vocab_size == ck.config["vocab_size"]
+
+
+def _tree_digest(root):
+    """{relative path: sha256} of every file under root (what 'untouched' means)."""
+    from shared.checkpoint import sha256_file
+
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def base_copy(tiny_checkpoint, tmp_path):
+    import shutil
+
+    dst = tmp_path / "work" / "alpamayo"
+    shutil.copytree(tiny_checkpoint, dst)
+    return dst
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "inside", "symlink", "partial-sibling"])
+def test_export_refuses_an_out_overlapping_the_base_and_leaves_it_untouched(base_copy, where):
+    base = base_copy
+    if where == "partial-sibling":  # out.partial (the staging directory) would be the base
+        base = base_copy.with_name("ft.partial")
+        base_copy.rename(base)
+    ck = AlpamayoCheckpoint.open(base)
+    state = ck.load_head().state_dict()
+    out = {"same": base, "parent": base.parent, "inside": base / "export", "partial-sibling": base.with_name("ft"),
+           "symlink": base.with_name("link")}[where]
+    if where == "symlink":
+        out.symlink_to(base, target_is_directory=True)
+    before = _tree_digest(base.parent)
+    with pytest.raises(CheckpointError, match="base checkpoint"):
+        export_checkpoint(ck, state, out, overwrite=True)
+    assert _tree_digest(base.parent) == before
+    assert AlpamayoCheckpoint.open(base).head_state_dict().keys() == state.keys()
+
+
+def test_head_export_cli_refuses_out_equal_to_checkpoint(base_copy, tmp_path, capsys):
+    from head_trainer.head_export import main
+
+    ck = AlpamayoCheckpoint.open(base_copy)
+    head = save_head(ck.load_head(), tmp_path / "head.safetensors", {"base_checkpoint": {"path": str(base_copy)}})
+    before = _tree_digest(base_copy)
+    rc = main(["--head", str(head), "--checkpoint", str(base_copy), "--out", str(base_copy), "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("head-export: error:") and "base checkpoint" in err[0]
+    assert _tree_digest(base_copy) == before
+    # the same head to a separate directory works, and --overwrite replaces that export only
+    out = tmp_path / "ft"
+    assert main(["--head", str(head), "--out", str(out)]) == 0
+    assert main(["--head", str(head), "--out", str(out)]) == 2
+    assert main(["--head", str(head), "--out", str(out), "--overwrite"]) == 0
+    assert _tree_digest(base_copy) == before and not out.with_name("ft.partial").exists()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shared.flow_matching import FlowMatchingConfig, euler_sample, interpolate, sample_time
+from shared.flow_matching import FlowMatchingConfig, euler_sample, euler_time_grid, interpolate, sample_time
 
 
 def test_euler_reaches_exact_endpoint_of_linear_velocity_field():
@@ -14,7 +14,7 @@ def test_euler_reaches_exact_endpoint_of_linear_velocity_field():
 
 
 def test_euler_time_grid_and_time_dependent_field():
-    """dx/dt = 2t: Euler on t_i = i/N gives sum 2 (i/N) (1/N) = (N-1)/N exactly."""
+    """dx/dt = 2t: Euler on t_i = i/N gives sum 2 (i/N) (1/N) = (N-1)/N (up to fp32 rounding)."""
     seen = []
 
     def v(x, t):
@@ -24,6 +24,37 @@ def test_euler_time_grid_and_time_dependent_field():
     out = euler_sample(v, torch.zeros(2, 64, 2), 10)
     assert seen == pytest.approx([i / 10 for i in range(10)], abs=1e-7)
     torch.testing.assert_close(out, torch.full((2, 64, 2), 0.9), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 10, 16])
+def test_euler_grid_is_the_released_linspace(n):
+    """Times and steps exactly as the release: linspace(0, 1, n + 1) and its neighbour differences."""
+    times, steps = euler_time_grid(n)
+    ref = torch.linspace(0, 1, n + 1)
+    assert times.dtype == steps.dtype == torch.float32
+    assert torch.equal(times, ref[:-1]) and torch.equal(steps, ref[1:] - ref[:-1])
+    if n == 10:  # the reason it matters: i/n and 1/n are not the release's values
+        assert not torch.equal(steps, torch.full((n,), 1.0 / n))
+        assert not torch.equal(times, torch.arange(n, dtype=torch.float32) * (1.0 / n))
+
+
+def test_euler_sampler_passes_the_released_times_and_steps():
+    """What the velocity sees and how x moves: t = linspace[i] as (B,1,1), x += (linspace[i+1]-linspace[i]) v."""
+    seen = []
+    x0 = torch.randn(3, 64, 2)
+    bump = torch.randn(3, 64, 2)
+
+    def v(x, t):
+        seen.append(t.clone())
+        return bump * (1 + t)
+
+    out = euler_sample(v, x0, 10)
+    ref_t = torch.linspace(0, 1, 11)
+    x = x0
+    for i in range(10):
+        assert seen[i].shape == (3, 1, 1) and torch.equal(seen[i], ref_t[i].expand(3, 1, 1))
+        x = x + (ref_t[i + 1] - ref_t[i]) * (bump * (1 + ref_t[i]))
+    assert torch.equal(out, x)
 
 
 def test_interpolation_and_target():

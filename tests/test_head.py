@@ -3,7 +3,24 @@
 import pytest
 import torch
 
+from shared.config import HeadConfig
 from shared.head import AlpamayoHead, KVPrefix, expert_attention_mask, expert_position_ids
+
+# Qwen3-VL-8B's text_config as its config.json ships it (transformers 4.57 form), and the release's
+# expert_cfg / action_in_proj_cfg (docs/alpamayo-r1-head.md §1.2, §1.3, §2). Written out, not imported.
+RELEASE_TEXT_CONFIG = {
+    "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643, "dtype": "bfloat16",
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 12288, "max_position_embeddings": 262144, "model_type": "qwen3_vl_text",
+    "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
+    "rope_theta": 5000000, "use_cache": True, "vocab_size": 155697,
+}
+RELEASE_HEAD_CFG = {
+    "expert_cfg": {"hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+                   "intermediate_size": 8256},
+    "action_in_proj_cfg": {"hidden_size": 512, "max_freq": 100.0, "num_enc_layers": 2, "num_fourier_feats": 20},
+}
 
 
 def _prefix(cfg, lengths, deltas, seed=0, pad_to=None, garbage=0.0):
@@ -44,6 +61,22 @@ def test_state_dict_names_follow_the_release(head):
     freqs = head.action_in_proj.sinus[0].freqs
     assert freqs.shape == (1, 10)
     torch.testing.assert_close(freqs[0], torch.tensor([100 ** (k / 9) for k in range(10)]))
+
+
+def test_release_size_head_has_416_tensors_and_2_280_592_386_parameters():
+    """The README's numbers, on the meta device (no memory): the checkpoint's non-vlm tensors and the 2.3 B head."""
+    cfg = HeadConfig.from_alpamayo_config(RELEASE_HEAD_CFG, RELEASE_TEXT_CONFIG)
+    with torch.device("meta"):
+        head = AlpamayoHead(cfg)
+    state = head.state_dict()
+    assert len(state) == 416
+    assert sum(p.numel() for p in head.parameters()) == 2_280_592_386
+    assert sum(p.numel() for n, p in head.named_parameters() if n.startswith("expert.")) == 2_279_238_656
+    assert sum(p.numel() for p in head.action_in_proj.parameters()) == 1_349_632
+    assert state["expert.layers.35.mlp.gate_proj.weight"].shape == (8256, 2048)
+    assert state["expert.layers.0.self_attn.k_proj.weight"].shape == (1024, 2048)
+    assert state["action_in_proj.encoder.trunk.0.weight"].shape == (512, 60)
+    assert state["action_in_proj.encoder.trunk.6.weight"].shape == (2048, 512)
 
 
 def test_position_ids_continue_the_prefix():
@@ -112,9 +145,42 @@ def test_loss_backpropagates_into_head_only(head, tiny_head_cfg):
     p = _prefix(tiny_head_cfg, [6, 8], [0, 0])
     for k in p.keys:
         k.requires_grad_(False)
-    loss = head.flow_matching_loss(torch.randn(2, 64, 2), p, torch.Generator().manual_seed(0), draws=2)
+    action = torch.randn(2, 64, 2)
+    loss = head.flow_matching_loss(action, p, torch.Generator().manual_seed(0), draws=2)
     loss.backward()
-    assert loss.item() > 0
+    # the release formula by hand from the same generator: u ~ Beta(1.5, 1) by inverse CDF, t = 0.999 (1 - u),
+    # x_t = t x + (1 - t) eps, target x - eps, plain mean of squares over B x 64 x 2
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(4, generator=g) ** (1 / 1.5)
+    t = (0.999 * (1 - u)).view(4, 1, 1)
+    eps = torch.randn(4, 64, 2, generator=g)
+    x = action.repeat_interleave(2, 0)  # each prefix twice, (sample 0, sample 0, sample 1, sample 1)
+    with torch.no_grad():
+        pred = head.velocity(t * x + (1 - t) * eps, t, p.repeat_interleave(2))
+    ref = ((pred - (x - eps)) ** 2).sum() / (4 * 64 * 2)
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-6, atol=0)
     grads = {n: q.grad for n, q in head.named_parameters()}
     assert grads["action_out_proj.weight"] is not None and grads["expert.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
     assert grads["action_in_proj.encoder.trunk.0.weight"].abs().sum() > 0
+
+
+def _release_euler(step_fn, batch_size, noise, inference_step):
+    """The release's FlowMatching._euler (diffusion/flow_matching.py), re-implemented independently."""
+    x = noise
+    time_steps = torch.linspace(0.0, 1.0, inference_step + 1)
+    for i in range(inference_step):
+        dt = (time_steps[i + 1] - time_steps[i]).view(1, 1, 1).expand(batch_size, 1, 1)
+        t_start = time_steps[i].view(1, 1, 1).expand(batch_size, 1, 1)
+        x = x + dt * step_fn(x=x, t=t_start)
+    return x
+
+
+@pytest.mark.parametrize("steps", [10, 7])
+def test_sampler_equals_the_release_sampler_bitwise(head, tiny_head_cfg, steps):
+    """Same noise, same prefix -> the release's trajectory, bit for bit (the grid is linspace, not i/n)."""
+    p = _prefix(tiny_head_cfg, [9, 5], [-3, 2])
+    ours = head.sample_actions(p, num_samples=3, num_steps=steps, generator=torch.Generator().manual_seed(7))
+    rep = p.repeat_interleave(3)
+    noise = torch.randn((6, 64, 2), generator=torch.Generator().manual_seed(7))
+    ref = _release_euler(lambda x, t: head.velocity(x, t, rep), 6, noise, steps)
+    assert torch.equal(ours, ref.view(2, 3, 64, 2))

@@ -130,3 +130,75 @@ def test_bitwise_equal_to_torchvision_backend(tmp_path, hw):
     ours, grid = im.preprocess_images(frames)
     assert torch.equal(ref["image_grid_thw"], grid)
     assert torch.equal(ref["pixel_values"], ours)
+
+
+# -- the two official pixel paths against a written-out antialiased bicubic ---------------------------
+def _aa_bicubic_weights(n_in: int, n_out: int, a: float = -0.5) -> np.ndarray:
+    """(n_out, n_in) resampling matrix of the antialiased bicubic (Keys a = -0.5, support widened by the
+    downscale factor, weights normalised per output pixel): what PIL, torch and torchvision compute."""
+
+    def cubic(x):
+        x = np.abs(x)
+        return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                        np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+
+    scale = n_in / n_out
+    support = 2.0 * max(scale, 1.0)
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        center = (i + 0.5) * scale
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
+        j = np.arange(lo, hi)
+        k = cubic((j - center + 0.5) / max(scale, 1.0))
+        w[i, lo:hi] = k / k.sum()
+    return w
+
+
+def _reference_resize(frames01: np.ndarray, size) -> np.ndarray:
+    """(N, 3, H, W) float64 -> (N, 3, h, w), separable: rows then columns."""
+    wy = _aa_bicubic_weights(frames01.shape[-2], size[0])
+    wx = _aa_bicubic_weights(frames01.shape[-1], size[1])
+    return (wy @ frames01) @ wx.T
+
+
+@pytest.mark.parametrize("hw", [(1080, 1920), (1208, 1920)])
+def test_both_pixel_paths_equal_a_written_out_reference(hw):
+    frames = _frames(2, *hw, seed=4)
+    frames[:, :, 200:400, 300:700] = 255  # hard edges, where bicubic overshoots [0, 255]
+    frames[:, :, 400:600, 300:700] = 0
+    size = im.smart_resize(*hw)
+    ref = _reference_resize(frames.astype(np.float64) / 255.0, size)  # continuous image in [0, 1]
+    # Stage-2 training path: float resize of x / 255, no rounding, no clamp, then (y - 0.5) / 0.5
+    stage2, grid = im.preprocess_images(frames, pixels="stage2")
+    ref_stage2 = torch.from_numpy((ref - 0.5) / 0.5).float()
+    np.testing.assert_allclose(stage2.numpy(), im.patchify(ref_stage2).numpy(), rtol=0, atol=2e-5)
+    assert float(ref_stage2.max()) > 1.0 or float(ref_stage2.min()) < -1.0  # overshoot is kept, as released
+    # inference path: uint8 in, uint8 out (the fixed-point kernel), then (x - 127.5) / 127.5
+    inference, grid2 = im.preprocess_images(frames)
+    assert torch.equal(grid, grid2)
+    # uint8 kernels (PIL's, torch's) run the two passes with a uint8 image between them: width, then height
+    wy = _aa_bicubic_weights(hw[0], size[0])
+    wx = _aa_bicubic_weights(hw[1], size[1])
+    ref_u8 = np.clip(np.round(wy @ np.clip(np.round(frames.astype(np.float64) @ wx.T), 0, 255)), 0, 255)
+    got_u8 = np.round(inference.numpy() * 127.5 + 127.5)
+    lsb = np.abs(got_u8 - im.patchify(torch.from_numpy(ref_u8).float()).numpy())
+    assert lsb.max() <= 1 and (lsb > 0).mean() < 0.02  # fixed-point weights: off by one on a few pixels
+    # and the two paths are not the same thing: most values differ
+    diff = (stage2 - inference).abs()
+    assert float((diff > 1e-6).float().mean()) > 0.5 and float(diff.max()) > 2 / 255
+
+
+def test_pixel_path_is_validated_and_reaches_the_prompt(tiny_processor):
+    with pytest.raises(ValueError, match="pixels='train'"):
+        im.preprocess_images(_frames(1, 64, 64), pixels="train")
+    from test_prompt import make_sample
+
+    from shared.prompt import build_vlm_inputs
+
+    sample = make_sample(108, 192)
+    frames = torch.from_numpy(sample.images).flatten(0, 1)
+    for path in im.PIXEL_PATHS:
+        x = build_vlm_inputs(tiny_processor, sample, mode="teacher", pixels=path)
+        assert torch.equal(x["pixel_values"], im.preprocess_images(frames, pixels=path)[0]), path
+    assert not torch.equal(build_vlm_inputs(tiny_processor, sample, mode="teacher")["pixel_values"],
+                           build_vlm_inputs(tiny_processor, sample, mode="teacher", pixels="stage2")["pixel_values"])

@@ -24,6 +24,11 @@ from shared.qwen_files import (
 from shared.sample import Sample
 
 COT = "The lead vehicle brakes for a pedestrian, so slow down and keep the lane."
+# The release's strings, written out (chat_template/conversation.py:51-94: system text; the instruction
+# is the component templates joined with ", then " plus a final "."). Not taken from shared.prompt.
+RELEASE_SYSTEM = "You are a driving assistant that generates safe and accurate actions."
+RELEASE_TRAJ_INSTRUCTION = "output the future trajectory."
+RELEASE_COT_INSTRUCTION = "output the chain-of-thought reasoning of the driving process, then output the future trajectory."
 
 
 def make_sample(h: int, w: int, *, constant: bool = False, cot: str | None = None) -> Sample:
@@ -75,7 +80,7 @@ def reference_ids(
     def enc(text: str) -> list[int]:
         return tok.encode(text, add_special_tokens=False)
 
-    instruction = P.TRAJ_INSTRUCTION if mode == "teacher" else P.COT_INSTRUCTION
+    instruction = RELEASE_TRAJ_INSTRUCTION if mode == "teacher" else RELEASE_COT_INSTRUCTION
     assistant = {
         "teacher": [ids["traj_future_start"]],
         "rollout": [ids["cot_start"]],
@@ -83,7 +88,7 @@ def reference_ids(
     }[mode]
     out = [
         ids["im_start"],
-        *enc("system\n" + P.SYSTEM_PROMPT),
+        *enc("system\n" + RELEASE_SYSTEM),
         ids["im_end"],
         *enc("\n"),
         ids["im_start"],
@@ -168,6 +173,16 @@ def test_rendered_rollout_string_is_the_release_prompt(processor):
         + "<|traj_history_end|>"
         "output the chain-of-thought reasoning of the driving process, then output the future trajectory.<|im_end|>\n"
         "<|im_start|>assistant\n<|cot_start|>"
+    )
+
+
+def test_rendered_teacher_string_is_the_stage2_prompt(processor):
+    text = P.render_prompt(processor, 2, "teacher")
+    vis = "<|vision_start|><|image_pad|><|vision_end|>"
+    assert text == (
+        "<|im_start|>system\nYou are a driving assistant that generates safe and accurate actions.<|im_end|>\n"
+        "<|im_start|>user\n" + vis * 2 + "<|traj_history_start|>" + "<|traj_history|>" * 48 + "<|traj_history_end|>"
+        "output the future trajectory.<|im_end|>\n<|im_start|>assistant\n<|traj_future_start|>"
     )
 
 
