@@ -21,8 +21,8 @@ from shared.tiny_checkpoint15 import write_tiny_checkpoint15
 def built15(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e15")
     ckpt = write_tiny_checkpoint15(root / "tiny15", dtype=torch.float32)
-    write_synthetic_world(root / "world", n_clips=3, seed=5, width=192, height=108, duration_s=12.0,
-                          kinds=["sharp-left", "straight", "sharp-right"])
+    write_synthetic_world(root / "world", n_clips=2, seed=5, width=192, height=108, duration_s=10.0,
+                          kinds=["sharp-left", "straight"])
     common = ["--dataset", str(root / "world"), "--checkpoint", str(ckpt), "--cameras", "front-only",
               "--keyframes", "stride:2", "--batch-size", "2", "--kv-dtype", "float32", "--no-hidden"]
     assert cache_build.main(common + ["--out", str(root / "nav"), "--navigation", "generate", "--unguided"]) == 0
