@@ -107,6 +107,8 @@ class TrainStep:
         bsz = micro[0].action.shape[0]
         n_global = bsz * self.world.size * len(micro)
         t_all, eps_all = draw_noise(self.cfg.seed, step, n_global, self.cfg.draws, self.head.cfg.diffusion)
+        if self.device.type == "cuda":  # pinned, so the copies below never wait for the GPU
+            t_all, eps_all = t_all.pin_memory(), eps_all.pin_memory()
         if self.graphs and self._eager_steps >= self.cfg.warmup:
             return self._replay(micro, t_all, eps_all, bsz)
         stats = self._eager(micro, t_all, eps_all, bsz)
@@ -118,7 +120,8 @@ class TrainStep:
         total = torch.zeros((), device=self.device)
         for m, b in enumerate(micro):
             sl = self._slice(m, bsz)
-            loss = flow_loss(self.fast, b.action, b.prefix, t_all[sl].to(self.device), eps_all[sl].to(self.device))
+            t, eps = t_all[sl].to(self.device, non_blocking=True), eps_all[sl].to(self.device, non_blocking=True)
+            loss = flow_loss(self.fast, b.action, b.prefix, t, eps)
             (loss / len(micro)).backward()
             total += loss.detach() / len(micro)
         self._reduce()
@@ -129,7 +132,9 @@ class TrainStep:
 
     # -- CUDA graphs -----------------------------------------------------------------------------
     def _capture_fb(self, b) -> tuple[torch.cuda.CUDAGraph, dict]:
-        """Capture loss + backward for this batch's shapes, reading its KV tensors in place."""
+        """Capture loss + backward for this batch's shapes, reading its KV tensors in place.
+
+        Called before the step's gradients are zeroed: the warm-up pass's gradients are discarded."""
         dev = self.device
         k = self.cfg.draws
         st = {"action": b.action.to(dev).clone(), "t": torch.zeros(b.action.shape[0], k, device=dev),
@@ -141,12 +146,9 @@ class TrainStep:
             self._loss_sum = torch.zeros((), device=dev)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # one warm-up pass of this shape outside capture (compile, workspaces)
+        with torch.cuda.stream(side):  # one warm-up pass of this shape outside capture (lazy initialisations)
             mask = action_mask(prefix, k, self.head.dtype, self.head.causal)
-            grads = [p.grad.clone() for p in self.params]
             flow_loss(self.fast, st["action"], prefix, st["t"], st["eps"], mask).backward()
-            for p, g in zip(self.params, grads):
-                p.grad.copy_(g)
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
@@ -158,27 +160,28 @@ class TrainStep:
         return g, st
 
     def _capture_opt(self) -> None:
+        """Capture clip + update (the eager steps before it ran the same code, so nothing initialises lazily)."""
         self._opt_graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        torch.cuda.current_stream().wait_stream(side)
         with torch.cuda.graph(self._opt_graph, pool=self._pool, capture_error_mode="thread_local"):
             self._gnorm = self._clip_and_update()
         self._pool = self._opt_graph.pool()
 
+    @staticmethod
+    def _key(b) -> tuple:
+        return tuple(b.prefix.keys[0].shape), b.prefix.keys[0].data_ptr(), b.prefix.values[0].data_ptr()
+
     def _replay(self, micro, t_all, eps_all, bsz) -> StepStats:
         if any(p.grad is None for p in self.params):
             raise RuntimeError("CUDA-graph steps need gradients from an eager step first")
-        torch._foreach_zero_([p.grad for p in self.params])
-        if self._loss_sum is not None:
-            self._loss_sum.zero_()
-        for m, b in enumerate(micro):
-            key = (tuple(b.prefix.keys[0].shape), b.prefix.keys[0].data_ptr(), b.prefix.values[0].data_ptr())
-            if key not in self._fb:
+        for b in micro:  # new shapes / input slots are captured before this step's gradients exist
+            if self._key(b) not in self._fb:
                 if len(self._fb) >= 16:
                     raise RuntimeError("more than 16 distinct batch shapes/buffers: use bucketed loader slots")
-                self._fb[key] = self._capture_fb(b)
-            g, st = self._fb[key]
+                self._fb[self._key(b)] = self._capture_fb(b)
+        torch._foreach_zero_([p.grad for p in self.params])
+        self._loss_sum.zero_()
+        for m, b in enumerate(micro):
+            g, st = self._fb[self._key(b)]
             sl = self._slice(m, bsz)
             st["action"].copy_(b.action, non_blocking=True)
             st["t"].copy_(t_all[sl], non_blocking=True)
@@ -189,6 +192,6 @@ class TrainStep:
             g.replay()
         self._reduce()
         if self._opt_graph is None:
-            self._capture_opt()  # capture only records: run the update once for this step
+            self._capture_opt()  # capture only records: the replay below runs this step's update
         self._opt_graph.replay()
         return StepStats(self._loss_sum.clone(), self._gnorm.clone())
