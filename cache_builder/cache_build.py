@@ -35,8 +35,11 @@ from shared.failpoints import failpoint
 from shared.images import PIXEL_PATHS
 from shared.prompt import build_vlm_inputs
 from shared.qwen_files import load_processor
+from shared.release import A15
 from shared.sample import Sample
 from shared.store import CODECS, CachedSample, KVSpec, StoreWriter, estimate_sample_bytes, make_thumbnails
+
+from .release15 import NavSource, attach15, inputs15, provenance15
 
 MODES = ("teacher", "rollout", "given-cot")
 CODE_VERSION = "alpamayo-headtune 0.1.0"
@@ -74,6 +77,9 @@ class BuildConfig:
     overwrite: bool = False  # delete an existing store first
     dry_run: bool = False  # estimate the store size and exit; loads no model
     allow_download: bool = False  # allow hub downloads for a hub id (needs network)
+    navigation: str = "none"  # Alpamayo 1.5 route text: none | generate (from the future path) | annotations JSON
+    nav_conflicts: str = "drop"  # annotation left/right contradicting the egomotion: drop (no route) | keep
+    unguided: bool = False  # Alpamayo 1.5: also store the unguided suffix KV (guidance at eval, route dropout)
 
     def validate(self) -> tuple[int, int]:
         if self.mode not in MODES:
@@ -224,13 +230,17 @@ class CpuStage(torch.utils.data.IterableDataset):
 
     def __init__(self, samples: Callable[[int, int], Iterable[Sample]], processor, action_space, mode: str,
                  done: set[str] = frozenset(), cots=None, pixel_dtype: torch.dtype = torch.float32,
-                 pixels: str = "inference"):
+                 pixels: str = "inference", nav=None):
         self.samples, self.processor, self.action_space, self.mode = samples, processor, action_space, mode
         self.done, self.cots, self.pixel_dtype, self.pixels = done, cots, pixel_dtype, pixels
+        self.nav = nav  # release15.NavSource for an Alpamayo 1.5 checkpoint, None for R1
 
     def prepare(self, s: Sample) -> Prepared:
-        x = build_vlm_inputs(self.processor, s, mode=self.mode, cot=s.cot if self.mode == "given-cot" else None,
-                             pixels=self.pixels)
+        if self.nav is not None:  # Alpamayo 1.5 checkpoint
+            x = inputs15(self.processor, s, self.mode, self.nav, self.pixels)
+        else:
+            x = build_vlm_inputs(self.processor, s, mode=self.mode, cot=s.cot if self.mode == "given-cot" else None,
+                                 pixels=self.pixels)
         # the VLM's dtype already here: the same rounding as on the GPU, half the bytes to move
         x["pixel_values"] = x["pixel_values"].to(self.pixel_dtype)
         action, v0 = gt_action(self.action_space, s)
@@ -285,8 +295,9 @@ def _cat(xs: list[torch.Tensor], pin: bool) -> torch.Tensor:
 class Builder:
     """Holds the frozen VLM and turns batches of prepared samples into store records."""
 
-    def __init__(self, cfg: BuildConfig, processor, vlm, action_space):
+    def __init__(self, cfg: BuildConfig, processor, vlm, action_space, nav=None):
         self.cfg, self.processor, self.vlm, self.action_space = cfg, processor, vlm, action_space
+        self.nav = nav  # release15.NavSource for an Alpamayo 1.5 checkpoint, None for R1
         self.kv_dtype = getattr(torch, cfg.kv_dtype)
         self._decoder = False  # rollout: made on first use (None when generate must run instead)
         # seconds the GPU stage stood waiting: for the CPU stage's next sample, for a free writer slot
@@ -294,7 +305,7 @@ class Builder:
 
     def stage(self, samples: Callable[[int, int], Iterable[Sample]], done: set[str] = frozenset(), cots=None) -> CpuStage:
         return CpuStage(samples, self.processor, self.action_space, self.cfg.mode, done, cots, self.vlm.dtype,
-                        self.cfg.pixels)
+                        self.cfg.pixels, self.nav)
 
     def expand(self, group: list[Prepared]) -> list[Prepared]:
         """Prompt -> expert prefix. Teacher / given-cot prompts already end at <|traj_future_start|>;
@@ -315,10 +326,13 @@ class Builder:
     def record(self, p: Prepared, k, v, hidden, rope_delta) -> CachedSample:
         """k, v: (layers, kv_heads, L, head_dim) and hidden (L, hidden) on the device -> a store record."""
         L = p.inputs["prefix_len"]
-        return CachedSample.from_sample(
+        rec = CachedSample.from_sample(
             p.sample, k=k.to(self.kv_dtype), v=v.to(self.kv_dtype), rope_delta=rope_delta,
             token_ids=p.inputs["input_ids"][0, :L], hidden=None if hidden is None else hidden.to(self.kv_dtype),
             thumbs=p.thumbs, gt_action=p.action, v0=p.v0, reasoning=p.sample.cot or "", curvature=p.curvature)
+        if self.nav is not None:
+            attach15(rec, p.inputs, k, v, rope_delta, self.vlm, self.cfg.unguided)
+        return rec
 
     def records(self, group: list[Prepared]) -> list[CachedSample]:
         """One batched prefill for same-length prefixes -> store records whose K/V/hidden stay on the
@@ -436,14 +450,22 @@ def build(cfg: BuildConfig) -> dict:
         raise ValueError(f"no clips to build in {cfg.dataset} (shard {cfg.shard}, split {cfg.split})")
     ckpt = AlpamayoCheckpoint.open(cfg.checkpoint, vlm_base=cfg.vlm_base, allow_download=cfg.allow_download)
     head_cfg = ckpt.head_config()
+    nav = None
+    if ckpt.release is A15:
+        nav = NavSource(cfg.navigation, cfg.nav_conflicts)
+    elif cfg.navigation != "none" or cfg.unguided:
+        raise ValueError(f"--navigation / --unguided need an Alpamayo 1.5 checkpoint; {cfg.checkpoint} is "
+                         f"{ckpt.release.model_type}")
     processor = load_processor(str(ckpt.vlm_base), min_pixels=ckpt.config.get("min_pixels", 163840),
                                max_pixels=ckpt.config.get("max_pixels", 196608),
                                local_files_only=not cfg.allow_download)
     vlm_text = ckpt.vlm_config_dict()["text_config"]
     spec = KVSpec(num_layers=head_cfg.num_layers, num_kv_heads=head_cfg.num_kv_heads, head_dim=head_cfg.head_dim,
                   hidden_size=int(vlm_text["hidden_size"]), kv_dtype=cfg.kv_dtype, quant=cfg.quant,
-                  store_hidden=cfg.hidden, codec=cfg.codec)
+                  store_hidden=cfg.hidden, codec=cfg.codec, navigation=nav is not None, unguided=cfg.unguided)
     prov = provenance(cfg, ckpt, ds, processor)
+    if nav is not None:
+        prov.update(provenance15(cfg.mode, nav, cfg.unguided))
     cots = ReasoningIndex()
     if cfg.mode == "given-cot":
         cots = ReasoningIndex.from_json(cfg.cot_file) if cfg.cot_file else ReasoningIndex.from_dataset(cfg.dataset)
@@ -456,7 +478,8 @@ def build(cfg: BuildConfig) -> dict:
         first = next(iter(samples), None)
         if first is None:
             raise ValueError(f"no readable sample in the selected clips: {samples.report.counts}")
-        L = build_vlm_inputs(processor, first, mode=cfg.mode)["prefix_len"]
+        L = (build_vlm_inputs(processor, first, mode=cfg.mode) if nav is None
+             else inputs15(processor, first, cfg.mode, nav))["prefix_len"]
         est = estimate_sample_bytes(spec, L, n_cam=len(first.camera_names))
         report = {"store": cfg.store_url, "clips": len(clips), "prefix_len": L, "per_sample": asdict(est),
                   "estimated_total_stored_bytes_one_keyframe_per_clip": est.stored_bytes * len(clips)}
@@ -469,7 +492,7 @@ def build(cfg: BuildConfig) -> dict:
     writer = StoreWriter.create(cfg.store_url, prov, spec, mode=mode, writer_id=cfg.shard.replace("/", "of"),
                                 workers=threads, max_pending=threads + cfg.batch_size, processes=procs)
     vlm = load_vlm(ckpt, torch.float32 if cfg.kv_dtype == "float32" else torch.bfloat16, device, cfg.attn)
-    builder = Builder(cfg, processor, vlm, ckpt.action_space())
+    builder = Builder(cfg, processor, vlm, ckpt.action_space(), nav)
     stage = builder.stage(DatasetSamples(str(cfg.dataset), clips, cfg.keyframes, cfg.cameras),
                           done=writer.done_keys(), cots=cots)
     t0 = time.perf_counter()

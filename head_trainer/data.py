@@ -70,6 +70,10 @@ def collate(items: list[dict]) -> Batch:
 def read_raw(store: Store, i: int) -> dict:
     """Sample i as stored: kv codes (layers, 2, H, L, Dc) as a torch tensor of the stored dtype
     (bf16 / fp32 / int8 / uint8), quantisation parameters, and the trajectories."""
+    if i >= len(store):  # the unguided variant of sample i - len(store) (head_trainer/route_mix.py)
+        from .route_mix import read_unguided_raw
+
+        return read_unguided_raw(store, i - len(store), read_raw)
     m = store.manifest(i)
     kv = store.read_stored(i, "kv")
     if store.spec.kv_dtype == "bfloat16" and store.spec.quant == "none":

@@ -36,6 +36,7 @@ from shared.cli import check_device, config_from_args, user_errors
 from shared.store import Store
 
 from .data import collate, sample_item, split_indices
+from .guided_eval import guidance_options, sample_guided
 from .metrics import curvature_bin, summarize, trajectory_metrics
 
 RESULT_FORMAT = "alpamayo-headtune/eval/v2"
@@ -61,6 +62,9 @@ class EvalConfig:
     force: bool = False  # recompute, and replace an existing result of another evaluation
     baseline: str | None = None  # another result JSON to compare against in --plot
     plot: str | None = None  # write a PNG comparing baseline (if any) and this result
+    navigation: str = "as-built"  # Alpamayo 1.5 stores: as-built (the stored route) | none (the unguided prefix)
+    guidance_weight: float = 1.0  # Alpamayo 1.5: classifier-free guidance w (1 = off; official nav demo 1.5)
+    noise_temperature: float = 1.0  # Alpamayo 1.5: initial-noise scale (release 1.0; official nav demo 0.6)
     live: int = 0  # also run the VLM on this many of the samples instead of reading their cache; report agreement (GPU)
     dataset: str | None = None  # --live: the dataset the store was built from (default: its provenance)
 
@@ -79,6 +83,7 @@ class EvalConfig:
             raise ValueError(f"--live {self.live}: must be >= 0")
         if self.baseline and not Path(self.baseline).is_file():
             raise ValueError(f"--baseline {self.baseline}: no such result file (run head-eval without --head first)")
+        guidance_options(self)
 
 
 def code_version() -> str:
@@ -108,7 +113,8 @@ def identity(cfg: EvalConfig, store: Store, ckpt: AlpamayoCheckpoint, n_items: i
         "head": None if cfg.head is None else {"path": str(Path(cfg.head).resolve()), "sha256": sha256_file(cfg.head)},
         "cache": {"url": store.url, "provenance_sha256": hashlib.sha256(prov.encode()).hexdigest(),
                   "split": cfg.split, "items": n_items},
-        "parameters": {"num_samples": cfg.num_samples, "steps": cfg.steps, "seed": cfg.seed, "dtype": cfg.dtype},
+        "parameters": {"num_samples": cfg.num_samples, "steps": cfg.steps, "seed": cfg.seed, "dtype": cfg.dtype,
+                       **guidance_options(cfg)},  # the 1.5 options only when set: R1 metadata unchanged
     }
 
 
@@ -135,9 +141,8 @@ def check_existing(out: Path, meta: dict, force: bool) -> dict | None:
 
 
 @torch.no_grad()
-def predict(head, batch, num_samples: int, steps: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> xyz (B, K, 64, 3) and yaw rotations (B, K, 64, 3, 3) in the ego frame at t0."""
-    actions = head.sample_actions(batch.prefix, num_samples, steps, gen)  # (B, K, 64, 2)
+def predict(head, batch, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled actions (B, K, 64, 2) -> xyz (B, K, 64, 3) and yaw rotations (B, K, 64, 3, 3) in the ego frame at t0."""
     B, K = actions.shape[:2]
     hx = batch.hist_xyz.float().repeat_interleave(K, 0)
     hr = batch.hist_rot.float().repeat_interleave(K, 0)
@@ -172,7 +177,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         chunk = indices[i:i + cfg.batch_size]
         cached = [store.read(j, with_hidden=False) for j in chunk]
         batch = collate([sample_item(s) for s in cached]).to(device)
-        pred, pred_rot = predict(head, batch, cfg.num_samples, cfg.steps, gen)
+        if guidance_options(cfg):  # Alpamayo 1.5: no-route prompt and/or guidance (head_trainer/guided_eval.py)
+            actions = sample_guided(head, store, cached, batch, cfg, gen)
+        else:
+            actions = head.sample_actions(batch.prefix, cfg.num_samples, cfg.steps, gen)  # (B, K, 64, 2)
+        pred, pred_rot = predict(head, batch, actions)
         gt_rot = torch.stack([torch.from_numpy(s.ego_future_rot) for s in cached])  # (B, 64, 3, 3)
         m = trajectory_metrics(pred.cpu(), batch.fut_xyz.cpu(), pred_rot.cpu(), gt_rot)
         for b, j in enumerate(chunk):

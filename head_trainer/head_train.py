@@ -35,6 +35,7 @@ from .integrity import FiniteGuard, TrainingStopped
 from .logger import Logger
 from .optim import build_optimizer, load_optimizer, save_optimizer
 from .presets import apply_preset
+from .route_mix import mix_indices
 from .step import StepConfig, TrainStep, World
 from .trainable import LORA_TARGETS, MODES, apply_trainable, official_state
 from .validation import Validator
@@ -93,6 +94,7 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint in `out`
     allow_config_change: bool = False  # with --resume: accept result-altering config changes (printed)
     overwrite: bool = False  # replace an existing run directory
+    unguided_mix: float = 0.0  # Alpamayo 1.5 stores: fraction of no-route (unguided) training items, e.g. 0.1
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "draws", "save_every", "keep_last", "log_every",
@@ -170,6 +172,7 @@ def train(cfg: TrainConfig) -> Path:
     elif set(val_indices) & set(indices):
         print(f"head-train: note: the validation samples (split {cfg.val_split!r}) are also trained on",
               file=sys.stderr)
+    indices, mix = mix_indices(store, indices, cfg.unguided_mix, cfg.seed)  # 1.5 only; unchanged at 0
     device = resolve_device(cfg.device, launch.local_rank)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -178,15 +181,17 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.gpu_memory_budget:
         from .memory import check_train_budget
 
-        est = check_train_budget(cfg, head_cfg, max(store.manifest(i)["prefix_len"] for i in indices),
+        est = check_train_budget(cfg, head_cfg, max(store.manifest(i % len(store))["prefix_len"] for i in indices),
                                  str(dtype).removeprefix("torch."))
         if launch.is_main:
             print(f"head-train: estimated peak {est.describe()} within --gpu-memory-budget {cfg.gpu_memory_budget}",
                   file=sys.stderr)
-    keys = [store.manifest(i)["key"] for i in indices]
+    keys = [store.manifest(i % len(store))["key"] + ("#unguided" if i >= len(store) else "") for i in indices]
     meta = {"train_config": asdict(cfg), "base_checkpoint": ckpt.identity(), "head_config": head_cfg.to_dict(),
             "cache": {"url": store.url, "provenance": store.provenance, "split": cfg.split, "samples": len(indices),
                       "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()}}
+    if mix:
+        meta["unguided_mix"] = mix
     distributed.init(launch, device)
     lock = run_dir.RunLock(out)
     try:

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from .action_space import UnicycleAccelCurvature
 from .config import HeadConfig
 from .head import AlpamayoHead, build_action_space
+from .release import BUFFER_KEYS, R1, complete_head_state, release_of
 
 HEAD_PREFIXES = ("expert.", "action_in_proj.", "action_out_proj.", "action_space.")
 INDEX_NAME = "model.safetensors.index.json"
@@ -78,10 +79,10 @@ class AlpamayoCheckpoint:
         if not cfg_path.is_file():
             raise CheckpointError(f"{self.path}: no config.json; expected an Alpamayo-R1 checkpoint directory")
         self.config: dict = json.loads(cfg_path.read_text())
-        if self.config.get("model_type") != "alpamayo_r1":
-            raise CheckpointError(
-                f"{cfg_path}: model_type={self.config.get('model_type')!r}, expected 'alpamayo_r1'"
-            )
+        try:
+            self.release = release_of(self.config)  # R1 or 1.5 (shared.release says what differs)
+        except ValueError as exc:
+            raise CheckpointError(f"{cfg_path}: {exc}") from None
         index_path = self.path / INDEX_NAME
         if index_path.is_file():
             self.weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
@@ -136,7 +137,7 @@ class AlpamayoCheckpoint:
             "config_sha256": sha256_file(self.path / "config.json"),
             "head_config_hash": self.head_config().hash(),
             "vlm_name_or_path": self.config.get("vlm_name_or_path"),
-        }
+        } | ({} if self.release is R1 else {"model_type": self.release.model_type})
 
     # -- tensors ---------------------------------------------------------------------------------
     def head_keys(self) -> list[str]:
@@ -161,13 +162,17 @@ class AlpamayoCheckpoint:
         keys = self.head_keys()
         if not keys:
             raise CheckpointError(f"{self.path}: no expert/action tensors; is this an Alpamayo-R1 checkpoint?")
-        return self.read_tensors(keys)
+        return complete_head_state(self.release, self.head_config(), self.read_tensors(keys))
 
     def action_space(self) -> UnicycleAccelCurvature:
         """The checkpoint's action space (its 4 normalisation buffers), without the 2.3 B expert."""
         space = build_action_space(self.head_config())
         keys = [f"action_space.{n}" for n in ("accel_mean", "accel_std", "curvature_mean", "curvature_std")]
-        space.load_state_dict({k.split(".", 1)[1]: v.float() for k, v in self.read_tensors(keys).items()})
+        state = self.read_tensors([k for k in keys if k in self.weight_map])
+        if len(state) < len(keys):  # 1.5: non-persistent, rebuilt from the config
+            dtype = self.read_tensors(["action_out_proj.weight"])["action_out_proj.weight"].dtype
+            state = complete_head_state(self.release, self.head_config(), state, dtype, keys)
+        space.load_state_dict({k.split(".", 1)[1]: v.float() for k, v in state.items()})
         return space
 
     def load_head(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -294,6 +299,8 @@ def export_checkpoint(base: AlpamayoCheckpoint, head_state: dict[str, torch.Tens
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out} exists and is not empty; pass --overwrite to replace it")
     base_head = set(base.head_keys())
+    # Buffers the base file does not hold (1.5: non-persistent) are not written: same key set as the original.
+    head_state = {k: v for k, v in head_state.items() if k in base_head or k not in BUFFER_KEYS}
     missing = sorted(base_head - set(head_state))
     extra = sorted(set(head_state) - base_head)
     if missing or extra:

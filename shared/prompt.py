@@ -71,8 +71,13 @@ def build_messages(n_images: int, mode: str, cot: str | None = None) -> list[dic
 
 def render_prompt(processor, n_images: int, mode: str, cot: str | None = None) -> str:
     """The chat-template string, one `<|image_pad|>` per image (before expansion)."""
+    return render_messages(processor, build_messages(n_images, mode, cot))
+
+
+def render_messages(processor, messages: list[dict]) -> str:
+    """Messages -> chat-template string, assistant turn left open as the release renders it."""
     return processor.apply_chat_template(
-        build_messages(n_images, mode, cot),
+        messages,
         tokenize=False,
         add_generation_prompt=False,
         continue_final_message=True,
@@ -103,14 +108,27 @@ def build_vlm_inputs(
     """
     if mode == "given-cot" and cot is None:
         cot = sample.cot
-    ids = alpamayo_token_ids(processor.tokenizer)
     images = torch.as_tensor(sample.images)  # (n_cam, n_frames, 3, H, W) uint8
     if images.ndim != 5 or images.dtype != torch.uint8:
         raise ValueError(f"sample.images must be (n_cam, n_frames, 3, H, W) uint8, got {tuple(images.shape)}")
+    messages = build_messages(images.shape[0] * images.shape[1], mode, cot)
+    return inputs_from_messages(processor, messages, images, sample.ego_history_xyz, with_prefix=mode != "rollout",
+                                min_pixels=min_pixels, max_pixels=max_pixels, pixels=pixels)
+
+
+def inputs_from_messages(processor, messages: list[dict], images: torch.Tensor, ego_history_xyz, *,
+                         with_prefix: bool, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                         pixels: str = "inference") -> dict:
+    """Render `messages` (one image item per frame, camera-major), expand the pads, tokenise, fuse history.
+
+    images: (n_cam, n_frames, 3, H, W) uint8 in prompt order. Shared by the R1 and 1.5 prompt builders;
+    returns build_vlm_inputs' dict (prefix_len only when `with_prefix`).
+    """
+    ids = alpamayo_token_ids(processor.tokenizer)
     frames = images.flatten(0, 1)  # (n_img, 3, H, W): camera-major, each camera oldest -> newest
     pixel_values, grid = preprocess_images(frames, min_pixels=min_pixels, max_pixels=max_pixels, pixels=pixels)
 
-    text = render_prompt(processor, frames.shape[0], mode, cot)
+    text = render_messages(processor, messages)
     pieces = text.split(IMAGE_PAD)
     if len(pieces) != frames.shape[0] + 1:
         raise ValueError(f"chat template rendered {len(pieces) - 1} image pads for {frames.shape[0]} images")
@@ -120,11 +138,11 @@ def build_vlm_inputs(
     input_ids = processor.tokenizer(expanded, add_special_tokens=False, return_tensors="pt")["input_ids"]
     input_ids = input_ids.to(torch.int64)  # (1, T)
 
-    bins = history_token_ids(sample.ego_history_xyz)  # (48,)
+    bins = history_token_ids(ego_history_xyz)  # (48,)
     input_ids = fuse_history(input_ids, bins, ids["history_bins_start"], ids["traj_history"])
 
     prefix_len = None
-    if mode != "rollout":
+    if with_prefix:
         hits = (input_ids[0] == ids["traj_future_start"]).nonzero().flatten()
         prefix_len = int(hits[-1]) + 1
         if prefix_len != input_ids.shape[1]:

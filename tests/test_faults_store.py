@@ -193,11 +193,11 @@ def test_a_store_of_another_schema_version_is_refused_naming_both(tmp_path):
     st = _build(tmp_path / "c", n=1)
     root = Path(st.url) / "zarr.json"
     meta = json.loads(root.read_text())
-    meta["attributes"]["schema_version"] = 2
+    meta["attributes"]["schema_version"] = 3
     root.write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match=r"schema_version 2; this code reads \(1,\)"):
+    with pytest.raises(StoreError, match=r"schema_version 3; this code reads \(1, 2\)"):
         Store.open(st.url)
-    with pytest.raises(StoreError, match=r"schema_version 2"):
+    with pytest.raises(StoreError, match=r"schema_version 3"):
         StoreWriter.create(st.url, PROV, st.spec, mode="resume")
     assert np.array_equal(sample_file_names(st.spec, st.manifest(0)["arrays"]),
                           sorted(expected_files(st.spec, st.manifest(0))))

@@ -26,6 +26,7 @@ keys never touch a shared file (each writes its own commits/<writer_id>/). Reade
 Modules, bottom up (each imports only those above it):
     format.py    format name, schema version, KVSpec, provenance, key escaping, stored encodings, chunking
     sample.py    CachedSample (the record written and read), thumbnails, synthetic_sample
+    nav.py       Alpamayo 1.5 fields (schema v2): camera ids, nav text, route span, unguided suffix
     size.py      estimate_sample_bytes (cache-build --dry-run)
     location.py  an fsspec root, atomic puts, root metadata, listing committed manifests
     commit.py    one sample's arrays, then its manifest (the commit point)

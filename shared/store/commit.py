@@ -18,7 +18,6 @@ from zarr.core.sync import sync as zarr_sync
 
 from shared.failpoints import armed, failpoint
 from shared.store.format import (
-    SCHEMA_VERSION,
     KVSpec,
     _array_attrs,
     _compressors,
@@ -87,7 +86,7 @@ class _SampleCommitter:
         meta = {name: {"shape": list(a.shape), "dtype": str(a.dtype), "crc32": c}
                 for (name, a), c in zip(arrays.items(), crcs)}
         stored = zs.nbytes
-        manifest = {"schema_version": SCHEMA_VERSION, "sid": sid, "writer_id": self.writer_id, **fields,
+        manifest = {"schema_version": self.spec.schema_version, "sid": sid, "writer_id": self.writer_id, **fields,
                     "arrays": meta, "files": dict(sorted(zs.sizes.items())), "bytes_stored": stored, "written": _dt.datetime.now(_dt.UTC).isoformat()}
         body = json.dumps(manifest, sort_keys=True).encode()
         manifest["bytes_stored"] = stored + len(body)

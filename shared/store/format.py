@@ -25,8 +25,10 @@ from shared import kv_quant
 from shared.sample import NUM_FUTURE, NUM_HISTORY
 
 FORMAT_NAME = "alpamayo-headtune-kvcache"
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SCHEMA_VERSION = 1  # stores whose samples hold no navigation fields (every R1 build): bytes as before
+SCHEMA_VERSION_NAV = 2  # KVSpec.navigation: per-sample camera ids, nav text, route span, unguided suffix
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+NAV_SPEC_FIELDS = ("navigation", "unguided")  # KVSpec fields written only when set (v1 specs stay byte-identical)
 DEFAULT_CACHE_ROOT = "cache"
 KV_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 CODECS = ("zstd", "blosc-lz4", "none")
@@ -107,6 +109,8 @@ class KVSpec:
     thumb_hw: tuple[int, int] = (72, 128)  # t0 thumbnail size per camera
     chunk_mb: float = 8.0  # target uncompressed KV chunk size (MB); chunks are whole layers
     shard: bool = False  # pack each sample's KV / hidden into one shard object (object stores)
+    navigation: bool = False  # Alpamayo 1.5 samples: camera_ids, nav_text, route_span in each manifest (v2)
+    unguided: bool = False  # also `kv_unguided`, the prefix's tokens after the route recomputed without it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "thumb_hw", tuple(int(x) for x in self.thumb_hw))
@@ -125,6 +129,12 @@ class KVSpec:
             raise ValueError(f"KVSpec.thumb_hw must be (h, w) > 0, got {self.thumb_hw}")
         if not self.chunk_mb > 0:
             raise ValueError(f"KVSpec.chunk_mb must be > 0, got {self.chunk_mb}")
+        if self.unguided and not self.navigation:
+            raise ValueError("KVSpec.unguided needs navigation=True (the suffix is defined by the route span)")
+
+    @property
+    def schema_version(self) -> int:
+        return SCHEMA_VERSION_NAV if self.navigation else SCHEMA_VERSION
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -137,6 +147,9 @@ class KVSpec:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["thumb_hw"] = list(self.thumb_hw)
+        for f in NAV_SPEC_FIELDS:
+            if not d[f]:
+                del d[f]
         return d
 
     @classmethod
@@ -155,7 +168,7 @@ def normalize_provenance(provenance: dict, spec: KVSpec) -> dict:
     missing = [k for k in REQUIRED_PROVENANCE_KEYS if k not in provenance]
     if missing:
         raise ValueError(f"provenance lacks required keys {missing} (None is allowed when unknown)")
-    auto = {"schema_version": SCHEMA_VERSION, "kv_dtype": spec.kv_dtype, "quant": spec.quant}
+    auto = {"schema_version": spec.schema_version, "kv_dtype": spec.kv_dtype, "quant": spec.quant}
     for k, val in auto.items():
         if k in provenance and provenance[k] != val:
             raise ValueError(f"provenance[{k!r}]={provenance[k]!r} contradicts the spec ({val!r})")
@@ -229,7 +242,7 @@ def expected_files(spec: KVSpec, manifest: dict) -> dict[str, int | None]:
 
 
 def _root_meta(spec: KVSpec, provenance: dict) -> bytes:
-    attrs = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "provenance": provenance, "spec": spec.to_dict()}
+    attrs = {"format": FORMAT_NAME, "schema_version": spec.schema_version, "provenance": provenance, "spec": spec.to_dict()}
     return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}, sort_keys=True, indent=2).encode()
 
 
@@ -275,6 +288,9 @@ def _array_attrs(name: str, spec: KVSpec) -> dict:
                 "quant": spec.quant, "stored_as": "uint16 bf16 bits" if spec.kv_dtype == "bfloat16" and spec.quant == "none" else None}
     if name == "hidden":
         return {"axes": ["token", "channel"], "kv_dtype": spec.kv_dtype}
+    if name == "kv_unguided":  # never quantised: 11 tokens for the SFT layout
+        return {"axes": ["layer", "kv(0=K,1=V)", "kv_head", "token after the shared part", "channel"],
+                "kv_dtype": spec.kv_dtype}
     if name == "traj":
         return {"layout": [[n, list(s)] for n, s in TRAJ_LAYOUT]}
     return {}

@@ -22,6 +22,7 @@ from shared.store.format import (
     expected_files,
 )
 from shared.store.location import _load_manifests, _Loc, _read_root
+from shared.store.nav import nav_from_manifest, read_unguided
 from shared.store.sample import CachedSample
 from shared.store.verify import VerifyReport, verify_store
 
@@ -198,8 +199,12 @@ class Store:
             token_ids=small.pop("token_ids"), hidden=hidden, v0=m["v0"], clip_id=m["clip_id"],
             t0_us=m["t0_us"], camera_config=m["camera_config"], split=m["split"],
             curvature=dict(m["curvature"]), reasoning=m["reasoning"], camera_names=tuple(m["camera_names"]),
-            layers=None if sel is None else tuple(sel), **small,
+            layers=None if sel is None else tuple(sel), **small, **nav_from_manifest(m),
         )
+
+    def read_unguided(self, i_or_key: int | str, device: str | torch.device | None = None):
+        """(k, v) of the unguided suffix, (layers, kv_heads, n, head_dim) each; see shared/store/nav.py."""
+        return read_unguided(self, i_or_key, device)
 
     def read_hidden(self, i_or_key: int | str, device: str | torch.device | None = None) -> torch.Tensor | None:
         """Last-layer hidden states (L, hidden_size) in kv dtype, or None when the store has none."""

@@ -38,6 +38,12 @@ class CachedSample:
     reasoning: str
     camera_names: tuple[str, ...]
     layers: tuple[int, ...] | None = None  # which VLM layers k/v hold when read with layers=...; None = all
+    # Alpamayo 1.5 (KVSpec.navigation; None in R1 stores). The unguided prefix = k/v[:, :, :r_s] + the suffix.
+    camera_ids: tuple[int, ...] | None = None  # (n_cam,) camera indices in prompt order (ascending)
+    nav_text: str | None = None  # the route text of the prompt, None = no route
+    route_span: tuple[int, int] | None = None  # [r_s, r_e] inclusive: <|route_start|> .. <|route_end|>
+    unguided_k: torch.Tensor | None = None  # (layers, kv_heads, L - r_e - 1, head_dim) [KVSpec.unguided]
+    unguided_v: torch.Tensor | None = None  # same
 
     @classmethod
     def from_sample(

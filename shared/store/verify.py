@@ -82,8 +82,9 @@ def verify_store(store: Store, *, data: bool = True) -> VerifyReport:
             rep.error(key, f"manifest schema_version {m.get('schema_version')} != {store.schema_version}")
         if m.get("nonfinite", 0):
             rep.error(key, f"{m['nonfinite']} NaN/Inf values in the KV/hidden given to the writer")
-        if set(m["arrays"]) != set(expected):
-            rep.error(key, f"arrays {sorted(m['arrays'])} != expected {sorted(expected)}")
+        want = set(expected) | ({"kv_unguided"} if store.spec.unguided and m.get("route_span") else set())
+        if set(m["arrays"]) != want:
+            rep.error(key, f"arrays {sorted(m['arrays'])} != expected {sorted(want)}")
             continue
         L = m["prefix_len"]
         kv_shape = list(kv_quant.code_shape(store.spec.quant, store.spec.num_layers, store.spec.num_kv_heads, L,
@@ -105,7 +106,7 @@ def verify_store(store: Store, *, data: bool = True) -> VerifyReport:
             except SampleReadError as e:
                 rep.error(key, f"{name}: {e.reason}" + (f" ({e.file})" if e.file else ""))
                 continue
-            kd = store.spec.kv_dtype if name in ("kv", "hidden") else None
+            kd = store.spec.kv_dtype if name in ("kv", "hidden", "kv_unguided") else None
             nf = _nonfinite(a, kd)
             if nf:
                 rep.error(key, f"{name}: {nf} NaN/Inf values stored")

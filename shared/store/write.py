@@ -33,6 +33,7 @@ from shared.store.format import (
     sample_id,
 )
 from shared.store.location import _list_commit_names, _list_committed, _load_manifests, _Loc, _read_root
+from shared.store.nav import nav_arrays, nav_fields, validate_nav
 from shared.store.procs import WriterProcess
 from shared.store.sample import CachedSample
 
@@ -337,12 +338,18 @@ class StoreWriter:
             arrays["traj"] = np.concatenate(
                 [np.asarray(getattr(s, n), np.float64).reshape(-1) for n, _ in TRAJ_LAYOUT]
             )
+            if spec.navigation:  # Alpamayo 1.5 fields (schema v2); R1 stores never reach here
+                fields_nav = nav_fields(s)
+                arrays.update(nav_arrays(s, spec))
+                logical += arrays["kv_unguided"].nbytes if "kv_unguided" in arrays else 0
             fields = {
                 "key": s.key, "prefix_len": L, "rope_delta": rope_delta, "v0": None if s.v0 is None else float(s.v0),
                 "clip_id": s.clip_id, "t0_us": int(s.t0_us), "camera_config": s.camera_config, "split": s.split,
                 "curvature": {str(k): float(v) for k, v in s.curvature.items()}, "reasoning": s.reasoning or "",
                 "camera_names": list(s.camera_names), "nonfinite": nonfinite, "bytes_logical": int(logical),
             }
+            if spec.navigation:
+                fields.update(fields_nav)
             manifest = (self._committer if proc is None else proc).commit(fields, arrays)
         finally:
             if proc is not None:
@@ -501,3 +508,4 @@ def _validate_sample(s: CachedSample, spec: KVSpec) -> None:
         bad("reasoning must be a str (empty when there is none)")
     if not isinstance(s.curvature, dict) or not all(isinstance(k, str) for k in s.curvature):
         bad("curvature must be a dict[str, float]")
+    validate_nav(s, spec, bad)
