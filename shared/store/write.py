@@ -211,14 +211,14 @@ class StoreWriter:
         if self._closed:
             return
         try:
-            self.flush()
-        finally:
-            self._closed = True
-            self._pool.shutdown(wait=True)
-            self._stop_processes()
-        try:
+            try:
+                self.flush()
+            finally:
+                self._closed = True
+                self._pool.shutdown(wait=True)
+                self._stop_processes()
             self._write_index()
-        finally:
+        finally:  # also when a write failed (e.g. disk full): the shard's lock goes with this writer
             self._unlock()
 
     def __enter__(self) -> StoreWriter:
