@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from shared.head import KVPrefix
-from shared.store import CachedSample, Store
+from shared.store import CachedSample, Store, from_stored
 
 BUCKET = 64  # prefix lengths are padded up to a multiple of this, so step shapes repeat
 
@@ -76,10 +76,7 @@ def read_raw(store: Store, i: int) -> dict:
         return read_unguided_raw(store, i - len(store), read_raw)
     m = store.manifest(i)
     kv = store.read_stored(i, "kv")
-    if store.spec.kv_dtype == "bfloat16" and store.spec.quant == "none":
-        kv_t = torch.from_numpy(np.ascontiguousarray(kv).view(np.int16)).view(torch.bfloat16)
-    else:
-        kv_t = torch.from_numpy(np.ascontiguousarray(kv))
+    kv_t = from_stored(kv, store.spec.kv_dtype if store.spec.quant == "none" else "codes")  # int8/uint8 codes as they are
     q = {}
     if store.spec.quant != "none":
         from shared import kv_quant

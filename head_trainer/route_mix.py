@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from shared.store import Store
+from shared.store import Store, from_stored
 
 
 def mix_indices(store: Store, indices: list[int], rate: float, seed: int) -> tuple[list[int], dict]:
@@ -51,9 +51,7 @@ def read_unguided_raw(store: Store, i: int, read_raw) -> dict:
     raw = read_raw(store, i)
     r_s = int(store.manifest(i)["route_span"][0])
     suffix = store.read_stored(i, "kv_unguided")  # (layers, 2, H, n, D) stored form
-    suffix_t = torch.from_numpy(np.ascontiguousarray(suffix))
-    if raw["kv"].dtype == torch.bfloat16:
-        suffix_t = suffix_t.view(torch.int16).view(torch.bfloat16)
+    suffix_t = from_stored(suffix, store.spec.kv_dtype)  # unquantised: quantised stores are refused above
     raw["kv"] = torch.cat([raw["kv"][:, :, :, :r_s], suffix_t], dim=3)
     raw.update(index=i + len(store), L=int(raw["kv"].shape[3]), key=raw["key"] + "#unguided")
     return raw

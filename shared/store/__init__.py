@@ -54,6 +54,7 @@ from shared.store.format import (
     default_store_url,
     diff_keys,
     expected_files,
+    from_stored,
     normalize_provenance,
     sample_id,
     unescape_sid,
@@ -68,7 +69,7 @@ from shared.store.write import StoreWriter, drop_samples
 __all__ = [
     "CODECS", "DEFAULT_CACHE_ROOT", "FORMAT_NAME", "KV_DTYPES", "REQUIRED_PROVENANCE_KEYS", "SCHEMA_VERSION",
     "SUPPORTED_SCHEMA_VERSIONS", "TRAJ_LAYOUT", "TRAJ_SIZE", "CachedSample", "KVSpec", "SizeEstimate", "Store",
-    "SampleReadError", "StoreError", "StoreMismatchError", "StoreWriter", "drop_samples", "expected_files", "VerifyReport", "default_store_url", "diff_keys", "estimate_sample_bytes",
+    "SampleReadError", "StoreError", "StoreMismatchError", "StoreWriter", "drop_samples", "expected_files", "from_stored", "VerifyReport", "default_store_url", "diff_keys", "estimate_sample_bytes",
     "make_thumbnails", "normalize_provenance", "sample_id", "synthetic_sample", "unescape_sid",
     "_Loc", "_SampleCommitter",  # used by tests and older callers
 ]

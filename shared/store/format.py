@@ -275,7 +275,8 @@ def _to_numpy_stored(t: torch.Tensor, kv_dtype: str) -> np.ndarray:
     return t.numpy()
 
 
-def _from_stored(a: np.ndarray, kv_dtype: str) -> torch.Tensor:
+def from_stored(a: np.ndarray, kv_dtype: str) -> torch.Tensor:
+    """A stored array -> torch, bf16 bit patterns viewed as bf16 (no copy); other dtypes as they are."""
     a = np.ascontiguousarray(a)
     if kv_dtype == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)

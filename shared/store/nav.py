@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from shared.store.format import KVSpec, _from_stored, _to_numpy_stored
+from shared.store.format import KVSpec, _to_numpy_stored, from_stored
 
 
 def nav_fields(s) -> dict:
@@ -70,7 +70,7 @@ def nav_from_manifest(m: dict) -> dict:
 
 def read_unguided(store, i_or_key, device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The stored unguided suffix (k, v), each (layers, kv_heads, n, head_dim) in kv dtype."""
-    raw = _from_stored(store.read_stored(i_or_key, "kv_unguided"), store.spec.kv_dtype)
+    raw = from_stored(store.read_stored(i_or_key, "kv_unguided"), store.spec.kv_dtype)
     raw = raw if device is None else raw.to(device)
     return raw[:, 0], raw[:, 1]
 

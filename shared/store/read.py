@@ -18,8 +18,8 @@ from shared.store.format import (
     SampleReadError,
     StoreMismatchError,
     _crc,
-    _from_stored,
     expected_files,
+    from_stored,
 )
 from shared.store.location import _load_manifests, _Loc, _read_root
 from shared.store.nav import nav_from_manifest, read_unguided
@@ -183,7 +183,7 @@ class Store:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         raw = self.read_stored(m["key"], "kv", sel_arg)  # (l, 2, H, L, Dc)
         if spec.quant == "none":
-            kv = _from_stored(raw, spec.kv_dtype).to(dev)
+            kv = from_stored(raw, spec.kv_dtype).to(dev)
             k, v = kv[:, 0], kv[:, 1]
         else:
             params = {n: torch.from_numpy(self.read_stored(m["key"], f"q_{n}", sel_arg))
@@ -192,7 +192,7 @@ class Store:
             k, v = kv_quant.dequantize_kv(q, spec.quant, spec.torch_dtype)
         hidden = None
         if spec.store_hidden and with_hidden:
-            hidden = _from_stored(self.read_stored(m["key"], "hidden"), spec.kv_dtype).to(dev)
+            hidden = from_stored(self.read_stored(m["key"], "hidden"), spec.kv_dtype).to(dev)
         small = self.read_small(m["key"])
         return CachedSample(
             key=m["key"], k=k, v=v, prefix_len=m["prefix_len"], rope_delta=m["rope_delta"],
@@ -210,7 +210,7 @@ class Store:
         """Last-layer hidden states (L, hidden_size) in kv dtype, or None when the store has none."""
         if not self.spec.store_hidden:
             return None
-        h = _from_stored(self.read_stored(i_or_key, "hidden"), self.spec.kv_dtype)
+        h = from_stored(self.read_stored(i_or_key, "hidden"), self.spec.kv_dtype)
         return h if device is None else h.to(device)
 
     def read_small(self, i_or_key: int | str) -> dict[str, Any]:
