@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from head_trainer.memory import estimate  # noqa: E402
 from head_trainer.optim import build_optimizer  # noqa: E402
 from head_trainer.step import StepConfig, TrainStep  # noqa: E402
+from head_trainer.trainable import apply_trainable  # noqa: E402
 from shared.config import RELEASE_EXPERT_OVERRIDES, HeadConfig  # noqa: E402
 from shared.head import AlpamayoHead, KVPrefix  # noqa: E402
 
@@ -109,25 +110,14 @@ class Timer:
         return out
 
 
-def trainable_params(head: AlpamayoHead, mode: str) -> list[torch.nn.Parameter]:
-    for p in head.parameters():
-        p.requires_grad_(mode == "all")
-    if mode == "projections":
-        for m in (head.action_in_proj, head.action_out_proj):
-            m.requires_grad_(True)
-    elif mode == "lora":
-        from head_trainer.trainable import apply_trainable  # noqa: F401  (head-train's own LoRA setup)
-
-        raise NotImplementedError("lora: run with head_trainer.trainable present")
-    return [p for p in head.parameters() if p.requires_grad]
-
-
 def run_config(head, cfg, device, *, bsz, L, optimizer, mode="all", engine="graphs", checkpoint=False, draws=1,
                warm=3, timed=10, accum=1) -> dict:
     """One configuration: steps with the chosen engine, returning times and memory."""
     rec = {"B": bsz, "L": L, "optimizer": optimizer, "trainable": mode, "engine": engine,
            "checkpoint": checkpoint, "draws": draws, "dtype": str(head.dtype).removeprefix("torch.")}
-    params = trainable_params(head, mode)
+    if mode == "lora":  # LoRA injects adapters into the head every configuration here shares
+        raise ValueError("the step/memory sections share one head: bench LoRA with bench/check_train_loop_gpu.py")
+    params = apply_trainable(head, mode)
     n_params = sum(p.numel() for p in head.parameters())
     n_train = sum(p.numel() for p in params)
     est = estimate(cfg, n_params, n_train, rec["dtype"], optimizer, bsz, L, draws, kv_slots=1, checkpoint=checkpoint)
