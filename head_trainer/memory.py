@@ -16,6 +16,7 @@ from shared.config import HeadConfig
 from shared.head import N_ACTION
 
 from .optim import OPTIMIZERS
+from .trainable import LORA_TARGETS
 
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 WORKSPACE_BYTES = 0.6e9  # allocator slack + cuBLAS / attention workspaces (calibrated on H200, docs/TRAINING.md)
@@ -106,7 +107,7 @@ def check_budget(est: MemoryEstimate, budget: float, batch: int, checkpoint: boo
 
 
 def count_params(cfg: HeadConfig, trainable: str = "all", lora_rank: int = 16,
-                 lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj") -> tuple[int, int]:
+                 lora_targets: str = LORA_TARGETS) -> tuple[int, int]:
     """(all parameters, trainable parameters) of the head under a --trainable mode, counted on meta."""
     import torch
     from torch import nn
