@@ -186,7 +186,7 @@ def guarded(fn, path: Path, **kw) -> None:
     record(path, rec)
 
 
-def quality(cfg, device, out: Path, steps: int, L: int, bsz: int) -> None:
+def quality(cfg, device, out: Path, steps: int, L: int, bsz: int, plans: list[tuple[str, str, str]]) -> None:
     """Fixed synthetic regression: 16 fixed prefixes -> fixed actions; loss per step of each plan."""
     gen = torch.Generator(device=device).manual_seed(123)
     n = 16
@@ -195,8 +195,6 @@ def quality(cfg, device, out: Path, steps: int, L: int, bsz: int) -> None:
     for b in data:  # targets: a fixed function of the prefix (+ fixed noise), so there is something to learn
         pooled = 4 * b.prefix.keys[0][:, 0, :, :2].float().mean(1).view(-1, 1, 2)
         b.action = torch.tanh(pooled * ramp) + 0.1 * torch.randn(b.action.shape, generator=gen, device=device)
-    plans = [("float32", "adamw", "eager"), ("bfloat16", "adamw8bit", "graphs"), ("bfloat16", "adamw", "graphs"),
-             ("bfloat16", "adamw4bit", "graphs")]
     for dtype, opt_name, engine in plans:
         free(device)
         rec = {"dtype": dtype, "optimizer": opt_name, "engine": engine, "steps": steps, "L": L, "B": bsz}
@@ -231,6 +229,9 @@ def main() -> None:
     ap.add_argument("--memory-cap-gib", type=float, default=24.0)
     ap.add_argument("--quality-steps", type=int, default=200)
     ap.add_argument("--batches", default="1,4,8,16")
+    ap.add_argument("--step-set", default="all", choices=["all", "graphs"], help="graphs: CUDA-graph configs only")
+    ap.add_argument("--quality-plans", default="float32:adamw:eager,bfloat16:adamw8bit:graphs,bfloat16:adamw:graphs,"
+                    "bfloat16:adamw4bit:graphs,bfloat16:adamw-sr:graphs", help="dtype:optimizer:engine, ...")
     ap.add_argument("--optimizers", default="adamw8bit,adamw,adamw4bit,adamw-sr,adamw-offload")
     args = ap.parse_args()
     out = Path(args.json_dir)
@@ -251,24 +252,24 @@ def main() -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
     head = build_head(cfg, device, torch.bfloat16) if {"step", "memory"} & set(sections) else None
 
-    if "step" in sections:
+    if "step" in sections:  # most important first: a timeout keeps what was measured
         path = out / "head_train_step.json"
-        for L in (long_l, short_l):
-            for bsz in batches if L == long_l else [8]:
-                guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=bsz, L=L, optimizer="adamw8bit",
-                        engine="graphs", checkpoint=False)
-        for bsz in (1, 8):
-            guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=bsz, L=long_l, optimizer="adamw8bit",
-                    engine="transformers", warm=2, timed=5)
-            guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=bsz, L=long_l, optimizer="adamw8bit",
-                    engine="eager", warm=2, timed=5)
-        guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=8, L=long_l, optimizer="adamw8bit",
-                engine="compiled", warm=2, timed=5)
+        kw = dict(head=head, cfg=cfg, device=device, optimizer="adamw8bit")
+        graphs_only = args.step_set == "graphs"
+        guarded(run_config, path, **kw, bsz=8, L=long_l, engine="graphs")
+        if not graphs_only:
+            for bsz in (1, 8):
+                guarded(run_config, path, **kw, bsz=bsz, L=long_l, engine="transformers", warm=2, timed=5)
+            guarded(run_config, path, **kw, bsz=8, L=long_l, engine="eager", warm=2, timed=5)
         for draws in (2, 4):
-            guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=8, L=long_l, optimizer="adamw8bit",
-                    engine="graphs", draws=draws)
-        guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=8, L=long_l, optimizer="adamw8bit",
-                engine="graphs", checkpoint=True)
+            guarded(run_config, path, **kw, bsz=8, L=long_l, engine="graphs", draws=draws)
+        for bsz in [b for b in batches if b != 8]:
+            guarded(run_config, path, **kw, bsz=bsz, L=long_l, engine="graphs")
+        guarded(run_config, path, **kw, bsz=8, L=short_l, engine="graphs")
+        guarded(run_config, path, **kw, bsz=8, L=long_l, engine="graphs", checkpoint=True)
+        if not graphs_only:
+            guarded(run_config, path, **kw, bsz=8, L=long_l, engine="compiled", warm=2, timed=5)
+            guarded(run_config, path, **kw, bsz=1, L=long_l, engine="eager", warm=2, timed=5)
 
     if "memory" in sections:
         path = out / "head_train_memory.json"
@@ -291,7 +292,8 @@ def main() -> None:
         free(device)
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0)
-        quality(cfg, device, out, args.quality_steps, short_l, 4)
+        quality(cfg, device, out, args.quality_steps, short_l, 4,
+                [tuple(p.split(":")) for p in args.quality_plans.split(",")])
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ from shared.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
 
 def head_train(args: list[str], launcher: list[str] | None = None) -> dict:
     cmd = [*(launcher or [sys.executable]), "-m", "head_trainer.head_train", *args]
-    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+        x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)}, capture_output=True, text=True)
     return {"cmd": " ".join(cmd), "rc": p.returncode, "tail": (p.stdout + p.stderr)[-800:]}
 
 

@@ -150,6 +150,10 @@ class TrainStep:
             mask = action_mask(prefix, k, self.head.dtype, self.head.causal)
             flow_loss(self.fast, st["action"], prefix, st["t"], st["eps"], mask).backward()
         torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        # the graph's private pool cannot reuse blocks cached by eager steps (or the side stream): hand
+        # them back first, or the capture needs the activation memory twice (OOM at 24 GB, B=8, L=2,993)
+        torch.cuda.empty_cache()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
             mask = action_mask(prefix, k, self.head.dtype, self.head.causal)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device call of GPU measurements for head-train (issues 9, 10, 12). Usage on the GPU box:
+#   bash bench/h200_session.sh train   # step + memory + quality of the release head, tiny-checkpoint loop checks
+#   bash bench/h200_session.sh e2e     # Stage-2 reference, release-shape stores, loader rates, head-train CLI
+# Every result lands in $OUT as JSON as soon as it is measured; each part has its own time limit so a
+# hang or crash in one costs only that part.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv > "$OUT/log_main.txt" 2>&1
+part() { local t=$1; shift; echo "== $(date +%T) [$t s] $*" >> "$OUT/log_main.txt"; timeout -k 5 "$t" "$@" >> "$OUT/log_main.txt" 2>&1; echo "== rc=$? $(date +%T)" >> "$OUT/log_main.txt"; }
+case "${1:-train}" in
+train)
+  # tiny-checkpoint checks in the background, overlapping memory + quality (not timed); step runs alone
+  ( timeout -k 5 "${BG_S:-310}" python3 bench/check_train_loop_gpu.py --dir /tmp/loop --json "$OUT/train_loop_gpu.json" >> "$OUT/log_bg.txt" 2>&1
+    echo "rc=$?" >> "$OUT/log_bg.txt" ) &
+  ( timeout -k 5 "${BG_S:-310}" python3 bench/check_live_eval.py --json "$OUT/live_eval_h200.json" --work /tmp/live >> "$OUT/log_bg.txt" 2>&1
+    echo "rc=$?" >> "$OUT/log_bg.txt" ) &
+  part "${MEM_S:-150}" python3 bench/bench_head_train.py --sections memory --json-dir "$OUT"
+  part "${QUAL_S:-150}" python3 bench/bench_head_train.py --sections quality --quality-steps "${QUAL_STEPS:-100}" --json-dir "$OUT"
+  wait
+  part "${STEP_S:-250}" python3 bench/bench_head_train.py --sections step --json-dir "$OUT"
+  ;;
+train2)  # second pass: the optimizers and plans the first left (beside the tiny checks), then profile + graphs alone
+  ( timeout -k 5 "${BG_S:-260}" python3 bench/check_train_loop_gpu.py --dir /tmp/loop --json "$OUT/train_loop_gpu.json" >> "$OUT/log_bg.txt" 2>&1
+    echo "rc=$?" >> "$OUT/log_bg.txt" ) &
+  ( timeout -k 5 "${BG_S:-260}" python3 bench/check_live_eval.py --json "$OUT/live_eval_h200.json" --work /tmp/live >> "$OUT/log_bg.txt" 2>&1
+    echo "rc=$?" >> "$OUT/log_bg.txt" ) &
+  part "${MEM_S:-120}" python3 bench/bench_head_train.py --sections memory --optimizers adamw4bit,adamw-sr,adamw-offload --json-dir "$OUT"
+  part "${QUAL_S:-130}" python3 bench/bench_head_train.py --sections quality --quality-steps "${QUAL_STEPS:-100}" \
+    --quality-plans bfloat16:adamw4bit:graphs,bfloat16:adamw-sr:graphs --json-dir "$OUT"
+  wait
+  part "${PROF_S:-140}" python3 bench/profile_head_step.py --json "$OUT/head_step_profile.json"
+  part "${STEP_S:-120}" python3 bench/bench_head_train.py --sections step --step-set graphs --batches 4,16 --json-dir "$OUT"
+  ;;
+e2e)
+  part "${E2E_S:-560}" python3 bench/bench_head_train_e2e.py --json-dir "$OUT" --dir /tmp/stores \
+    --sections "${E2E_SECTIONS:-stage2,stores,loader,e2e}" --e2e-steps "${E2E_STEPS:-200}" \
+    --e2e-args "${E2E_ARGS:---preset 24gb --compile --cuda-graphs}"
+  ;;
+esac
+rm -f "$OUT/head_train_env.json"  # at most 8 files come back
+exit 0
