@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--workers", default="4,8,14")
     ap.add_argument("--e2e-steps", type=int, default=300)
     ap.add_argument("--e2e-args", default="--preset 24gb", help="extra head-train flags")
+    ap.add_argument("--stores", default="4cam_int8,front_bf16,4cam_bf16,front_int4", help="which stores (and e2e runs)")
+    ap.add_argument("--max-samples", type=int, default=0, help="cap each store's sample count (0 = the defaults)")
     args = ap.parse_args()
     device = torch.device(args.device)
     out, root = Path(args.json_dir), Path(args.dir)
@@ -178,7 +180,11 @@ def main() -> None:
         "4cam_bf16": ("none", "zstd", 8 if args.tiny else 16, long_l, 4),
         "front_int4": ("int4", "zstd", 8 if args.tiny else 96, short_l, 1),
     }
+    chosen = args.stores.split(",")
     for name, (quant, codec, n, L, cams) in stores.items():
+        if name not in chosen:
+            continue
+        n = min(n, args.max_samples) if args.max_samples else n
         url = str(root / name)
         if "stores" in sections:
             spec = KVSpec(layers, heads, hd, 16 if args.tiny else 4096, "bfloat16", quant, False, codec)
@@ -191,7 +197,7 @@ def main() -> None:
             record(path, {"section": "loader", "name": name, **loader_rate(url, n, max(int(x) for x in args.workers.split(",")),
                                                                           device, 40, 8, 100.0)})
     if "e2e" in sections:
-        for name in ("4cam_int8", "front_bf16"):
+        for name in [x for x in ("4cam_int8", "front_bf16") if x in chosen]:
             rec = e2e(str(root / name), root / f"run_{name}", args.e2e_steps, 8, 12, args.e2e_args.split())
             record(path, {"section": "e2e", "name": name, **rec})
 

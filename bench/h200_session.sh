@@ -39,10 +39,17 @@ train2)  # second pass: the optimizers and plans the first left (beside the tiny
   part "${PROF_S:-140}" python3 bench/profile_head_step.py --json "$OUT/head_step_profile.json"
   part "${STEP_S:-120}" python3 bench/bench_head_train.py --sections step --step-set graphs --batches 4,16 --json-dir "$OUT"
   ;;
-e2e)
-  part "${E2E_S:-560}" python3 bench/bench_head_train_e2e.py --json-dir "$OUT" --dir /tmp/stores \
-    --sections "${E2E_SECTIONS:-stage2,stores,loader,e2e}" --e2e-steps "${E2E_STEPS:-200}" \
-    --e2e-args "${E2E_ARGS:---preset 24gb --compile --cuda-graphs}"
+e2e)  # the Stage-2 reference, two release-shape stores, loader rates, head-train end to end, optimizer update costs
+  S=${E2E_STORES:-4cam_int8,front_bf16}; N=${E2E_N:-32}
+  e() { part "$1" python3 bench/bench_head_train_e2e.py --json-dir "$OUT" --dir /tmp/stores --stores "$S" --max-samples "$N" \
+          --workers 8 --e2e-steps "${E2E_STEPS:-150}" --e2e-args "${E2E_ARGS:---preset 24gb --compile --cuda-graphs --ram-cache-gb 16 --val-every 0}" --sections "$2" ${3:+--stores $3}; }
+  e "${STORES_S:-120}" stores
+  e "${E2E1_S:-110}" e2e 4cam_int8
+  e "${E2E2_S:-90}" e2e front_bf16
+  e "${LOADER_S:-60}" loader
+  part "${PROF_S:-60}" python3 bench/profile_head_step.py --memory-cap-gib 24 --json "$OUT/head_step_profile.json" \
+    --configs "${PROF_CONFIGS:-adamwfp8:8:2993,adamw-sr:8:809}"
+  e "${STAGE2_S:-100}" stage2
   ;;
 esac
 rm -f "$OUT/head_train_env.json"  # at most 8 files come back

@@ -68,9 +68,13 @@ def one(head, cfg, bsz: int, L: int, optimizer: str, draws: int, checkpoint: boo
         ts([batch], 1e-5, s[0])
         s[0] += 1
 
-    for _ in range(4):
+    mem = []
+    for _ in range(4):  # 2 eager steps, then the capture step, then a replay
         step()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        mem.append((round(torch.cuda.memory_allocated() / 2**30, 2), round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                    round(torch.cuda.memory_reserved() / 2**30, 2)))
+    rec["after_each_warm_step_alloc_peak_reserved_gib"] = mem
     g, _st = next(iter(ts._fb.values()))
     rec["step_ms"] = cuda_ms(step)
     rec["fwd_bwd_graph_ms"] = cuda_ms(g.replay)

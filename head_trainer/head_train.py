@@ -37,6 +37,7 @@ from .optim import build_optimizer, load_optimizer, save_optimizer
 from .presets import apply_preset
 from .route_mix import mix_indices
 from .step import StepConfig, TrainStep, World
+from .throughput import SteadyMeter
 from .trainable import LORA_TARGETS, MODES, apply_trainable, official_state
 from .validation import Validator
 
@@ -72,7 +73,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
     num_workers: int = 0  # DataLoader worker processes reading the store
-    ram_cache_gb: float = 2.0  # keep decoded samples in RAM up to this size (per worker)
+    ram_cache_gb: float = 2.0  # keep samples in pinned RAM up to this size (GB, the main process)
     val_split: str = "val"  # store split for validation
     val_every: int = 100  # steps between validations (0 = off); also at the end
     val_max_items: int = 64  # validation samples used (the first N of the split)
@@ -186,6 +187,11 @@ def train(cfg: TrainConfig) -> Path:
         if launch.is_main:
             print(f"head-train: estimated peak {est.describe()} within --gpu-memory-budget {cfg.gpu_memory_budget}",
                   file=sys.stderr)
+        if device.type == "cuda":  # hold the run to the budget, as a card of that size would
+            from .memory import parse_bytes
+
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(cfg.gpu_memory_budget) / total), device)
     keys = [store.manifest(i % len(store))["key"] + ("#unguided" if i >= len(store) else "") for i in indices]
     meta = {"train_config": asdict(cfg), "base_checkpoint": ckpt.identity(), "head_config": head_cfg.to_dict(),
             "cache": {"url": store.url, "provenance": store.provenance, "split": cfg.split, "samples": len(indices),
@@ -243,7 +249,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
         with torch.no_grad():
             for n, t in run_dir.load_tensors(resume_dir / "adapter.safetensors").items():
                 named[n].copy_(t)
-    opt = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    opt = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay, capturable=cfg.cuda_graphs)
     if resume_dir is not None:
         load_optimizer(opt, resume_dir / "optimizer.safetensors")
     ema = None
@@ -287,6 +293,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
     log = Logger(out, start, bar, cfg.tensorboard, cfg.wandb, cfg.wandb_project, meta) if main else None
     guard = FiniteGuard()
     samples_per_step = cfg.batch_size * cfg.grad_accum * launch.size
+    meter = SteadyMeter(device, skip=min(10, max(0, (stop - start) // 4)))
     loss_sum, t_last, n_window, t_start = torch.zeros((), device=device), time.perf_counter(), 0, time.perf_counter()
     try:
         batches = iter(loader)
@@ -297,7 +304,9 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
                 raise TrainingStopped(f"before step {step + 1}: {exc}; the run directory is intact: {last_ckpt}"
                                       ) from exc
             guard.add(step, micro)
+            meter.start(getattr(loader, "wait_s", 0.0))
             stats = train_step(micro, lr_at(step, cfg), step)
+            meter.stop(getattr(loader, "wait_s", 0.0))
             if ema is not None:
                 ema.update(params, step)
             loss_sum += stats.loss.detach()
@@ -338,7 +347,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             _summary(out, loader, stop - start, (stop - start) * samples_per_step, time.perf_counter() - t_start,
-                     device)
+                     device, meter.result(samples_per_step))
     finally:
         bar.close()
         if main:
@@ -356,8 +365,11 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
     return out / "head.safetensors"
 
 
-def _summary(out: Path, loader, steps: int, samples: int, wall_s: float, device: torch.device) -> None:
-    """What bounded the run (time the loop waited for the loader), throughput and peak memory -> summary.json."""
+def _summary(out: Path, loader, steps: int, samples: int, wall_s: float, device: torch.device,
+             steady: dict) -> None:
+    """What bounded the run (time the loop waited for the loader), throughput and peak memory -> summary.json.
+
+    `steady` (throughput.SteadyMeter) leaves out the first steps (compile, capture, tier fill)."""
     wait = float(getattr(loader, "wait_s", 0.0))
     rec = {"steps": steps, "samples": samples, "wall_s": round(wall_s, 3),
            "samples_per_s": round(samples / max(wall_s, 1e-9), 3), "loader_wait_s": round(wait, 3),
@@ -365,6 +377,10 @@ def _summary(out: Path, loader, steps: int, samples: int, wall_s: float, device:
     rec["bound"] = "loader" if rec["loader_wait_fraction"] > 0.1 else "step"
     line = (f"head-train: {steps} steps in {wall_s:.1f} s ({rec['samples_per_s']:.1f} samples/s); waited "
             f"{wait:.1f} s ({100 * rec['loader_wait_fraction']:.0f} %) for the loader: {rec['bound']}-bound")
+    rec.update(steady)
+    if steady:
+        line += (f"; steady state {steady['steady_ms_per_sample']:.1f} ms/sample over {steady['steady_steps']} steps"
+                 + (f", GPU busy {100 * steady['gpu_busy_fraction']:.0f} %" if "gpu_busy_fraction" in steady else ""))
     if device.type == "cuda":
         rec["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         line += f"; peak GPU memory {rec['peak_gpu_gib']:.2f} GiB"

@@ -46,7 +46,7 @@ def state_bytes_per_param(optimizer: str, param_bytes: int) -> float:
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"--optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     return {"adamw": 2.0 * param_bytes, "adamw-sr": 2.0 * param_bytes, "adamw8bit": 2.0 + 8 / 256,
-            "adamw4bit": 1.0 + 8 / 128, "adamw-offload": 0.0}[optimizer]
+            "adamwfp8": 2.0 + 8 / 256, "adamw4bit": 1.0 + 8 / 128, "adamw-offload": 0.0}[optimizer]
 
 
 def activation_bytes(cfg: HeadConfig, batch: int, draws: int, max_len: int, act_bytes: int,

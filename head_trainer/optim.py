@@ -1,10 +1,11 @@
 """Optimizers head-train offers, and their state as safetensors (no pickles).
 
-    adamw           torch AdamW (fused on CUDA); fp32 states; with bf16 weights the update is rounded
-                    to nearest, which loses small updates (the 24 GB trap the seed hit)
+    adamw           torch AdamW (fused on CUDA); states in the parameter dtype; with bf16 weights the
+                    update is rounded to nearest, which loses small updates (the 24 GB trap the seed hit)
     adamw8bit       torchao AdamW8bit: block-wise 8-bit states; bf16 weights get stochastic rounding
     adamw4bit       torchao AdamW4bit: 4-bit states; bf16 weights get stochastic rounding
-    adamw-sr        torchao AdamW with fp32 states; bf16 weights get stochastic rounding
+    adamwfp8        torchao AdamWFp8: block-wise float8 (e4m3) states; bf16 weights get stochastic rounding
+    adamw-sr        torchao AdamW, states in the parameter dtype; bf16 weights get stochastic rounding
     adamw-offload   torchao CPUOffloadOptimizer over torch AdamW: states and the step on the CPU
 
 Which one a memory plan uses is measured (docs/TRAINING.md, bench/bench_head_train.py), not guessed.
@@ -20,10 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "adamw-sr", "adamw-offload")
-# bytes of optimizer state per trainable parameter (for the memory estimate; offload keeps none on GPU)
-STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 256, "adamw4bit": 1.0 + 8 / 128, "adamw-sr": 8.0,
-               "adamw-offload": 0.0}
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "adamwfp8", "adamw-sr", "adamw-offload")
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 
@@ -47,7 +45,7 @@ def build_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weig
         if not cuda:
             raise ValueError("--optimizer adamw-offload needs CUDA parameters")
         return ao.CPUOffloadOptimizer(params, torch.optim.AdamW, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay)
-    cls = {"adamw8bit": ao.AdamW8bit, "adamw4bit": ao.AdamW4bit, "adamw-sr": ao._AdamW}[name]
+    cls = {"adamw8bit": ao.AdamW8bit, "adamw4bit": ao.AdamW4bit, "adamwfp8": ao.AdamWFp8, "adamw-sr": ao._AdamW}[name]
     return cls(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay, bf16_stochastic_round=bf16)
 
 
@@ -141,5 +139,6 @@ def _attr_from_json(a):
 def _state_classes() -> dict[str, type]:
     from torchao.optim.subclass_4bit import OptimState4bit
     from torchao.optim.subclass_8bit import OptimState8bit
+    from torchao.optim.subclass_fp8 import OptimStateFp8
 
-    return {"OptimState8bit": OptimState8bit, "OptimState4bit": OptimState4bit}
+    return {"OptimState8bit": OptimState8bit, "OptimState4bit": OptimState4bit, "OptimStateFp8": OptimStateFp8}

@@ -126,6 +126,9 @@ def test_validation_best_k_and_logs(store, tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps"], summary["samples"]) == (4, 8) and summary["bound"] in ("loader", "step")
+    # 4 steps: the first (4 // 4 = 1) is warm-up, the other 3 are the steady state
+    assert summary["steady_steps"] == 3 and summary["steady_ms_per_sample"] > 0
+    assert summary["steady_samples_per_s"] == pytest.approx(1e3 / summary["steady_ms_per_sample"], rel=0.01)
 
 
 def test_lock_refuses_a_second_run_and_recovers_a_dead_one(store, tmp_path, capsys):

@@ -133,3 +133,25 @@ def test_optimizer_state_round_trip(tmp_path):
     assert torch.equal(p, q)
     with pytest.raises(ValueError, match="--optimizer 'sgd'"):
         build_optimizer([p], "sgd", 1e-2)
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "adamwfp8"])
+def test_quantised_optimizer_state_round_trip(tmp_path, name):
+    """torchao's quantised states (codes + block scales) survive safetensors and continue bit-exactly."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 128))  # >= 4096 elements: torchao quantises the states
+    opt = build_optimizer([p], name, 1e-2)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    save_optimizer(opt, tmp_path / "o.safetensors")
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = build_optimizer([q], name, 1e-2)
+    load_optimizer(opt2, tmp_path / "o.safetensors")
+    a, b = opt.state[p]["exp_avg"], opt2.state[q]["exp_avg"]
+    assert type(a) is type(b) and type(a).__name__ != "Tensor"
+    assert torch.equal(a.dequantize(), b.dequantize())
+    g = torch.randn_like(p)
+    p.grad, q.grad = g, g.clone()
+    opt.step()
+    opt2.step()
+    assert torch.equal(p, q)
