@@ -138,8 +138,42 @@ def loader_rate(url: str, n: int, workers: int, device, steps: int, bsz: int, ra
             "loader_wait_s": round(loader.wait_s, 2)}
 
 
-def e2e(url: str, out: Path, steps: int, bsz: int, workers: int, extra: list[str]) -> dict:
+def head_checkpoint(root: Path, tiny: bool, device) -> Path:
+    """An official-layout checkpoint holding only the head (random bf16 weights) at the bench's shapes.
+
+    The tiny checkpoint's config files, with the expert / action projection / VLM text sizes replaced by
+    the bench's (release unless --tiny) and one model.safetensors of the head's tensors: head-train reads
+    nothing else, and 16 GB of random VLM weights would only cost minutes of writing."""
+    from safetensors.torch import save_file
+
+    from bench_head_train import QWEN3VL_8B_TEXT, TINY_TEXT
+    from shared.config import RELEASE_EXPERT_OVERRIDES
+    from shared.tiny_checkpoint import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(root / "head_ckpt", dtype=torch.bfloat16, num_shards=2)
+    alp = json.loads((ckpt / "config.json").read_text())
+    alp["expert_cfg"] = ({"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                          "intermediate_size": 96} if tiny else dict(RELEASE_EXPERT_OVERRIDES))
+    aip = {"hidden_size": 32, "num_enc_layers": 2} if tiny else {"hidden_size": None}
+    alp["action_in_proj_cfg"] = {k: v for k, v in {**alp["action_in_proj_cfg"], **aip}.items() if v is not None}
+    (ckpt / "config.json").write_text(json.dumps(alp, indent=2, sort_keys=True) + "\n")
+    base = ckpt.parent / "qwen3vl" / "config.json"
+    qcfg = json.loads(base.read_text())
+    qcfg["text_config"].update({k: v for k, v in (TINY_TEXT if tiny else QWEN3VL_8B_TEXT).items() if k != "vocab_size"})
+    base.write_text(json.dumps(qcfg, indent=2) + "\n")
+    for f in ckpt.glob("model*.safetensors*"):
+        f.unlink()
+    head = build_head(head_config(tiny), device, torch.bfloat16)
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(ckpt / "model.safetensors"),
+              metadata={"format": "pt"})
+    del head
+    free(device)
+    return ckpt
+
+
+def e2e(url: str, out: Path, steps: int, bsz: int, workers: int, extra: list[str], ckpt: Path) -> dict:
     cmd = [sys.executable, "-m", "head_trainer.head_train", "--cache", url, "--out", str(out), "--overwrite",
+           "--checkpoint", str(ckpt),
            "--steps", str(steps), "--batch-size", str(bsz), "--num-workers", str(workers), "--warmup-steps", "10",
            "--log-every", "50", "--save-every", str(steps), *extra]
     t0 = time.perf_counter()
@@ -197,8 +231,9 @@ def main() -> None:
             record(path, {"section": "loader", "name": name, **loader_rate(url, n, max(int(x) for x in args.workers.split(",")),
                                                                           device, 40, 8, 100.0)})
     if "e2e" in sections:
+        ckpt = head_checkpoint(root, args.tiny, device)
         for name in [x for x in ("4cam_int8", "front_bf16") if x in chosen]:
-            rec = e2e(str(root / name), root / f"run_{name}", args.e2e_steps, 8, 12, args.e2e_args.split())
+            rec = e2e(str(root / name), root / f"run_{name}", args.e2e_steps, 8, 12, args.e2e_args.split(), ckpt)
             record(path, {"section": "e2e", "name": name, **rec})
 
 

@@ -145,7 +145,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def open_base(cfg: TrainConfig, store: Store) -> AlpamayoCheckpoint:
-    ckpt_path = cfg.checkpoint or store.provenance.get("checkpoint", {}).get("path")
+    ckpt_path = cfg.checkpoint or (store.provenance.get("checkpoint") or {}).get("path")
     if not ckpt_path:
         raise ValueError("the store records no checkpoint path; pass --checkpoint")
     ckpt = AlpamayoCheckpoint.open(ckpt_path, vlm_base=cfg.vlm_base)
