@@ -94,7 +94,7 @@ def build_store(url: str, spec: KVSpec, n: int, L: int, device, cams: int) -> di
                             processes=8 if device.type == "cuda" else 0) as w:
         for i in range(n):
             w.write(fake_record(i, spec, L, device, cams))
-        logical, stored = w.bytes_logical, w.bytes_stored
+    logical, stored = w.bytes_logical, w.bytes_stored  # after close: every sample committed
     return {"url": url, "samples": n, "L": L, "quant": spec.quant, "codec": spec.codec, "build_s": round(time.perf_counter() - t0, 1),
             "MB_per_sample_stored": round(stored / n / 1e6, 1), "MB_per_sample_logical": round(logical / n / 1e6, 1)}
 
@@ -144,9 +144,9 @@ def head_checkpoint(root: Path, tiny: bool, device) -> Path:
     The tiny checkpoint's config files, with the expert / action projection / VLM text sizes replaced by
     the bench's (release unless --tiny) and one model.safetensors of the head's tensors: head-train reads
     nothing else, and 16 GB of random VLM weights would only cost minutes of writing."""
+    from bench_head_train import QWEN3VL_8B_TEXT, TINY_TEXT
     from safetensors.torch import save_file
 
-    from bench_head_train import QWEN3VL_8B_TEXT, TINY_TEXT
     from shared.config import RELEASE_EXPERT_OVERRIDES
     from shared.tiny_checkpoint import write_tiny_checkpoint
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call of GPU measurements for head-train (issues 9, 10, 12). Usage on the GPU box:
 #   bash bench/h200_session.sh train   # step + memory + quality of the release head, tiny-checkpoint loop checks
-#   bash bench/h200_session.sh e2e     # Stage-2 reference, release-shape stores, loader rates, head-train CLI
+#   bash bench/h200_session.sh train2  # the optimizers / plans the first left, bench/profile_head_step.py, graph configs
+#   bash bench/h200_session.sh e2e     # release-shape stores, head-train CLI end to end, adamwfp8's update cost
+#   bash bench/h200_session.sh rest    # fp8 / offload / trainable-mode memory, 200-step quality, Stage-2 reference
 # Every result lands in $OUT as JSON as soon as it is measured; each part has its own time limit so a
 # hang or crash in one costs only that part.
 set -u
@@ -39,17 +41,21 @@ train2)  # second pass: the optimizers and plans the first left (beside the tiny
   part "${PROF_S:-140}" python3 bench/profile_head_step.py --json "$OUT/head_step_profile.json"
   part "${STEP_S:-120}" python3 bench/bench_head_train.py --sections step --step-set graphs --batches 4,16 --json-dir "$OUT"
   ;;
-e2e)  # the Stage-2 reference, two release-shape stores, loader rates, head-train end to end, optimizer update costs
+e2e)  # release-shape stores, then head-train end to end from each (the ratio to Stage-2), then adamwfp8's update
   S=${E2E_STORES:-4cam_int8,front_bf16}; N=${E2E_N:-32}
   e() { part "$1" python3 bench/bench_head_train_e2e.py --json-dir "$OUT" --dir /tmp/stores --stores "$S" --max-samples "$N" \
           --workers 8 --e2e-steps "${E2E_STEPS:-150}" --e2e-args "${E2E_ARGS:---preset 24gb --compile --cuda-graphs --ram-cache-gb 16 --val-every 0}" --sections "$2" ${3:+--stores $3}; }
-  e "${STORES_S:-120}" stores
-  e "${E2E1_S:-110}" e2e 4cam_int8
-  e "${E2E2_S:-90}" e2e front_bf16
-  e "${LOADER_S:-60}" loader
-  part "${PROF_S:-60}" python3 bench/profile_head_step.py --memory-cap-gib 24 --json "$OUT/head_step_profile.json" \
-    --configs "${PROF_CONFIGS:-adamwfp8:8:2993,adamw-sr:8:809}"
-  e "${STAGE2_S:-100}" stage2
+  e "${STORES_S:-100}" stores
+  e "${E2E1_S:-200}" e2e 4cam_int8
+  e "${E2E2_S:-160}" e2e front_bf16
+  part "${PROF_S:-80}" python3 bench/profile_head_step.py --memory-cap-gib 24 --json "$OUT/head_step_profile.json" \
+    --configs "${PROF_CONFIGS:-adamwfp8:8:2993,adamwfp8:8:809}"
+  ;;
+rest)  # what the first calls' time limits left: trainable modes / offload / fp8 memory, 200-step quality, Stage-2 + loader
+  part "${MEM_S:-150}" python3 bench/bench_head_train.py --sections memory --optimizers adamwfp8,adamw-offload --json-dir "$OUT"
+  part "${QUAL_S:-270}" python3 bench/bench_head_train.py --sections quality --quality-steps 200 \
+    --quality-plans float32:adamw:eager,bfloat16:adamw8bit:graphs,bfloat16:adamwfp8:graphs --json-dir "$OUT"
+  part "${STAGE2_S:-120}" python3 bench/bench_head_train_e2e.py --json-dir "$OUT" --dir /tmp/stores --sections stage2
   ;;
 esac
 rm -f "$OUT/head_train_env.json"  # at most 8 files come back

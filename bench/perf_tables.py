@@ -22,58 +22,21 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
-import re
 import sys
-import textwrap
-from collections.abc import Callable
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from pathlib import Path
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
-DOC = DOCS / "PERFORMANCE.md"
-REGION = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
-RENDERERS: dict[str, Callable[[], str]] = {}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import perf_tables_head  # noqa: E402,F401  (registers the head-train tables)
+from perf_format import DOC, DOCS, REGION, RENDERERS, fmt, load, prose, renderer, span, table  # noqa: E402
+
 CAMS = {"4cam": "4 cameras", "front": "front-only"}
 STORE = {"none": "bf16", "int8": "int8", "int4": "int4"}
 
 
-def renderer(name: str):
-    def register(fn):
-        RENDERERS[name] = fn
-        return fn
-    return register
-
-
-def load(name: str) -> dict:
-    """A bench JSON from docs/, floats as Decimal (the file's own digits)."""
-    return json.loads((DOCS / name).read_text(), parse_float=Decimal, parse_int=Decimal)
-
-
-def fmt(x, places: int, sep: bool = False) -> str:
-    """x rounded half away from zero to `places` decimals; `sep`: thousands separators (2,993)."""
-    d = (x if isinstance(x, Decimal) else Decimal(str(x))).quantize(Decimal(1).scaleb(-places), ROUND_HALF_UP)
-    return f"{d:,}" if sep else f"{d}"
-
-
-def span(values, places: int) -> str:
-    """'a-b' over values at the shown precision (one value when they round alike)."""
-    lo, hi = fmt(min(values), places), fmt(max(values), places)
-    return lo if lo == hi else f"{lo}-{hi}"
-
-
 def ms(x) -> str:
     return fmt(Decimal(x) * 1000, 0)
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = [header, ["---"] * len(header), *rows]
-    return "".join("| " + " | ".join(r) + " |\n" for r in lines) + "\n"  # blank line: the table ends before -->
-
-
-def prose(text: str) -> str:
-    """A generated sentence, wrapped like the doc's hand-written prose."""
-    return textwrap.fill(text, 104, break_long_words=False, break_on_hyphens=False) + "\n"
 
 
 def row(d: dict, cams: str, quant: str, writer: str = "full") -> dict:

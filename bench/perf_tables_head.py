@@ -1,0 +1,161 @@
+"""The head-train tables of docs/PERFORMANCE.md (bench_head_train*_h200.json, bench_head_step_profile_h200.json,
+bench_head_train_e2e_h200.json, live_eval_h200.json); registered into perf_format.RENDERERS on import."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from perf_format import fmt, load, prose, renderer, table
+
+ENGINE = {"graphs": "fast expert, compiled + CUDA graphs", "compiled": "fast expert, compiled", "eager": "fast expert, eager",
+          "transformers": "transformers modules (Stage-2 path)"}
+
+
+def _b(r) -> str:
+    return str(r.get("B", r.get("bsz")))
+
+
+def _oom(r) -> bool:
+    return r.get("error") == "OOM"
+
+
+def _pct(x, places: int = 0) -> str:
+    """A signed percentage; one that rounds to zero prints as 0 %."""
+    t = fmt(x, places)
+    return "0 %" if Decimal(t) == 0 else f"{'+' if x > 0 else ''}{t} %"
+
+
+def _recompute(r) -> str:
+    return "yes" if r.get("checkpoint") else "no"
+
+
+@renderer("head_train_step")
+def step_table() -> str:
+    rows = []
+    for r in load("bench_head_train_step_h200.json")["rows"]:
+        cfg = [ENGINE[r["engine"]], _b(r), fmt(r["L"], 0, sep=True), str(r.get("draws", 1)), _recompute(r)]
+        if "error" in r:
+            rows.append(cfg + ["OOM under the 24 GiB cap" if _oom(r) else r["error"][:60], "", "", str(r["run"])])
+            continue
+        rows.append(cfg + [fmt(r["step_ms"], 1), f"**{fmt(r['ms_per_sample'], 1)}**",
+                           f"{fmt(r['peak_gib'], 1)} / {fmt(r['peak_reserved_gib'], 1)}", str(r["run"])])
+    return table(["step", "B", "L", "draws", "recompute", "ms / step", "ms / sample", "peak GiB (alloc / reserved)",
+                  "run"], rows)
+
+
+@renderer("head_step_profile")
+def profile_table() -> str:
+    rows = []
+    for r in load("bench_head_step_profile_h200.json")["rows"]:
+        rows.append([r["optimizer"], str(r["B"]), fmt(r["L"], 0, sep=True), fmt(r["fwd_bwd_graph_ms"], 1),
+                     fmt(r["clip_update_graph_ms"], 1), fmt(r["zero_grads_ms"], 1), f"**{fmt(r['step_ms'], 1)}**",
+                     fmt(r["step_ms"] / r["B"], 1), fmt(r["peak_gib"], 1)])
+    return table(["optimizer", "B", "L", "forward + backward graph ms", "clip + update graph ms", "zero grads ms",
+                  "step ms", "ms / sample", "peak GiB (uncapped)"], rows)
+
+
+@renderer("head_step_kernels")
+def kernels_table() -> str:
+    (r,) = [r for r in load("bench_head_step_profile_h200.json")["rows"] if "eager_kernels" in r]
+    total, *ks = r["eager_kernels"]
+    rows = [[f"`{k['name'][:72]}`", str(k["calls"]), fmt(k["ms"], 1), f"{fmt(100 * k['ms'] / total['total_ms'], 0)} %"]
+            for k in ks[:6]]
+    head = prose(f"Kernels of one step ({r['optimizer']}, B = {r['B']}, L = {fmt(r['L'], 0, sep=True)}) under "
+                 f"torch.profiler: {fmt(total['total_ms'], 1)} ms of GPU time in {total['kernels']} distinct kernels; "
+                 "the six largest:")
+    return head + "\n" + table(["kernel", "calls", "ms", "share"], rows)
+
+
+@renderer("head_train_memory")
+def memory_table() -> str:
+    rows = []
+    for r in load("bench_head_train_memory_h200.json")["rows"]:
+        cfg = [r["optimizer"], r.get("trainable", "all"), _b(r), fmt(r["L"], 0, sep=True), _recompute(r)]
+        if "error" in r:
+            rows.append(cfg + ["", "OOM under the 24 GiB cap" if _oom(r) else r["error"][:60], "", ""])
+            continue
+        err = 100 * (r["estimate_gib"] - r["peak_gib"]) / r["peak_gib"]
+        rows.append(cfg + [fmt(r["estimate_gib"], 1), fmt(r["peak_gib"], 1), _pct(err),
+                           fmt(r["ms_per_sample"], 0)])
+    return table(["optimizer", "trainable", "B", "L", "recompute", "estimate GiB", "peak GiB (eager)",
+                  "estimate error", "eager ms / sample"], rows)
+
+
+@renderer("head_train_graph_memory")
+def graph_memory_table() -> str:
+    """Estimate vs peak for the CUDA-graph runs (the engine the presets use)."""
+    rows = []
+    for r in load("bench_head_train_step_h200.json")["rows"]:
+        if r.get("engine") != "graphs" or "error" in r:
+            continue
+        err = 100 * (r["estimate_gib"] - r["peak_gib"]) / r["peak_gib"]
+        rows.append([_b(r), fmt(r["L"], 0, sep=True), str(r["draws"]), _recompute(r), fmt(r["estimate_gib"], 1),
+                     fmt(r["peak_gib"], 1), _pct(err), str(r["run"])])
+    return table(["B", "L", "draws", "recompute", "estimate GiB", "peak GiB (graphs)", "estimate error", "run"], rows)
+
+
+def _tail_mean(xs, n=10) -> Decimal:
+    return sum(xs[-n:]) / len(xs[-n:])
+
+
+@renderer("head_train_quality")
+def quality_table() -> str:
+    rows, ref = [], None
+    for r in load("bench_head_train_quality_h200.json")["rows"]:
+        last = _tail_mean(r["loss"])
+        ref = last if r["dtype"] == "float32" else ref
+        vs = "reference" if r["dtype"] == "float32" else _pct(100 * (last - ref) / ref, 1)
+        rows.append([f"{r['dtype']} + {r['optimizer']}", r["engine"], str(len(r["loss"])), fmt(r["loss"][0], 3),
+                     fmt(_tail_mean(r["loss"][:10]), 3), f"**{fmt(last, 3)}**", vs, str(r["run"])])
+    return table(["weights + optimizer", "step", "steps", "first loss", "mean loss, steps 1-10",
+                  "mean loss, last 10 steps", "vs fp32 AdamW", "run"], rows)
+
+
+def _e2e(section: str, run: int | None = None) -> list[dict]:
+    return [r for r in load("bench_head_train_e2e_h200.json")["rows"]
+            if r["section"] == section and (run is None or r["run"] == run)]
+
+
+@renderer("stage2_reference")
+def stage2_table() -> str:
+    (r,) = _e2e("stage2")
+    rows = [[name, fmt(r[f"{c}_prefix_len"], 0, sep=True), fmt(r[f"{c}_prefill_B1_ms"], 0),
+             fmt(r[f"{c}_expert_step_B1_ms"], 0), f"**{fmt(r[f'{c}_stage2_ms_per_sample'], 0)}**"]
+            for c, name in (("4cam", "4 cameras"), ("front", "front-only"))]
+    return table(["prefix", "L", "VLM prefill B=1 ms", "expert step B=1 ms (transformers, AdamW)",
+                  "Stage-2 ms / sample"], rows)
+
+
+@renderer("head_train_stores")
+def stores_table() -> str:
+    rows = [[r["name"], str(r["samples"]), fmt(r["L"], 0, sep=True), r["quant"], fmt(1000 * r["GB"] / r["samples"], 0),
+             fmt(r["build_s"], 1), f"{fmt(r['read_GBps'], 2)} GB/s" + ("" if r["cache_dropped"] else " (cache warm)"),
+             str(r["run"])] for r in _e2e("store")]
+    return table(["store", "samples", "L", "K/V", "MB / sample on disk", "write s", "disk read, page cache dropped",
+                  "run"], rows)
+
+
+@renderer("head_train_loader")
+def loader_table() -> str:
+    rows = [[r["name"], str(r["workers"]), "yes" if r["ram_held"] else "no", fmt(r["samples_per_s"], 1),
+             f"**{fmt(r['ms_per_sample'], 2)}**", fmt(r["tier_fill_s"], 1)] for r in _e2e("loader")]
+    return table(["store", "workers", "RAM tier holds the store", "samples / s to the GPU (page cache warm)", "ms / sample",
+                  "tier fill s"], rows)
+
+
+@renderer("live_eval_h200")
+def live_eval_table() -> str:
+    d = load("live_eval_h200.json")
+    rows = []
+    for pixels, run in d["runs"].items():
+        sm = run["live"]["summary"]
+        mets = sm["metrics"]
+        worst = max(m["max_abs_diff"] for m in mets.values())
+        rows.append([f"{d['gpu']}, {d['device']}", f"{d['kv_dtype']}, {pixels} pixels",
+                     f"{sm['token_ids_equal']}/{sm['token_ids_checked']} equal",
+                     f"{sm['rope_delta_equal']}/{sm['samples']} equal",
+                     f"{fmt(sm['k_max_abs_diff'], 0)} / {fmt(sm['v_max_abs_diff'], 0)}",
+                     f"{fmt(sm['traj_max_abs_diff_m'], 0)} m",
+                     f"{fmt(worst, 0)} (min_ade {fmt(mets['min_ade']['cached'], 4)} both)"])
+    return table(["machine", "store", "token ids", "rope delta", "K / V max abs diff", "trajectories max abs diff",
+                  "metrics max abs diff"], rows)

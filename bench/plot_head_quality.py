@@ -1,0 +1,43 @@
+"""Loss curves of the update-quality bench (docs/bench_head_train_quality_h200.json) -> a PNG for the docs.
+
+    python bench/plot_head_quality.py            # writes docs/head_train_quality_h200.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    src = DOCS / "bench_head_train_quality_h200.json"
+    out = Path(argv[0]) if argv else DOCS / "head_train_quality_h200.png"
+    rows = json.loads(src.read_text())["rows"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    for r in rows:
+        loss = np.asarray(r["loss"])
+        smooth = np.convolve(loss, np.ones(8) / 8, mode="valid")  # 8-step moving mean: 4 prefixes x 4 batches
+        style = dict(color="black", lw=2.2) if r["dtype"] == "float32" else dict(lw=1.2)
+        ax.plot(np.arange(len(smooth)) + 8, smooth, label=f"{r['dtype']} + {r['optimizer']} ({r['engine']})", **style)
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching loss (8-step mean)")
+    ax.set_title("release-shape head, fixed synthetic target, H200 (random weights)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
