@@ -98,7 +98,11 @@ def main() -> None:
     ap.add_argument("--configs", default="adamw8bit:8:809:p,adamw:8:809,adamw4bit:8:809,adamw8bit:1:809,adamw8bit:8:2993",
                     help="optimizer:B:L[:p] (p = also profile an eager step)")
     ap.add_argument("--memory-cap-gib", type=float, default=0)
+    ap.add_argument("--memory-snapshot", default=None,
+                    help="write torch.cuda.memory's allocation history (a pickle for pytorch.org/memory_viz) here")
     args = ap.parse_args()
+    if args.memory_snapshot:  # who holds what at the peak: eager blocks, the graph pool, optimizer temporaries
+        torch.cuda.memory._record_memory_history(max_entries=50_000)
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.memory_cap_gib:
         total = torch.cuda.get_device_properties(0).total_memory
@@ -118,6 +122,8 @@ def main() -> None:
         gc.collect()
         free(torch.device("cuda"))
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        if args.memory_snapshot:
+            torch.cuda.memory._dump_snapshot(args.memory_snapshot)
 
 
 if __name__ == "__main__":
