@@ -111,16 +111,18 @@ class Timer:
 
 
 def run_config(head, cfg, device, *, bsz, L, optimizer, mode="all", engine="graphs", checkpoint=False, draws=1,
-               warm=3, timed=10, accum=1) -> dict:
+               warm=3, timed=10, accum=1, recompute_attention=False) -> dict:
     """One configuration: steps with the chosen engine, returning times and memory."""
     rec = {"B": bsz, "L": L, "optimizer": optimizer, "trainable": mode, "engine": engine,
-           "checkpoint": checkpoint, "draws": draws, "dtype": str(head.dtype).removeprefix("torch.")}
+           "checkpoint": checkpoint, "draws": draws, "dtype": str(head.dtype).removeprefix("torch."),
+           "recompute_attention": recompute_attention, "accum": accum}
     if mode == "lora":  # LoRA injects adapters into the head every configuration here shares
         raise ValueError("the step/memory sections share one head: bench LoRA with bench/check_train_loop_gpu.py")
     params = apply_trainable(head, mode)
     n_params = sum(p.numel() for p in head.parameters())
     n_train = sum(p.numel() for p in params)
-    est = estimate(cfg, n_params, n_train, rec["dtype"], optimizer, bsz, L, draws, kv_slots=1, checkpoint=checkpoint)
+    est = estimate(cfg, n_params, n_train, rec["dtype"], optimizer, bsz, L, draws, kv_slots=1, checkpoint=checkpoint,
+                   recompute_attention=recompute_attention)
     rec["estimate_gib"] = round(est.total / 2**30, 2)
     rec["estimate_terms_gib"] = {k: round(v / 2**30, 2) for k, v in vars(est).items()}
     free(device)
@@ -128,7 +130,7 @@ def run_config(head, cfg, device, *, bsz, L, optimizer, mode="all", engine="grap
     batch = random_batch(cfg, bsz, L, device, dtype=head.dtype)
     opt = build_optimizer(params, optimizer, 1e-5, capturable=engine == "graphs")
     step_cfg = StepConfig(seed=1, draws=draws, grad_accum=accum, compile=engine in ("compiled", "graphs"),
-                          cuda_graphs=engine == "graphs", checkpoint=checkpoint)
+                          cuda_graphs=engine == "graphs", checkpoint=checkpoint, recompute_attention=recompute_attention)
     counter = [0]
     if engine == "transformers":
         def one(s=counter):
@@ -257,6 +259,9 @@ def main() -> None:
         kw = dict(head=head, cfg=cfg, device=device, optimizer="adamw8bit")
         graphs_only = args.step_set == "graphs"
         guarded(run_config, path, **kw, bsz=8, L=long_l, engine="graphs")
+        # no per-layer prefix copy kept: B = 8 without layer recompute under the cap; with accumulation
+        guarded(run_config, path, **kw, bsz=8, L=long_l, engine="graphs", recompute_attention=True)
+        guarded(run_config, path, **kw, bsz=8, L=long_l, engine="graphs", recompute_attention=True, accum=4, timed=5)
         if not graphs_only:
             for bsz in (1, 8):
                 guarded(run_config, path, **kw, bsz=bsz, L=long_l, engine="transformers", warm=2, timed=5)

@@ -12,7 +12,9 @@ ENGINE = {"graphs": "fast expert, compiled + CUDA graphs", "compiled": "fast exp
 
 
 def _b(r) -> str:
-    return str(r.get("B", r.get("bsz")))
+    """The micro-batch, with the accumulation count when there is one (8 x 4)."""
+    b, n = r.get("B", r.get("bsz")), r.get("accum", 1)
+    return f"{b} x {n}" if n > 1 else str(b)
 
 
 def _oom(r) -> bool:
@@ -26,7 +28,8 @@ def _pct(x, places: int = 0) -> str:
 
 
 def _recompute(r) -> str:
-    return "yes" if r.get("checkpoint") else "no"
+    """What the backward recomputes: whole layers (--gradient-checkpointing), attention only, or nothing."""
+    return "layers" if r.get("checkpoint") else ("attention" if r.get("recompute_attention") else "no")
 
 
 @renderer("head_train_step")

@@ -66,6 +66,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max grad norm (0 = off)
     gradient_checkpointing: bool = False  # recompute expert layers in backward (less activation memory)
+    recompute_attention: bool = False  # recompute only attention in backward: no per-layer prefix copy kept
     compile: bool = False  # torch.compile one expert layer (reused by all layers)
     cuda_graphs: bool = False  # capture the step as CUDA graphs (CUDA; shapes repeat through length buckets)
     gpu_memory_budget: str | None = None  # e.g. 24GiB: refuse before loading when the estimated peak exceeds it
@@ -260,7 +261,8 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
             ema.load(run_dir.load_tensors(resume_dir / f"{src}.safetensors"))
     world = World(launch.rank, launch.size, distributed.all_reduce_mean if launch.size > 1 else None)
     step_cfg = StepConfig(seed=cfg.seed, draws=cfg.draws, grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum,
-                          compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, checkpoint=cfg.gradient_checkpointing)
+                          compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, checkpoint=cfg.gradient_checkpointing,
+                          recompute_attention=cfg.recompute_attention)
     train_step = TrainStep(head, params, opt, step_cfg, world)
 
     def heads() -> dict:

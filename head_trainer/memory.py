@@ -50,7 +50,7 @@ def state_bytes_per_param(optimizer: str, param_bytes: int) -> float:
 
 
 def activation_bytes(cfg: HeadConfig, batch: int, draws: int, max_len: int, act_bytes: int,
-                     checkpoint: bool) -> float:
+                     checkpoint: bool, recompute_attention: bool = False) -> float:
     """Saved tensors of the backward pass for B prefixes x K draws of 64 tokens."""
     e = cfg.expert
     hidden, inter = int(e["hidden_size"]), int(e["intermediate_size"])
@@ -60,16 +60,19 @@ def activation_bytes(cfg: HeadConfig, batch: int, draws: int, max_len: int, act_
     # per token per layer: norms (fp32 inside), q/k/v and their normed/rotated forms, attention output,
     # residuals, and the MLP's gate / up / activation / product
     per_token = act_bytes * (8 * hidden + 4 * q_dim + 6 * kv_dim + 4 * inter) + 4 * (2 * hidden + q_dim + kv_dim)
-    per_layer = tokens * per_token + batch * 2 * kv_dim * (max_len + draws * N_ACTION) * act_bytes
+    prefix_copy = batch * 2 * kv_dim * (max_len + draws * N_ACTION) * act_bytes  # [prefix; action] K and V
+    per_layer = tokens * per_token + prefix_copy
     layers = cfg.num_layers
     if checkpoint:  # only each layer's input is kept; one layer's tensors live during its recompute
         return layers * tokens * hidden * act_bytes + per_layer
+    if recompute_attention:  # the copy is made again in the backward, one layer at a time
+        return layers * tokens * per_token + prefix_copy
     return layers * per_layer
 
 
 def estimate(cfg: HeadConfig, n_params: int, n_trainable: int, dtype: str, optimizer: str, batch: int,
              max_len: int, draws: int = 1, kv_slots: int = 2, checkpoint: bool = False,
-             kv_dtype: str = "bfloat16") -> MemoryEstimate:
+             kv_dtype: str = "bfloat16", recompute_attention: bool = False) -> MemoryEstimate:
     pb = DTYPE_BYTES[dtype]
     kv_batch = cfg.num_layers * 2 * batch * cfg.num_kv_heads * max_len * cfg.head_dim * DTYPE_BYTES[kv_dtype]
     return MemoryEstimate(
@@ -77,7 +80,7 @@ def estimate(cfg: HeadConfig, n_params: int, n_trainable: int, dtype: str, optim
         gradients=n_trainable * pb,
         optimizer=n_trainable * state_bytes_per_param(optimizer, pb),
         kv_inputs=kv_slots * kv_batch,
-        activations=activation_bytes(cfg, batch, draws, max_len, pb, checkpoint),
+        activations=activation_bytes(cfg, batch, draws, max_len, pb, checkpoint, recompute_attention),
     )
 
 
@@ -90,11 +93,14 @@ def parse_bytes(text: str) -> float:
     return float(m.group(1)) * scale
 
 
-def check_budget(est: MemoryEstimate, budget: float, batch: int, checkpoint: bool, optimizer: str) -> None:
+def check_budget(est: MemoryEstimate, budget: float, batch: int, checkpoint: bool, optimizer: str,
+                 recompute_attention: bool = False) -> None:
     """Refuse a plan whose estimated peak exceeds the budget, in one line that names what to change."""
     if est.total <= budget:
         return
     hints = []
+    if not checkpoint and not recompute_attention:
+        hints.append("--recompute-attention")
     if not checkpoint:
         hints.append("--gradient-checkpointing")
     if optimizer in ("adamw", "adamw-sr"):
@@ -134,7 +140,8 @@ def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str
 
     n, n_train = count_params(head_cfg, train_cfg.trainable, train_cfg.lora_rank, train_cfg.lora_targets)
     est = estimate(head_cfg, n, n_train, dtype, train_cfg.optimizer, train_cfg.batch_size, bucket_len(max_len),
-                   train_cfg.draws, kv_slots=2 * train_cfg.grad_accum, checkpoint=train_cfg.gradient_checkpointing)
+                   train_cfg.draws, kv_slots=2 * train_cfg.grad_accum, checkpoint=train_cfg.gradient_checkpointing,
+                   recompute_attention=train_cfg.recompute_attention)
     check_budget(est, parse_bytes(train_cfg.gpu_memory_budget), train_cfg.batch_size,
-                 train_cfg.gradient_checkpointing, train_cfg.optimizer)
+                 train_cfg.gradient_checkpointing, train_cfg.optimizer, train_cfg.recompute_attention)
     return est

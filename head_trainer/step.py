@@ -44,6 +44,7 @@ class StepConfig:
     compile: bool = False  # torch.compile one decoder layer (reused by all layers)
     cuda_graphs: bool = False  # capture forward+backward and the update as CUDA graphs (CUDA only)
     checkpoint: bool = False  # recompute expert layers in backward (activation memory)
+    recompute_attention: bool = False  # recompute only the attention core (no saved prefix copy per layer)
     warmup: int = 2  # eager steps before capture (CUDA graphs)
 
 
@@ -75,7 +76,8 @@ class TrainStep:
                  cfg: StepConfig, world: World | None = None):
         self.head, self.params, self.opt, self.cfg = head, params, opt, cfg
         self.world = world or World()
-        self.fast = FastExpert(head, compile=cfg.compile, checkpoint=cfg.checkpoint)
+        self.fast = FastExpert(head, compile=cfg.compile, checkpoint=cfg.checkpoint,
+                               recompute_attention=cfg.recompute_attention)
         self.device = params[0].device
         self.graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self._eager_steps = 0

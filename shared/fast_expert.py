@@ -56,12 +56,25 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor,
+               mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """SDPA of q (B, kv, g*T, D) over [prefix; action] keys / values -> (B, kv, g*T, D)."""
+    keys = torch.cat([k_pre.to(k.dtype), k], dim=2)  # (B, kv_heads, L_max + T, D)
+    values = torch.cat([v_pre.to(v.dtype), v], dim=2)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+
 def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+                  cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                  recompute_attention: bool = False) -> torch.Tensor:
     """One Qwen3-VL text decoder layer over [prefix; action tokens].
 
     h: (B, T, hidden); k_pre, v_pre: (B, kv_heads, L_max, D) post-RoPE keys / raw values of the prefix;
-    cos, sin: (B, T, D); mask: (B, 1, T, L_max + T) additive or None -> (B, T, hidden)."""
+    cos, sin: (B, T, D); mask: (B, 1, T or g*T, L_max + T) additive or None -> (B, T, hidden).
+    `recompute_attention`: SDPA saves its keys and values for the backward pass, i.e. a copy of the
+    whole prefix per layer (3.4 GiB at B = 8, L = 2,993 over 36 layers); recomputing the concatenation
+    and the attention in the backward keeps only references to the cached prefix (one layer's copy at
+    a time) for about one extra attention forward."""
     attn = layer.self_attn
     bsz, t, _ = h.shape
     d = attn.head_dim
@@ -74,11 +87,14 @@ def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre:
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
-    keys = torch.cat([k_pre.to(k.dtype), k], dim=2)  # (B, kv_heads, L_max + T, D)
-    values = torch.cat([v_pre.to(v.dtype), v], dim=2)
     q = q.reshape(bsz, n_kv, group * t, d)  # heads j*group..j*group+group-1 share KV head j
-    m = None if mask is None else mask.repeat(1, 1, group, 1)
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=m, scale=attn.scaling)  # (B, kv, g*T, D)
+    if mask is not None and mask.shape[2] != group * t:  # callers normally pass it repeated once per pass
+        mask = mask.repeat(1, 1, group, 1)
+    if recompute_attention and torch.is_grad_enabled():
+        o = torch.utils.checkpoint.checkpoint(_attention, q, k, v, k_pre, v_pre, mask, attn.scaling,
+                                              use_reentrant=False)
+    else:
+        o = _attention(q, k, v, k_pre, v_pre, mask, attn.scaling)
     o = o.reshape(bsz, n_kv * group, t, d).transpose(1, 2).reshape(bsz, t, -1)
     h = h + attn.o_proj(o)
     return h + layer.mlp(layer.post_attention_layernorm(h))
@@ -88,11 +104,14 @@ class FastExpert:
     """velocity(x_t, t, prefix) for K draws per prefix, optionally with a compiled decoder layer.
 
     x_t: (B, K, 64, 2); t: (B, K) -> (B, K, 64, 2) fp32 velocity. `compile` = torch.compile the layer
-    once (shapes static per bucket); `checkpoint` = recompute each layer in the backward pass."""
+    once (shapes static per bucket); `checkpoint` = recompute each layer in the backward pass;
+    `recompute_attention` = recompute only the attention core (see decoder_layer)."""
 
-    def __init__(self, head: AlpamayoHead, compile: bool = False, checkpoint: bool = False):
+    def __init__(self, head: AlpamayoHead, compile: bool = False, checkpoint: bool = False,
+                 recompute_attention: bool = False):
         self.head = head
         self.checkpoint = checkpoint
+        self.recompute_attention = recompute_attention and not checkpoint  # layer recompute covers it
         if compile:  # one graph per batch shape, reused by every layer; allow many bucket shapes
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             # compiled kernels persist across runs (a second run of the same shapes skips the compile)
@@ -108,8 +127,10 @@ class FastExpert:
         cos, sin = rope_tables(head, prefix, draws, h)
         if mask is None:
             mask = action_mask(prefix, draws, h.dtype, head.causal)
+        group = head.expert.layers[0].self_attn.num_key_value_groups
+        mask = mask.repeat(1, 1, group, 1)  # (B, 1, g*K*64, L_max + K*64): once per pass, not per layer
         for i, layer in enumerate(head.expert.layers):
-            args = (layer, h, prefix.keys[i], prefix.values[i], cos, sin, mask)
+            args = (layer, h, prefix.keys[i], prefix.values[i], cos, sin, mask, self.recompute_attention)
             if self.checkpoint and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(self.layer_fn, *args, use_reentrant=False)
             else:

@@ -97,3 +97,43 @@ def test_compiled_layer_equals_plain(gqa_head):
     plain = FastExpert(head).velocity(x, t, prefix)
     compiled = FastExpert(head, compile=True).velocity(x, t, prefix)
     torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-5)
+
+
+def _saved_bytes(fn, inputs) -> tuple[torch.Tensor, int]:
+    """Bytes of the distinct storages autograd keeps for the backward pass while `fn` runs, leaving out
+    the storages of `inputs` (the cached prefix: kept by reference, not copied)."""
+    skip = {x.untyped_storage().data_ptr() for x in inputs}
+    seen: dict[int, int] = {}
+
+    def pack(x):
+        st = x.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_attention_recompute_equals_and_keeps_no_prefix_copy(gqa_head, compile):
+    """recompute_attention: the same gradients, without a saved [prefix; action] copy per layer."""
+    head = gqa_head
+    L = 512  # a long prefix, so its per-layer copy dominates what is saved
+    prefix = _prefix(head.cfg, [L, L - 40], [0, 2], seed=8)
+    g = torch.Generator().manual_seed(9)
+    x, t = torch.randn(2, 2, 64, 2, generator=g), torch.rand(2, 2, generator=g)
+    params = [p for p in head.parameters() if p.requires_grad]
+    runs = {}
+    for rec in (False, True):
+        fast = FastExpert(head, compile=compile, recompute_attention=rec)
+        v, saved = _saved_bytes(lambda f=fast: f.velocity(x, t, prefix), prefix.keys + prefix.values)
+        runs[rec] = (torch.autograd.grad(v.square().sum(), params), saved)
+    for a, b in zip(runs[True][0], runs[False][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    cfg = head.cfg
+    copy = cfg.num_layers * 2 * 2 * cfg.num_kv_heads * (L + 2 * 64) * cfg.head_dim * 4  # K and V, B=2, fp32
+    if not compile:  # compiled graphs save their own choice of tensors; the eager count is exact
+        assert runs[False][1] - runs[True][1] >= copy
+    assert runs[True][1] < runs[False][1]

@@ -20,6 +20,9 @@ def test_terms_by_hand(tiny_head_cfg):
     assert est.total == pytest.approx(2000 + 1200 + est.optimizer + est.kv_inputs + est.activations + WORKSPACE_BYTES)
     ck = estimate(cfg, 1000, 600, "bfloat16", "adamw8bit", 3, 128, kv_slots=2, checkpoint=True)
     assert ck.activations == 2 * tokens * 32 * 2 + per_layer < est.activations
+    copy = 3 * 2 * 32 * (128 + 64) * 2  # one layer's [prefix; action] K/V: kept by one layer at a time
+    ra = estimate(cfg, 1000, 600, "bfloat16", "adamw8bit", 3, 128, kv_slots=2, recompute_attention=True)
+    assert ra.activations == 2 * tokens * per_token + copy
 
 
 def test_release_plan_terms(tiny_head_cfg):
@@ -39,8 +42,12 @@ def test_budget_refusal_names_what_to_change(tiny_head_cfg):
         check_budget(est, 24 * 2**30, batch=8, checkpoint=False, optimizer="adamw")
     msg = str(exc.value)
     assert msg.startswith("estimated peak") and "\n" not in msg
-    for hint in ("--gradient-checkpointing", "--optimizer adamw8bit", "--batch-size 4 with --grad-accum 2"):
+    for hint in ("--recompute-attention", "--gradient-checkpointing", "--optimizer adamw8bit",
+                 "--batch-size 4 with --grad-accum 2"):
         assert hint in msg
+    with pytest.raises(ValueError) as exc:  # a flag already given is not suggested again
+        check_budget(est, 24 * 2**30, batch=8, checkpoint=False, optimizer="adamw", recompute_attention=True)
+    assert "--recompute-attention" not in str(exc.value)
     check_budget(est, est.total + 1, batch=8, checkpoint=False, optimizer="adamw")  # fits: no error
 
 
