@@ -272,9 +272,10 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
         return out_heads
 
     def resume_extra() -> dict:
+        extra = {"rng": rng_state(device)}  # stochastic rounding draws from the global generators
         if not lora:
-            return {}
-        extra = {"adapter": dict(zip(names, params))}
+            return extra
+        extra["adapter"] = dict(zip(names, params))
         return extra | ({"ema_adapter": ema.state()} if ema is not None else {})
 
     # ---- loop -------------------------------------------------------------------------------------
@@ -299,12 +300,21 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
     loss_sum, t_last, n_window, t_start = torch.zeros((), device=device), time.perf_counter(), 0, time.perf_counter()
     try:
         batches = iter(loader)
+        # the global generators feed stochastic rounding: seeded alike on every rank (replicas stay equal),
+        # restored on resume (a resumed run draws what the uninterrupted one drew); set after the first
+        # batch arrives, since starting the loader's iterator draws a worker seed from the CPU generator
+        rng_file = resume_dir / "rng.safetensors" if resume_dir is not None else None
+        rng_start = run_dir.load_tensors(rng_file) if rng_file is not None and rng_file.is_file() else None
         for step in range(start, stop):
             try:
                 micro = [b.to(device) for b in next(batches)]
             except StoreError as exc:
                 raise TrainingStopped(f"before step {step + 1}: {exc}; the run directory is intact: {last_ckpt}"
                                       ) from exc
+            if step == start and rng_start is not None:
+                set_rng_state(rng_start, device)
+            elif step == start:
+                torch.manual_seed(cfg.seed)
             guard.add(step, micro)
             meter.start(getattr(loader, "wait_s", 0.0))
             stats = train_step(micro, lr_at(step, cfg), step)
@@ -365,6 +375,21 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
         if (final / f"{stem}.safetensors").is_file():
             shutil.copy2(final / f"{stem}.safetensors", out / f"{stem}.safetensors")
     return out / "head.safetensors"
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global generators' states (uint8), saved with each checkpoint so a resumed run draws what an
+    uninterrupted one would (torchao's stochastic rounding uses them; the loss draws do not)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _summary(out: Path, loader, steps: int, samples: int, wall_s: float, device: torch.device,

@@ -50,6 +50,7 @@ def _read_fails_at(n):
 
 @pytest.mark.parametrize("mode, extra", [
     ("all", ["--dtype", "bfloat16"]),
+    ("all", ["--dtype", "bfloat16", "--optimizer", "adamw-sr"]),  # stochastic rounding: the RNG state resumes
     ("projections", []),
     ("lora", ["--lora-rank", "4", "--lora-alpha", "8", "--ema-decay", "0.9"]),
 ])
