@@ -171,15 +171,20 @@ def head_checkpoint(root: Path, tiny: bool, device) -> Path:
     return ckpt
 
 
-def e2e(url: str, out: Path, steps: int, bsz: int, workers: int, extra: list[str], ckpt: Path) -> dict:
+def e2e(url: str, out: Path, steps: int, bsz: int, workers: int, extra: list[str], ckpt: Path,
+        timeout_s: float | None = None) -> dict:
     cmd = [sys.executable, "-m", "head_trainer.head_train", "--cache", url, "--out", str(out), "--overwrite",
            "--checkpoint", str(ckpt),
            "--steps", str(steps), "--batch-size", str(bsz), "--num-workers", str(workers), "--warmup-steps", "10",
            "--log-every", "50", "--save-every", str(steps), *extra]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    rec = {"cmd": " ".join(cmd[1:]), "rc": p.returncode, "wall_s": round(time.perf_counter() - t0, 1),
-           "tail": (p.stdout + p.stderr)[-1500:]}
+    try:  # a run past its limit still records what it printed (the next one gets its turn)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        rc, text = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc = "timeout"
+        text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr))
+    rec = {"cmd": " ".join(cmd[1:]), "rc": rc, "wall_s": round(time.perf_counter() - t0, 1), "tail": text[-1500:]}
     summary = out / "summary.json"
     if summary.is_file():
         rec["summary"] = json.loads(summary.read_text())
@@ -198,6 +203,7 @@ def main() -> None:
     ap.add_argument("--e2e-args", default="--preset 24gb", help="extra head-train flags")
     ap.add_argument("--stores", default="4cam_int8,front_bf16,4cam_bf16,front_int4", help="which stores (and e2e runs)")
     ap.add_argument("--max-samples", type=int, default=0, help="cap each store's sample count (0 = the defaults)")
+    ap.add_argument("--e2e-timeout", type=float, default=0, help="seconds per head-train run (0 = none)")
     args = ap.parse_args()
     device = torch.device(args.device)
     out, root = Path(args.json_dir), Path(args.dir)
@@ -233,7 +239,8 @@ def main() -> None:
     if "e2e" in sections:
         ckpt = head_checkpoint(root, args.tiny, device)
         for name in [x for x in ("4cam_int8", "front_bf16") if x in chosen]:
-            rec = e2e(str(root / name), root / f"run_{name}", args.e2e_steps, 8, 12, args.e2e_args.split(), ckpt)
+            rec = e2e(str(root / name), root / f"run_{name}", args.e2e_steps, 8, 12, args.e2e_args.split(), ckpt,
+                      args.e2e_timeout or None)
             record(path, {"section": "e2e", "name": name, **rec})
 
 

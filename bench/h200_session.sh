@@ -44,7 +44,7 @@ train2)  # second pass: the optimizers and plans the first left (beside the tiny
 e2e)  # release-shape stores, then head-train end to end from each (the ratio to Stage-2), then adamwfp8's update
   S=${E2E_STORES:-4cam_int8,front_bf16}; N=${E2E_N:-32}
   e() { part "$1" python3 bench/bench_head_train_e2e.py --json-dir "$OUT" --dir /tmp/stores --stores "$S" --max-samples "$N" \
-          --workers 8 --e2e-steps "${E2E_STEPS:-150}" --e2e-args "${E2E_ARGS:---preset 24gb --compile --cuda-graphs --ram-cache-gb 16 --val-every 0}" --sections "$2" ${3:+--stores $3}; }
+          --workers 8 --e2e-steps "${E2E_STEPS:-150}" --e2e-timeout "${E2E_RUN_S:-170}" --e2e-args "${E2E_ARGS:---preset 24gb --compile --cuda-graphs --ram-cache-gb 16 --val-every 0}" --sections "$2" ${3:+--stores $3}; }
   e "${STORES_S:-100}" stores
   e "${E2E1_S:-200}" e2e 4cam_int8
   e "${E2E2_S:-160}" e2e front_bf16
