@@ -150,6 +150,9 @@ def head_checkpoint(root: Path, tiny: bool, device) -> Path:
     from shared.config import RELEASE_EXPERT_OVERRIDES
     from shared.tiny_checkpoint import write_tiny_checkpoint
 
+    done = root / "head_ckpt" / ("tiny.done" if tiny else "release.done")
+    if done.is_file():  # an earlier e2e call of this session wrote it
+        return Path(done.read_text())
     ckpt = write_tiny_checkpoint(root / "head_ckpt", dtype=torch.bfloat16, num_shards=2)
     alp = json.loads((ckpt / "config.json").read_text())
     alp["expert_cfg"] = ({"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -168,6 +171,7 @@ def head_checkpoint(root: Path, tiny: bool, device) -> Path:
               metadata={"format": "pt"})
     del head
     free(device)
+    done.write_text(str(ckpt))
     return ckpt
 
 
