@@ -116,9 +116,17 @@ def run_config(head, cfg, device, *, bsz, L, optimizer, mode="all", engine="grap
     rec = {"B": bsz, "L": L, "optimizer": optimizer, "trainable": mode, "engine": engine,
            "checkpoint": checkpoint, "draws": draws, "dtype": str(head.dtype).removeprefix("torch."),
            "recompute_attention": recompute_attention, "accum": accum}
-    if mode == "lora":  # LoRA injects adapters into the head every configuration here shares
-        raise ValueError("the step/memory sections share one head: bench LoRA with bench/check_train_loop_gpu.py")
-    params = apply_trainable(head, mode)
+    injected = any("lora_" in n for n, _ in head.named_parameters())
+    if injected and mode != "lora":  # LoRA injects adapters into the head every configuration here shares
+        raise ValueError("LoRA configurations must come last: the adapters stay in the shared head")
+    if mode == "lora" and injected:  # adapters already in: train them (and the projections) again
+        head.requires_grad_(False)
+        params = [p for n, p in head.named_parameters()
+                  if "lora_" in n or n.startswith(("action_in_proj.", "action_out_proj."))]
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        params = apply_trainable(head, mode)
     n_params = sum(p.numel() for p in head.parameters())
     n_train = sum(p.numel() for p in params)
     est = estimate(cfg, n_params, n_train, rec["dtype"], optimizer, bsz, L, draws, kv_slots=1, checkpoint=checkpoint,
@@ -291,6 +299,11 @@ def main() -> None:
         for bsz in (1, 4, 8):
             guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=bsz, L=long_l, optimizer="adamw",
                     mode="projections", engine="eager", warm=2, timed=2)
+        for bsz in (1, 4, 8):  # last: the adapters stay in the head (rank 16 on every linear, fp32)
+            guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=bsz, L=long_l, optimizer="adamw",
+                    mode="lora", engine="eager", warm=2, timed=2)
+        guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=8, L=long_l, optimizer="adamw",
+                mode="lora", engine="graphs")
 
     if "quality" in sections:  # uncapped: fp32 AdamW is the reference and needs ~40 GB
         del head
