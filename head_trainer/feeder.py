@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from shared import kv_quant
+from shared.failpoints import failpoint
 from shared.head import KVPrefix
 from shared.store import Store
 
@@ -188,4 +189,5 @@ class FeederLoader:
             for b in group:
                 main.wait_event(b.ready)
         self.steps += 1
+        failpoint("train_batch", n=self.steps)
         return group

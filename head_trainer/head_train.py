@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -225,11 +224,11 @@ def _claim_run_dir(cfg: TrainConfig, out: Path, lock: run_dir.RunLock, meta: dic
     if cfg.resume and run_dir.has_run(out):
         for line in run_dir.check_resume(out, meta, cfg.allow_config_change):
             print(f"head-train: config change accepted: {line}", file=sys.stderr)
-    (out / "config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    run_dir.write_atomic(out / "config.json", json.dumps(meta, indent=2, default=str) + "\n")
 
 
 def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, ckpt, meta) -> Path:
-    resume_dir = run_dir.latest_checkpoint(out) if cfg.resume else None
+    resume_dir = run_dir.latest_checkpoint(out, warn=True) if cfg.resume else None
 
     # ---- model ------------------------------------------------------------------------------------
     start = json.loads((resume_dir / "state.json").read_text())["step"] if resume_dir else 0
@@ -359,9 +358,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
     final = run_dir.latest_checkpoint(out)
     if stop < cfg.steps:
         return final / "head.safetensors"
-    for stem in ("head", "ema_head"):
-        if (final / f"{stem}.safetensors").is_file():
-            shutil.copy2(final / f"{stem}.safetensors", out / f"{stem}.safetensors")
+    run_dir.publish_heads(final, out)
     return out / "head.safetensors"
 
 
