@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from shared.checkpoint import AlpamayoCheckpoint, head_from_state, load_head_file
+from shared.checkpoint import AlpamayoCheckpoint, check_head_file, head_from_state, load_head_file
 from shared.cli import check_device, config_from_args, parser_for, user_errors
 from shared.store import Store, StoreError
 
 from . import distributed, run_dir
-from .data import make_loader, split_indices
+from .data import check_host_ram, make_loader, readable, split_indices, train_ram_plan
 from .ema import EMA
-from .integrity import FiniteGuard, TrainingStopped
+from .integrity import FiniteGuard, TrainingStopped, check_head_pairing, check_store_checkpoint
 from .logger import Logger
 from .optim import build_optimizer, load_optimizer, save_optimizer
 from .presets import apply_preset
@@ -95,6 +95,7 @@ class TrainConfig:
     allow_config_change: bool = False  # with --resume: accept result-altering config changes (printed)
     overwrite: bool = False  # replace an existing run directory
     unguided_mix: float = 0.0  # Alpamayo 1.5 stores: fraction of no-route (unguided) training items, e.g. 0.1
+    skip_bad_samples: bool = False  # leave damaged samples out (the next readable one takes their place); listed at the end
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "draws", "save_every", "keep_last", "log_every",
@@ -153,6 +154,9 @@ def open_base(cfg: TrainConfig, store: Store) -> AlpamayoCheckpoint:
     if want and want != have:
         raise ValueError(f"{ckpt.path}: head config hash {have} differs from the store's {want}: the cache was "
                          "built for another head architecture")
+    check_store_checkpoint(store, ckpt)  # another model / config than the store's prefixes came from
+    if cfg.init_head:  # a head of another expert shape is refused naming the fields
+        check_head_pairing(check_head_file(cfg.init_head), cfg.init_head, ckpt)
     return ckpt
 
 
@@ -161,7 +165,7 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     launch = distributed.detect()
     # ---- checks before any model loads ------------------------------------------------------------
-    store = Store.open(cfg.cache)
+    store = Store.open(cfg.cache, skip_damaged=cfg.skip_bad_samples)
     indices = split_indices(store, None if cfg.split == "all" else cfg.split)
     if not indices:
         raise ValueError(f"{cfg.cache}: no samples in split {cfg.split!r} (splits: "
@@ -178,6 +182,8 @@ def train(cfg: TrainConfig) -> Path:
         cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     ckpt = open_base(cfg, store)
     head_cfg = ckpt.head_config()
+    check_host_ram(train_ram_plan(cfg, store, indices, head_cfg, device, dtype),
+                   "lower --ram-cache-gb (a cache: the rest is read from the store), --batch-size or --num-workers")
     if cfg.gpu_memory_budget:
         from .memory import check_train_budget
 
@@ -282,7 +288,10 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
         loader = make_loader(store.url, indices, cfg.batch_size, cfg.seed, start, stop, cfg.num_workers,
                              pin_memory=device.type == "cuda", ram_budget_bytes=int(cfg.ram_cache_gb * 1e9),
                              rank=launch.rank, world_size=launch.size, grad_accum=cfg.grad_accum, device=device,
-                             dtype=dtype, progress=main)
+                             dtype=dtype, progress=main, skip_bad=cfg.skip_bad_samples)
+        if cfg.skip_bad_samples:  # validation reads its few samples again and again: leave damaged ones out
+            val_indices, val_bad = readable(store, val_indices)
+            loader.skipped.update(val_bad, **{f"manifest {k}": v for k, v in store.damaged_manifests.items()})
     except StoreError as exc:
         raise TrainingStopped(f"{exc}; the run directory is intact: {last_ckpt}") from exc
     validator = Validator(store, val_indices, cfg.batch_size, cfg.val_draws, cfg.val_ade_items, device)
@@ -375,6 +384,10 @@ def _summary(out: Path, loader, steps: int, samples: int, wall_s: float, device:
     line = (f"head-train: {steps} steps in {wall_s:.1f} s ({rec['samples_per_s']:.1f} samples/s); waited "
             f"{wait:.1f} s ({100 * rec['loader_wait_fraction']:.0f} %) for the loader: {rec['bound']}-bound")
     rec.update(steady)
+    if getattr(loader, "skipped", None):  # --skip-bad-samples
+        rec["skipped_samples"] = dict(sorted(loader.skipped.items()))
+        print(f"head-train: skipped {len(loader.skipped)} damaged samples (--skip-bad-samples): "
+              + "; ".join(f"{k}: {v}" for k, v in rec["skipped_samples"].items()), file=sys.stderr)
     if steady:
         line += (f"; steady state {steady['steady_ms_per_sample']:.1f} ms/sample over {steady['steady_steps']} steps"
                  + (f", GPU busy {100 * steady['gpu_busy_fraction']:.0f} %" if "gpu_busy_fraction" in steady else ""))
