@@ -160,8 +160,15 @@ def test_wrong_pairings_are_refused_naming_what_differs(clean, tiny_checkpoint, 
         assert "a head of another architecture" in err and "expert.intermediate_size 64 vs 96" in err
 
 
-def test_a_plan_larger_than_host_ram_is_refused_before_loading(clean, tmp_path, monkeypatch, capsys):
+def test_a_plan_larger_than_host_ram_is_refused_before_loading(clean, tiny_checkpoint, tmp_path, monkeypatch,
+                                                               capsys):
     st = Store.open(str(clean))
+    head_cfg = AlpamayoCheckpoint.open(tiny_checkpoint).head_config()
+    before = head_cfg.hash()
+    plan = data.train_ram_plan(head_train.TrainConfig(cache="c", out="o"), st, [0, 1], head_cfg,
+                               torch.device("cpu"), torch.float32)
+    assert head_cfg.hash() == before  # counted on a copy: building a head changes its config's hash
+    assert plan["checkpoint copy"] > 0 and plan["training on the CPU"] > plan["checkpoint copy"]
     plan = data.loader_ram_plan(st, list(range(len(st))), 2, 1, 0, 2e9, 4)
     per = data.stored_bytes(st.manifest(0))
     assert per == 2 * 2 * 2 * st.manifest(0)["prefix_len"] * 16 * 4  # (layers, 2, heads, L, dim) float32
