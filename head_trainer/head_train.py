@@ -31,7 +31,7 @@ from shared.store import Store, StoreError
 from . import distributed, run_dir
 from .data import check_host_ram, make_loader, readable, split_indices, train_ram_plan
 from .ema import EMA
-from .integrity import FiniteGuard, TrainingStopped, check_head_pairing, check_store_checkpoint
+from .integrity import FiniteGuard, TrainingStopped, check_head_pairing, check_store_checkpoint, read_stop
 from .logger import Logger
 from .optim import build_optimizer, load_optimizer, save_optimizer
 from .presets import apply_preset
@@ -294,7 +294,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
             val_indices, val_bad = readable(store, val_indices)
             loader.skipped.update(val_bad, **{f"manifest {k}": v for k, v in store.damaged_manifests.items()})
     except StoreError as exc:
-        raise TrainingStopped(f"{exc}; the run directory is intact: {last_ckpt}") from exc
+        raise read_stop(exc, last_ckpt) from exc
     validator = Validator(store, val_indices, cfg.batch_size, cfg.val_draws, cfg.val_ade_items, device)
     writer = run_dir.CheckpointWriter(out, cfg.keep_last, cfg.background_save, save_optimizer)
     best = run_dir.BestK(out, cfg.keep_best, start, cfg.background_save) if main else None
@@ -310,8 +310,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
             try:
                 micro = [b.to(device) for b in next(batches)]
             except StoreError as exc:
-                raise TrainingStopped(f"before step {step + 1}: {exc}; the run directory is intact: {last_ckpt}"
-                                      ) from exc
+                raise read_stop(exc, last_ckpt, f"before step {step + 1}: ") from exc
             guard.add(step, micro)
             meter.start(getattr(loader, "wait_s", 0.0))
             stats = train_step(micro, lr_at(step, cfg), step)

@@ -22,6 +22,14 @@ def finite_per_sample(batch) -> torch.Tensor:
     return torch.stack(parts).all(0)
 
 
+def read_stop(exc: Exception, last_ckpt: str, where: str = "") -> TrainingStopped:
+    """A failed read -> the stop: what failed, that the run directory is intact, the ways on."""
+    from shared.store import SampleReadError
+
+    skip = "; or add --skip-bad-samples to leave damaged samples out" if isinstance(exc, SampleReadError) else ""
+    return TrainingStopped(f"{where}{exc}; the run directory is intact: {last_ckpt}{skip}")
+
+
 class FiniteGuard:
     def __init__(self):
         self._pending: list[tuple[int, list[str], torch.Tensor]] = []

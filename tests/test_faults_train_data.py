@@ -51,7 +51,7 @@ def test_skip_bad_samples_in_head_train(damaged, tmp_path, capsys):
     store, train_key, val_key = damaged
     assert head_train.main(args(store, tmp_path / "refused", "--ram-cache-gb", "0")) == 1  # the default: refuse
     err = capsys.readouterr().err
-    assert f"sample {train_key!r}" in err and "checksum mismatch" in err
+    assert f"sample {train_key!r}" in err and "checksum mismatch" in err and "add --skip-bad-samples" in err
     runs = {}
     for ram in ("0", "2"):  # samples read by the loader / all held in the RAM tier: the same run
         out = tmp_path / f"ram{ram}"
@@ -184,3 +184,11 @@ def test_a_plan_larger_than_host_ram_is_refused_before_loading(clean, tiny_check
     with pytest.raises(ValueError, match=r"needs about 3.00 GB of host RAM \(a 1.00, b 2.00 GB\) but 2.50 GB"):
         data.check_host_ram({"a": 1e9, "b": 2e9}, "x", available=int(2.5e9))
     data.check_host_ram({"a": 1e9, "b": 1e9}, "x", available=int(2.5e9))
+
+
+def test_resume_without_the_gpu_budget_flag_is_the_same_run(clean, tmp_path):
+    """--gpu-memory-budget is a run-time flag; its estimate builds a head on meta, which used to change
+    the head config recorded in config.json, so a resume without the flag was refused."""
+    out = tmp_path / "run"
+    assert head_train.main(args(clean, out, "--stop-after", "2", "--gpu-memory-budget", "100GiB")) == 0
+    assert head_train.main(args(clean, out, "--resume")) == 0
