@@ -80,6 +80,32 @@ def kill(p: subprocess.Popen) -> None:
     p.wait()
 
 
+def interrupt(cmd: list[str], point: str, hit_n: int, marker: Path, delay: float, row: dict):
+    """Start `cmd` and stop it: held at the point's hit_n-th hit (-> the marker line; None if the process
+    ended first), or for point "time" after `delay` seconds (-> {}). The caller checks, then kills."""
+    if point == "time":
+        row["hit"] = f"{delay:.1f}s"
+        p = start(cmd)
+        time.sleep(delay)
+        return p, {}
+    p = start(cmd, f"{point}=hold@{hit_n}", marker)
+    return p, wait_marker(marker, p)
+
+
+def finish(row: dict, rows: list[dict], out: Path, t0: float) -> None:
+    row["seconds"] = round(time.time() - t0, 1)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def not_reached(p: subprocess.Popen, row: dict, rows: list[dict]) -> None:
+    kill(p)
+    row.update(outcome=f"harness: point not reached (rc {p.returncode}): {p.stderr.read()[-300:]}")
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
 def torn_state(out: Path, point: str, hit: dict) -> bool:
     """The state the point is about exists right now (so the kill tests something)."""
     commits = list((out / "commits").glob("*/*.json"))
@@ -156,23 +182,12 @@ def main() -> int:
         cmd = cli(world, ckpt, out, "--writer-processes", str(procs))
         row = {"trial": n, "kind": kind, "point": point, "hit": hit_n, "writer_processes": procs}
         t = time.time()
-        if kind == "kill" and point == "time":
-            delay = rng.uniform(0.3, 1.0) * ref_s
-            row["hit"] = f"{delay:.1f}s"
-            p = start(cmd)
-            time.sleep(delay)
-            kill(p)
-            row["torn_state_seen"] = None
-        elif kind == "kill":
-            p = start(cmd, f"{point}=hold@{hit_n}", marker)
-            hit = wait_marker(marker, p)
+        if kind == "kill":
+            p, hit = interrupt(cmd, point, hit_n, marker, rng.uniform(0.3, 1.0) * ref_s, row)
             if hit is None:
-                kill(p)
-                row.update(outcome=f"harness: point not reached (rc {p.returncode})")
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                not_reached(p, row, rows)
                 continue
-            row["torn_state_seen"] = torn_state(out, point, hit)
+            row["torn_state_seen"] = torn_state(out, point, hit) if point != "time" else None
             kill(p)
         elif kind == "enospc":
             p = start(cmd, f"{point}=enospc@{hit_n}")
@@ -204,10 +219,7 @@ def main() -> int:
             row["outcome"] += "; error was not one line naming ENOSPC"
         if kind == "shard" and row["second_rc"] != 2:
             row["outcome"] += "; the second build did not refuse"
-        row["seconds"] = round(time.time() - t, 1)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        shutil.rmtree(out, ignore_errors=True)
+        finish(row, rows, out, t)
     return report(work, rows)
 
 
@@ -309,22 +321,11 @@ def train_trials(work: Path, trials: int, rng: random.Random) -> int:
         row = {"trial": n, "verb": "head-train", "kind": "kill", "point": point, "hit": hit_n,
                "background_save": background}
         t = time.time()
-        if point == "time":
-            delay = rng.uniform(0.4, 1.0) * ref_s
-            row["hit"] = f"{delay:.1f}s"
-            p = start(train_cli(store, out, *extra))
-            time.sleep(delay)
-            row["torn_state_seen"] = None
-        else:
-            p = start(train_cli(store, out, *extra), f"{point}=hold@{hit_n}", marker)
-            hit = wait_marker(marker, p)
-            if hit is None:
-                kill(p)
-                row.update(outcome=f"harness: point not reached (rc {p.returncode}): {p.stderr.read()[-300:]}")
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                continue
-            row["torn_state_seen"] = train_torn_state(out, point, hit, work / "ref")
+        p, hit = interrupt(train_cli(store, out, *extra), point, hit_n, marker, rng.uniform(0.4, 1.0) * ref_s, row)
+        if hit is None:
+            not_reached(p, row, rows)
+            continue
+        row["torn_state_seen"] = train_torn_state(out, point, hit, work / "ref") if point != "time" else None
         finished = p.poll() is not None
         kill(p)
         row["exited_before_kill"] = finished
@@ -338,10 +339,7 @@ def train_trials(work: Path, trials: int, rng: random.Random) -> int:
             row["outcome"] = train_compare(out, work / "ref")
             if row["torn_state_seen"] is False:
                 row["outcome"] += " (torn state not seen before the kill)"
-        row["seconds"] = round(time.time() - t, 1)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        shutil.rmtree(out, ignore_errors=True)
+        finish(row, rows, out, t)
     return report(work, rows)
 
 
