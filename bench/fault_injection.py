@@ -80,12 +80,16 @@ def kill(p: subprocess.Popen) -> None:
     p.wait()
 
 
-def interrupt(cmd: list[str], point: str, hit_n: int, marker: Path, delay: float, row: dict):
+def interrupt(cmd: list[str], point: str, hit_n: int, marker: Path, delay: float, row: dict,
+              after: Path | None = None):
     """Start `cmd` and stop it: held at the point's hit_n-th hit (-> the marker line; None if the process
-    ended first), or for point "time" after `delay` seconds (-> {}). The caller checks, then kills."""
+    ended first), or for point "time" `delay` seconds after the start (or after `after` appears: the
+    work itself, not the imports) (-> {}). The caller checks, then kills."""
     if point == "time":
-        row["hit"] = f"{delay:.1f}s"
+        row["hit"] = f"{delay:.1f}s" + (f" after {after.name} appeared" if after else "")
         p = start(cmd)
+        while after is not None and not after.exists() and p.poll() is None:
+            time.sleep(0.02)
         time.sleep(delay)
         return p, {}
     p = start(cmd, f"{point}=hold@{hit_n}", marker)
@@ -303,11 +307,14 @@ def train_trials(work: Path, trials: int, rng: random.Random) -> int:
     ckpt = write_tiny_checkpoint(work / "tiny", dtype=torch.float32)
     store = write_train_store(work / "store", ckpt)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    p = start(train_cli(store, work / "ref"))  # timed from its first metrics line: the loop, not the imports
+    while not (work / "ref" / "metrics.jsonl").exists() and p.poll() is None:
+        time.sleep(0.02)
     t = time.time()
-    r = subprocess.run(train_cli(store, work / "ref"), env=env, cwd=ROOT, capture_output=True, text=True)
+    _, err = p.communicate()
     ref_s = time.time() - t
-    assert r.returncode == 0, r.stderr[-3000:]
-    print(f"reference head-train: {TRAIN_STEPS} steps, {ref_s:.0f} s", flush=True)
+    assert p.returncode == 0, err[-3000:]
+    print(f"reference head-train: {TRAIN_STEPS} steps, {ref_s:.1f} s from its first metrics line", flush=True)
     ckpts = TRAIN_STEPS // SAVE_EVERY
     rows = []
     for n in range(trials):
@@ -321,7 +328,8 @@ def train_trials(work: Path, trials: int, rng: random.Random) -> int:
         row = {"trial": n, "verb": "head-train", "kind": "kill", "point": point, "hit": hit_n,
                "background_save": background}
         t = time.time()
-        p, hit = interrupt(train_cli(store, out, *extra), point, hit_n, marker, rng.uniform(0.4, 1.0) * ref_s, row)
+        p, hit = interrupt(train_cli(store, out, *extra), point, hit_n, marker, rng.uniform(0.0, 1.0) * ref_s, row,
+                           after=out / "metrics.jsonl")
         if hit is None:
             not_reached(p, row, rows)
             continue
