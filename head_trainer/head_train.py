@@ -292,7 +292,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
                              dtype=dtype, progress=main, skip_bad=cfg.skip_bad_samples)
         if cfg.skip_bad_samples:  # validation reads its few samples again and again: leave damaged ones out
             val_indices, val_bad = readable(store, val_indices)
-            loader.skipped.update(val_bad, **{f"manifest {k}": v for k, v in store.damaged_manifests.items()})
+            loader.skipped.update(val_bad | {f"manifest {k}": v for k, v in store.damaged_manifests.items()})
     except StoreError as exc:
         raise read_stop(exc, last_ckpt) from exc
     validator = Validator(store, val_indices, cfg.batch_size, cfg.val_draws, cfg.val_ade_items, device)
