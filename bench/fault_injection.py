@@ -14,7 +14,15 @@ and checks what is left, then resumes and compares with an uninterrupted build:
 Outcome per trial: recovered (resume verifies clean, every sample once, bitwise equal to the reference)
 | refused with message | lost data | silently wrong | harness error.
 
+`--train` runs head-train instead (tiny checkpoint, CPU, fp32, a 12-sample store): SIGKILL while a
+failpoint holds it at a random hit of train_batch (mid-run), ckpt_file_write (a checkpoint file cut in
+half), ckpt_before_rename, ckpt_after_rename, ckpt_prune, best_write (a best head renamed before its
+index), or at a random time; the torn state is asserted before the kill; then `--resume`. Recovered =
+the final head bitwise equal to an uninterrupted run, metrics.jsonl equal (timings aside), the best-k
+index equal, and the resume started from a whole checkpoint.
+
     PYTHONPATH=. python bench/fault_injection.py --trials 24 --seed 0 --out /tmp/faults
+    PYTHONPATH=. python bench/fault_injection.py --train --trials 12 --seed 0 --out /tmp/faults-train
 """
 
 from __future__ import annotations
@@ -72,6 +80,36 @@ def kill(p: subprocess.Popen) -> None:
     p.wait()
 
 
+def interrupt(cmd: list[str], point: str, hit_n: int, marker: Path, delay: float, row: dict,
+              after: Path | None = None):
+    """Start `cmd` and stop it: held at the point's hit_n-th hit (-> the marker line; None if the process
+    ended first), or for point "time" `delay` seconds after the start (or after `after` appears: the
+    work itself, not the imports) (-> {}). The caller checks, then kills."""
+    if point == "time":
+        row["hit"] = f"{delay:.1f}s" + (f" after {after.name} appeared" if after else "")
+        p = start(cmd)
+        while after is not None and not after.exists() and p.poll() is None:
+            time.sleep(0.02)
+        time.sleep(delay)
+        return p, {}
+    p = start(cmd, f"{point}=hold@{hit_n}", marker)
+    return p, wait_marker(marker, p)
+
+
+def finish(row: dict, rows: list[dict], out: Path, t0: float) -> None:
+    row["seconds"] = round(time.time() - t0, 1)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def not_reached(p: subprocess.Popen, row: dict, rows: list[dict]) -> None:
+    kill(p)
+    row.update(outcome=f"harness: point not reached (rc {p.returncode}): {p.stderr.read()[-300:]}")
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
 def torn_state(out: Path, point: str, hit: dict) -> bool:
     """The state the point is about exists right now (so the kill tests something)."""
     commits = list((out / "commits").glob("*/*.json"))
@@ -111,11 +149,14 @@ def main() -> int:
     ap.add_argument("--enospc", type=int, default=3, help="extra disk-full trials")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/fault-injection")
+    ap.add_argument("--train", action="store_true", help="kill head-train instead of cache-build")
     a = ap.parse_args()
     rng = random.Random(a.seed)
     work = Path(a.out)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    if a.train:
+        return train_trials(work, a.trials, rng)
     from shared.data import write_synthetic_world
     from shared.tiny_checkpoint import write_tiny_checkpoint
 
@@ -145,23 +186,12 @@ def main() -> int:
         cmd = cli(world, ckpt, out, "--writer-processes", str(procs))
         row = {"trial": n, "kind": kind, "point": point, "hit": hit_n, "writer_processes": procs}
         t = time.time()
-        if kind == "kill" and point == "time":
-            delay = rng.uniform(0.3, 1.0) * ref_s
-            row["hit"] = f"{delay:.1f}s"
-            p = start(cmd)
-            time.sleep(delay)
-            kill(p)
-            row["torn_state_seen"] = None
-        elif kind == "kill":
-            p = start(cmd, f"{point}=hold@{hit_n}", marker)
-            hit = wait_marker(marker, p)
+        if kind == "kill":
+            p, hit = interrupt(cmd, point, hit_n, marker, rng.uniform(0.3, 1.0) * ref_s, row)
             if hit is None:
-                kill(p)
-                row.update(outcome=f"harness: point not reached (rc {p.returncode})")
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                not_reached(p, row, rows)
                 continue
-            row["torn_state_seen"] = torn_state(out, point, hit)
+            row["torn_state_seen"] = torn_state(out, point, hit) if point != "time" else None
             kill(p)
         elif kind == "enospc":
             p = start(cmd, f"{point}=enospc@{hit_n}")
@@ -193,10 +223,12 @@ def main() -> int:
             row["outcome"] += "; error was not one line naming ENOSPC"
         if kind == "shard" and row["second_rc"] != 2:
             row["outcome"] += "; the second build did not refuse"
-        row["seconds"] = round(time.time() - t, 1)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        shutil.rmtree(out, ignore_errors=True)
+        finish(row, rows, out, t)
+    return report(work, rows)
+
+
+def report(work: Path, rows: list[dict]) -> int:
+    """results.json + the markdown table; exit 1 unless every trial recovered."""
     (work / "results.json").write_text(json.dumps(rows, indent=2))
     by: dict[tuple, list] = {}
     for r in rows:
@@ -209,6 +241,114 @@ def main() -> int:
         print(f"| {kind} | {point} | {len(outs)} | {', '.join(f'{v}x {k}' for k, v in counts.items())} |")
     bad = [r for r in rows if r["outcome"] != "recovered"]
     return int(bool(bad))
+
+
+# -- head-train ------------------------------------------------------------------------------------
+TRAIN_POINTS = ("train_batch", "ckpt_file_write", "ckpt_before_rename", "ckpt_after_rename", "ckpt_prune",
+                "best_write", "time")
+TRAIN_STEPS, SAVE_EVERY = 8, 2  # checkpoints at 2, 4, 6, 8; validation at 3, 6, 8
+
+
+def train_cli(store: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "head_trainer.head_train", "--cache", str(store), "--out", str(out),
+            "--steps", str(TRAIN_STEPS), "--batch-size", "2", "--warmup-steps", "1", "--save-every", str(SAVE_EVERY),
+            "--keep-last", "1", "--log-every", "1", "--val-every", "3", "--keep-best", "1", "--val-ade-items", "0",
+            "--ram-cache-gb", "0", "--no-tensorboard", *extra]
+
+
+def train_torn_state(out: Path, point: str, hit: dict, ref: Path) -> bool:
+    ck = out / "checkpoints"
+    if point == "ckpt_file_write":
+        torn = ck / f"step_{int(hit['step']):07d}.partial" / hit["file"]
+        whole = ref / "checkpoints" / f"step_{TRAIN_STEPS:07d}" / hit["file"]
+        return torn.is_file() and torn.stat().st_size < whole.stat().st_size
+    if point == "ckpt_before_rename":
+        return (Path(hit["dir"]) / "state.json").is_file() and not Path(hit["dir"][: -len(".partial")]).exists()
+    if point == "ckpt_after_rename":  # the new one renamed, the older one (if any) not yet pruned
+        step = int(hit["step"])
+        return Path(hit["dir"]).is_dir() and (step == SAVE_EVERY or (ck / f"step_{step - SAVE_EVERY:07d}").is_dir())
+    if point == "ckpt_prune":
+        return Path(hit["dir"] + ".deleting").is_dir() and not Path(hit["dir"]).exists()
+    if point == "best_write":
+        index = out / "best" / "index.json"
+        listed = json.loads(index.read_text()) if index.is_file() else []
+        return (out / "best" / f"step_{int(hit['step']):07d}").is_dir() and all(
+            e["step"] != int(hit["step"]) for e in listed)
+    return True  # train_batch / time: nothing half-written is promised
+
+
+def train_compare(out: Path, ref: Path) -> str:
+    from safetensors.torch import load_file
+
+    if not (out / "head.safetensors").is_file():
+        return "lost data (no final head)"
+    a, b = load_file(str(ref / "head.safetensors")), load_file(str(out / "head.safetensors"))
+    if set(a) != set(b) or not all(torch.equal(a[k], b[k]) for k in a):
+        return "silently wrong (final head differs)"
+
+    def recs(d: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(x).items() if k != "samples_per_s"}
+                for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+    if recs(out) != recs(ref):
+        return "silently wrong (metrics.jsonl differs)"
+    if (out / "best/index.json").read_text() != (ref / "best/index.json").read_text():
+        return "silently wrong (best/index.json differs)"
+    return "recovered"
+
+
+def train_trials(work: Path, trials: int, rng: random.Random) -> int:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from train_store import write_train_store
+
+    from head_trainer import run_dir
+    from shared.tiny_checkpoint import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(work / "tiny", dtype=torch.float32)
+    store = write_train_store(work / "store", ckpt)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    p = start(train_cli(store, work / "ref"))  # timed from its first metrics line: the loop, not the imports
+    while not (work / "ref" / "metrics.jsonl").exists() and p.poll() is None:
+        time.sleep(0.02)
+    t = time.time()
+    _, err = p.communicate()
+    ref_s = time.time() - t
+    assert p.returncode == 0, err[-3000:]
+    print(f"reference head-train: {TRAIN_STEPS} steps, {ref_s:.1f} s from its first metrics line", flush=True)
+    ckpts = TRAIN_STEPS // SAVE_EVERY
+    rows = []
+    for n in range(trials):
+        point = TRAIN_POINTS[n % len(TRAIN_POINTS)]
+        background = rng.random() < 0.75
+        hit_n = {"train_batch": rng.randint(1, TRAIN_STEPS), "ckpt_file_write": rng.randint(1, 3 * ckpts),
+                 "ckpt_before_rename": rng.randint(1, ckpts), "ckpt_after_rename": rng.randint(1, ckpts),
+                 "ckpt_prune": rng.randint(1, ckpts - 1), "best_write": 1, "time": 0}[point]
+        out, marker = work / f"t{n:02d}", work / f"t{n:02d}.marker"
+        extra = () if background else ("--no-background-save",)
+        row = {"trial": n, "verb": "head-train", "kind": "kill", "point": point, "hit": hit_n,
+               "background_save": background}
+        t = time.time()
+        p, hit = interrupt(train_cli(store, out, *extra), point, hit_n, marker, rng.uniform(0.0, 1.0) * ref_s, row,
+                           after=out / "metrics.jsonl")
+        if hit is None:
+            not_reached(p, row, rows)
+            continue
+        row["torn_state_seen"] = train_torn_state(out, point, hit, work / "ref") if point != "time" else None
+        finished = p.poll() is not None
+        kill(p)
+        row["exited_before_kill"] = finished
+        latest = run_dir.latest_checkpoint(out)
+        row["resumed_from_step"] = int(latest.name.split("_")[1]) if latest else 0
+        r = subprocess.run(train_cli(store, out, "--resume", *extra), env=env, cwd=ROOT, capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            row["outcome"] = f"resume failed rc {r.returncode}: {r.stderr.strip().splitlines()[-1:]}"
+        else:
+            row["outcome"] = train_compare(out, work / "ref")
+            if row["torn_state_seen"] is False:
+                row["outcome"] += " (torn state not seen before the kill)"
+        finish(row, rows, out, t)
+    return report(work, rows)
 
 
 if __name__ == "__main__":

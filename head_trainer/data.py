@@ -13,19 +13,27 @@ Work split: DataLoader workers read whole samples in their stored form (zstd dec
 them to a length bucket; the main process hands them to `DeviceFeeder` (head_trainer/feeder.py),
 which copies them to the GPU on a side stream and dequantises int8/int4 there, and keeps hot samples
 in a pinned host-RAM tier and a GPU tier within budgets.
+
+A damaged sample (SampleReadError) stops the run, naming it. With skip_bad=True (--skip-bad-samples)
+its place in the batch goes to the next readable training sample in store order instead, so batch
+shapes, the noise draws and the batches of every other step stay what they were (a resumed run and
+an uninterrupted one still read the same); the feeder collects the skipped keys and why.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from shared.head import KVPrefix
-from shared.store import CachedSample, Store, from_stored
+from shared.store import CachedSample, SampleReadError, Store, from_stored
 
 BUCKET = 64  # prefix lengths are padded up to a multiple of this, so step shapes repeat
 
@@ -95,10 +103,16 @@ def raw_nbytes(raw: dict) -> int:
 
 
 class RawDataset(Dataset):
-    """Stored-form samples of a store; `skip` = store indices the feeder already holds (tiers)."""
+    """Stored-form samples of a store; `skip` = store indices the feeder already holds (tiers).
 
-    def __init__(self, url: str, skip: frozenset[int] = frozenset()):
-        self.url, self.skip = url, skip
+    skip_bad: a sample that fails to read becomes {"bad": key, "reason", "index"} when `pool` is empty
+    (the tier fill), else {"substitute": the next readable sample of `pool` (index if held), "skipped"}.
+    `known_bad` = indices already found damaged (not read again)."""
+
+    def __init__(self, url: str, skip: frozenset[int] = frozenset(), skip_bad: bool = False,
+                 pool: tuple[int, ...] = (), known_bad: frozenset[int] = frozenset()):
+        self.url, self.skip, self.skip_bad, self.known_bad = url, skip, skip_bad, known_bad
+        self.pool = sorted(set(pool))
         self._store: Store | None = None
 
     def __len__(self) -> int:
@@ -106,8 +120,34 @@ class RawDataset(Dataset):
 
     def __getitem__(self, batch: list[int]) -> list[dict | int]:
         if self._store is None:
-            self._store = Store.open(self.url)
-        return [i if i in self.skip else read_raw(self._store, i) for i in batch]
+            self._store = Store.open(self.url, skip_damaged=self.skip_bad)
+        return [self._one(i) for i in batch]
+
+    def _one(self, i: int):
+        if i in self.skip:
+            return i
+        if not self.skip_bad:
+            return read_raw(self._store, i)
+        raw, why = self._try(i)
+        if raw is not None:
+            return raw
+        if not self.pool:
+            return {"bad": why[0], "reason": why[1], "index": i}
+        start = int(np.searchsorted(self.pool, i, side="right"))
+        for n in range(len(self.pool)):
+            j = self.pool[(start + n) % len(self.pool)]
+            sub = j if j in self.skip else self._try(j)[0]
+            if sub is not None:
+                return {"substitute": sub, "skipped": why}
+        raise SampleReadError(self.url, why[0], "?", f"{why[1]}; and no training sample is readable")
+
+    def _try(self, i: int) -> tuple[dict | None, tuple[str, str]]:
+        if i in self.known_bad:
+            return None, ("", "")
+        try:
+            return read_raw(self._store, i), ("", "")
+        except SampleReadError as exc:
+            return None, (exc.key or self._store.manifest(i % len(self._store))["key"], exc.reason or str(exc))
 
 
 def _identity(x):
@@ -151,6 +191,19 @@ class StepBatchSampler(Sampler[list[int]]):
         return max(0, self.stop - self.start) * self.accum
 
 
+def readable(store: Store, indices: list[int]) -> tuple[list[int], dict[str, str]]:
+    """(the indices whose sample reads whole, {key: why} of the others): --skip-bad-samples for the
+    few samples validation reads again and again."""
+    good, bad = [], {}
+    for i in indices:
+        try:
+            read_raw(store, i)
+            good.append(i)
+        except SampleReadError as exc:
+            bad[exc.key or store.manifest(i)["key"]] = exc.reason or str(exc)
+    return good, bad
+
+
 def split_indices(store: Store, split: str | None) -> list[int]:
     """Indices of `split` ('train', 'val', ...; None = all)."""
     if split is None:
@@ -166,16 +219,88 @@ def make_loader(url: str, indices: list[int], batch_size: int, seed: int, start:
                 num_workers: int = 0, pin_memory: bool = False, ram_budget_bytes: int = 0, rank: int = 0,
                 world_size: int = 1, grad_accum: int = 1, device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None, gpu_budget_bytes: int = 0, bucket: int = BUCKET,
-                progress: bool = False):
-    """-> a `FeederLoader`: iterate for one list of `grad_accum` Batches (on `device`) per step."""
+                progress: bool = False, skip_bad: bool = False):
+    """-> a `FeederLoader`: iterate for one list of `grad_accum` Batches (on `device`) per step.
+    skip_bad: damaged samples are replaced (see the module docstring); `.skipped` = {key: why}."""
     from .feeder import DeviceFeeder, FeederLoader
 
-    store = Store.open(url)
+    store = Store.open(url, skip_damaged=skip_bad)
     sampler = StepBatchSampler(indices, batch_size, seed, start, stop, rank, world_size, grad_accum)
     feeder = DeviceFeeder(store, torch.device(device), dtype, bucket)
-    feeder.fill_tiers(sorted(set(indices)), ram_budget_bytes, gpu_budget_bytes, num_workers, progress)
-    dl = DataLoader(RawDataset(url, frozenset(feeder.held())), batch_size=None, sampler=sampler,
+    feeder.fill_tiers(sorted(set(indices)), ram_budget_bytes, gpu_budget_bytes, num_workers, progress, skip_bad)
+    ds = RawDataset(url, frozenset(feeder.held()), skip_bad, tuple(indices), frozenset(feeder.bad))
+    dl = DataLoader(ds, batch_size=None, sampler=sampler,
                     collate_fn=_identity, num_workers=num_workers,
                     pin_memory=pin_memory and torch.device(device).type == "cuda",
                     prefetch_factor=4 if num_workers else None, persistent_workers=False)
     return FeederLoader(dl, feeder, grad_accum)
+
+
+# -- host RAM: the plan against what is free, before anything loads ----------------------------------
+def available_ram() -> int:
+    """Bytes this process may still take: MemAvailable (else free pages), capped by a cgroup limit."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            avail = min(avail, int(Path(limit).read_text()) - int(Path(used).read_text()))
+        except (OSError, ValueError):  # no such cgroup file, or "max" (no limit)
+            continue
+    return avail
+
+
+def stored_bytes(m: dict) -> int:
+    """A sample's K/V as stored (codes + quantisation parameters), from its manifest."""
+    return sum(math.prod(a["shape"]) * np.dtype(a["dtype"]).itemsize for n, a in m["arrays"].items()
+               if n == "kv" or n.startswith("q_"))
+
+
+def loader_ram_plan(store: Store, indices: list[int], batch_size: int, grad_accum: int, num_workers: int,
+                    ram_budget: float, dtype_bytes: int) -> dict[str, float]:
+    """Host bytes the loader holds at its peak: the RAM tier (filled up to its budget), the raw batches
+    queued by the workers, and the dense batches the feeder builds (CPU) or stages."""
+    mans = [store.manifest(i % len(store)) for i in sorted(set(indices))]
+    per = [stored_bytes(m) for m in mans]
+    s = store.spec
+    dense = s.num_layers * 2 * batch_size * s.num_kv_heads * bucket_len(max(m["prefix_len"] for m in mans)) \
+        * s.head_dim * dtype_bytes
+    queued = (num_workers * 4 if num_workers else 1) + 2 * grad_accum  # prefetch_factor 4 per worker + pending
+    return {"RAM tier": min(ram_budget, sum(per)), "queued batches": queued * batch_size * max(per),
+            "dense batches": 2 * grad_accum * dense}
+
+
+def check_host_ram(plan: dict[str, float], hint: str, available: int | None = None) -> None:
+    """Refuse, in one line, a plan that needs more host RAM than is free (rather than be OOM-killed mid-run)."""
+    need, avail = sum(plan.values()), available_ram() if available is None else available
+    if need > avail:
+        parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in plan.items() if v)
+        raise ValueError(f"this plan needs about {need / 1e9:.2f} GB of host RAM ({parts} GB) but "
+                         f"{avail / 1e9:.2f} GB is available; {hint}")
+
+
+def train_ram_plan(cfg, store: Store, indices: list[int], head_cfg, device: torch.device,
+                   dtype: torch.dtype) -> dict[str, float]:
+    """head-train's host RAM: the loader plan, the host copy of weights + optimizer state each checkpoint
+    takes, and on a CPU device the training itself (head_trainer/memory.py's terms). Counts on a copy
+    of `head_cfg`: building a head adds derived rope fields to its config (and so changes its hash)."""
+    from .memory import DTYPE_BYTES, count_params, estimate
+
+    name = str(dtype).removeprefix("torch.")
+    plan = loader_ram_plan(store, indices, cfg.batch_size, cfg.grad_accum, cfg.num_workers, cfg.ram_cache_gb * 1e9,
+                           DTYPE_BYTES[name])
+    n, n_train = count_params(copy.deepcopy(head_cfg), cfg.trainable, cfg.lora_rank, cfg.lora_targets)
+    max_len = bucket_len(max(store.manifest(i % len(store))["prefix_len"] for i in indices))
+    est = estimate(head_cfg, n, n_train, name, cfg.optimizer, cfg.batch_size, max_len, cfg.draws, kv_slots=0,
+                   checkpoint=cfg.gradient_checkpointing)
+    plan["checkpoint copy"] = est.weights + est.optimizer
+    if device.type == "cpu":
+        plan["training on the CPU"] = est.weights + est.gradients + est.optimizer + est.activations
+    return plan

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from shared import kv_quant
+from shared.failpoints import failpoint
 from shared.head import KVPrefix
 from shared.store import Store
 
@@ -37,21 +38,30 @@ class DeviceFeeder:
         self._next: dict[tuple[int, int], int] = {}
         self.n_slots = 2
         self.tier_bytes = {"ram": 0, "gpu": 0}
+        self.skipped: dict[str, str] = {}  # key -> why, of damaged samples left out (skip_bad)
+        self.bad: set[int] = set()  # their store indices, found during the tier fill
 
     def held(self) -> set[int]:
         return set(self.ram) | set(self.gpu)
 
     # -- tiers -----------------------------------------------------------------------------------
-    def fill_tiers(self, indices: list[int], ram_budget: int, gpu_budget: int, workers: int, progress: bool) -> None:
+    def fill_tiers(self, indices: list[int], ram_budget: int, gpu_budget: int, workers: int, progress: bool,
+                   skip_bad: bool = False) -> None:
         """Read samples once into the GPU tier (if it fits the budget), then the RAM tier, in index order."""
         if ram_budget <= 0 and not (self.cuda and gpu_budget > 0):
             return
         from .data import RawDataset, _identity, raw_nbytes
 
-        dl = DataLoader(RawDataset(self.url), batch_size=None, sampler=[[i] for i in indices], collate_fn=_identity,
-                        num_workers=workers, pin_memory=self.cuda, prefetch_factor=4 if workers else None)
+        dl = DataLoader(RawDataset(self.url, skip_bad=skip_bad), batch_size=None, sampler=[[i] for i in indices],
+                        collate_fn=_identity, num_workers=workers, pin_memory=self.cuda,
+                        prefetch_factor=4 if workers else None)
         bar = tqdm(total=len(indices), desc="cache tiers", unit="sample", disable=not progress)
         for (raw,) in dl:
+            if "bad" in raw:
+                self.skipped[raw["bad"]] = raw["reason"]
+                self.bad.add(raw["index"])
+                bar.update(1)
+                continue
             n = raw_nbytes(raw)
             if self.cuda and self.tier_bytes["gpu"] + n <= gpu_budget:
                 self.gpu[raw["index"]] = _move(raw, self.device)
@@ -82,7 +92,7 @@ class DeviceFeeder:
     def to_batch(self, raws: list[dict | int]):
         from .data import Batch, bucket_len
 
-        raws = [self._held(r) if isinstance(r, int) else r for r in raws]
+        raws = [self._held(r) if isinstance(r, int) else r for r in map(self._unwrap, raws)]
         bsz = len(raws)
         lb = bucket_len(max(r["L"] for r in raws), self.bucket)
         if not self.cuda:
@@ -104,6 +114,15 @@ class DeviceFeeder:
             batch.ready = torch.cuda.Event()
             batch.ready.record(self.side)
         return batch
+
+    def _unwrap(self, r):
+        """A damaged sample's replacement (data.RawDataset, skip_bad): note the skip, use the substitute."""
+        if isinstance(r, dict) and "substitute" in r:
+            key, why = r["skipped"]
+            if key:
+                self.skipped[key] = why
+            return r["substitute"]
+        return r
 
     def _place(self, kv: torch.Tensor, b: int, r: dict) -> None:
         """Write sample r's K/V into batch position b of kv (layers, 2, B, H, Lb, D), dequantising on the device."""
@@ -159,6 +178,7 @@ class FeederLoader:
         feeder.n_slots = 2 * grad_accum
         self.wait_s = 0.0
         self.steps = 0
+        self.skipped = feeder.skipped  # damaged samples left out so far (skip_bad): key -> why
 
     def __len__(self) -> int:
         return len(self.dl.batch_sampler or self.dl.sampler) // self.accum
@@ -188,4 +208,5 @@ class FeederLoader:
             for b in group:
                 main.wait_event(b.ready)
         self.steps += 1
+        failpoint("train_batch", n=self.steps)
         return group

@@ -14,6 +14,7 @@ result of a different evaluation is never replaced without --force.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import hashlib
 import json
@@ -33,10 +34,11 @@ from shared.checkpoint import (
     sha256_file,
 )
 from shared.cli import check_device, config_from_args, user_errors
-from shared.store import Store
+from shared.store import SampleReadError, Store, StoreError
 
-from .data import collate, sample_item, split_indices
+from .data import bucket_len, check_host_ram, collate, sample_item, split_indices
 from .guided_eval import guidance_options, sample_guided
+from .integrity import check_head_pairing, check_store_checkpoint
 from .metrics import curvature_bin, summarize, trajectory_metrics
 
 RESULT_FORMAT = "alpamayo-headtune/eval/v2"
@@ -67,6 +69,8 @@ class EvalConfig:
     noise_temperature: float = 1.0  # Alpamayo 1.5: initial-noise scale (release 1.0; official nav demo 0.6)
     live: int = 0  # also run the VLM on this many of the samples instead of reading their cache; report agreement (GPU)
     dataset: str | None = None  # --live: the dataset the store was built from (default: its provenance)
+    skip_bad_samples: bool = False  # leave damaged samples out and list them in the result (default: refuse, naming it)
+    allow_store_mismatch: bool = False  # evaluate a head / checkpoint on a store built otherwise (printed)
 
     def validate(self) -> None:
         for name in ("num_samples", "steps", "batch_size"):
@@ -114,7 +118,8 @@ def identity(cfg: EvalConfig, store: Store, ckpt: AlpamayoCheckpoint, n_items: i
         "cache": {"url": store.url, "provenance_sha256": hashlib.sha256(prov.encode()).hexdigest(),
                   "split": cfg.split, "items": n_items},
         "parameters": {"num_samples": cfg.num_samples, "steps": cfg.steps, "seed": cfg.seed, "dtype": cfg.dtype,
-                       **guidance_options(cfg)},  # the 1.5 options only when set: R1 metadata unchanged
+                       **guidance_options(cfg),  # the 1.5 options only when set: R1 metadata unchanged
+                       **({"skip_bad_samples": True} if cfg.skip_bad_samples else {})},
     }
 
 
@@ -140,6 +145,56 @@ def check_existing(out: Path, meta: dict, force: bool) -> dict | None:
                           "write to a new --out or pass --force to replace it")
 
 
+def check_pairings(cfg: EvalConfig, store: Store, ckpt: AlpamayoCheckpoint) -> None:
+    """The checkpoint must be the store's; a --head must fit the checkpoint and have been trained on a
+    store built the same way (processor, prefix mode, pixels, schema): refused naming what differs."""
+    notes = []
+    try:
+        check_store_checkpoint(store, ckpt)
+    except ValueError as exc:
+        if not cfg.allow_store_mismatch:
+            raise ValueError(f"{exc}, or --allow-store-mismatch to evaluate with it anyway") from None
+        notes.append(str(exc).split("; pass the checkpoint")[0])
+    if cfg.head:
+        diff = check_head_pairing(check_head_file(cfg.head), cfg.head, ckpt, store)
+        if diff and not cfg.allow_store_mismatch:
+            raise ValueError(f"--head {cfg.head} was trained on a store built otherwise than {store.url}: "
+                             f"{'; '.join(diff)} (its training store vs this one); pass --allow-store-mismatch "
+                             "to evaluate it anyway")
+        notes += [f"--head trained with {d} (its training store vs this one)" for d in diff]
+    for n in notes:
+        print(f"head-eval: note: --allow-store-mismatch: {n}", file=sys.stderr)
+
+
+def eval_ram_plan(store: Store, indices: list[int], cfg: EvalConfig, ckpt: AlpamayoCheckpoint,
+                  device: torch.device) -> dict[str, float]:
+    """Host bytes at the peak: a batch of K/V read (kv dtype), collated and padded (x2), and on a CPU
+    device the head's weights (the loaded state and the built head)."""
+    from .memory import DTYPE_BYTES, count_params
+
+    s = store.spec
+    L = bucket_len(max(store.manifest(i)["prefix_len"] for i in indices))
+    per = s.num_layers * 2 * s.num_kv_heads * L * s.head_dim * s.torch_dtype.itemsize
+    plan = {"batch": 3 * min(cfg.batch_size, len(indices)) * per}
+    if device.type == "cpu":
+        plan["head weights"] = 2 * count_params(copy.deepcopy(ckpt.head_config()))[0] * DTYPE_BYTES[cfg.dtype]
+    return plan
+
+
+def read_chunk(store: Store, chunk: list[int], skip_bad: bool, skipped: dict) -> tuple[list[int], list]:
+    """Read a batch's samples; a damaged one is refused naming it, or with `skip_bad` left out (into `skipped`)."""
+    kept, cached = [], []
+    for j in chunk:
+        try:
+            cached.append(store.read(j, with_hidden=False))
+            kept.append(j)
+        except SampleReadError as exc:
+            if not skip_bad:
+                raise StoreError(f"{exc}; or pass --skip-bad-samples to evaluate without it") from exc
+            skipped[exc.key or store.manifest(j)["key"]] = exc.reason or str(exc)
+    return kept, cached
+
+
 @torch.no_grad()
 def predict(head, batch, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled actions (B, K, 64, 2) -> xyz (B, K, 64, 3) and yaw rotations (B, K, 64, 3, 3) in the ego frame at t0."""
@@ -152,7 +207,7 @@ def predict(head, batch, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def evaluate(cfg: EvalConfig) -> dict:
     cfg.validate()
-    store = Store.open(cfg.cache)
+    store = Store.open(cfg.cache, skip_damaged=cfg.skip_bad_samples)
     indices = split_indices(store, None if cfg.split == "all" else cfg.split)[: cfg.max_items]
     if not indices:
         raise ValueError(f"{cfg.cache}: no samples in split {cfg.split!r}")
@@ -160,6 +215,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if not ckpt_path:
         raise ValueError("the store records no checkpoint path; pass --checkpoint")
     ckpt = AlpamayoCheckpoint.open(ckpt_path, vlm_base=cfg.vlm_base)
+    check_pairings(cfg, store, ckpt)
     meta = identity(cfg, store, ckpt, len(indices))
     out = Path(cfg.out)
     old = check_existing(out, meta, cfg.force)
@@ -169,13 +225,16 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
+    check_host_ram(eval_ram_plan(store, indices, cfg, ckpt, device), "lower --batch-size")
     state = load_head_file(cfg.head)[0] if cfg.head else ckpt.head_state_dict()
     head = head_from_state(ckpt.head_config(), state, dtype, device).eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     rows: list[dict] = []
+    skipped = {f"manifest {k}": v for k, v in store.damaged_manifests.items()}
     for i in tqdm(range(0, len(indices), cfg.batch_size), desc="head-eval", unit="batch"):
-        chunk = indices[i:i + cfg.batch_size]
-        cached = [store.read(j, with_hidden=False) for j in chunk]
+        chunk, cached = read_chunk(store, indices[i:i + cfg.batch_size], cfg.skip_bad_samples, skipped)
+        if not chunk:
+            continue
         batch = collate([sample_item(s) for s in cached]).to(device)
         if guidance_options(cfg):  # Alpamayo 1.5: no-route prompt and/or guidance (head_trainer/guided_eval.py)
             actions = sample_guided(head, store, cached, batch, cfg, gen)
@@ -194,12 +253,16 @@ def evaluate(cfg: EvalConfig) -> dict:
                 "pred_xy": pred[b, :, :, :2].cpu().round(decimals=3).tolist(),  # (K, 64, 2) x fwd, y left
                 "gt_xy": batch.fut_xyz[b, :, :2].cpu().round(decimals=3).tolist(),  # (64, 2)
             })
+    if not rows:
+        raise ValueError(f"{cfg.cache}: every sample of split {cfg.split!r} is damaged ({len(skipped)} skipped)")
     by_bin = summarize([{**r["metrics"], "bin": r["bin"]} for r in rows])
     summary = {k: v for k, v in by_bin["all"].items() if k != "straight_bias"}
     summary["straight_bias"] = by_bin.get("curved", {}).get("straight_bias")
     label = cfg.label or ("baseline" if cfg.head is None else Path(cfg.head).resolve().parent.name)
     result = {"metadata": {**meta, "run": run_info(device)}, "label": label, "summary": summary, "by_bin": by_bin,
               "per_sample": rows, "config": asdict(cfg)}
+    if cfg.skip_bad_samples:
+        result["skipped_samples"] = dict(sorted(skipped.items()))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -229,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"head-eval [{result['label']}] {len(result['per_sample'])} samples: "
           + ", ".join(f"{k}={s[k]:.3f}" for k in SUMMARY_KEYS if s.get(k) is not None)
           + (f", straight_bias={sb:.2f}" if sb is not None else ""))
+    if result.get("skipped_samples"):
+        print(f"head-eval: skipped {len(result['skipped_samples'])} damaged samples (--skip-bad-samples): "
+              + "; ".join(f"{k}: {v}" for k, v in result["skipped_samples"].items()), file=sys.stderr)
     print(f"head-eval: results in {cfg.out}")
     return 0
 

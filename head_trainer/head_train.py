@@ -12,10 +12,10 @@ grad-norm clip 1.0, flow-matching MSE only). docs/TRAINING.md explains the optio
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from shared.checkpoint import AlpamayoCheckpoint, head_from_state, load_head_file
+from shared.checkpoint import AlpamayoCheckpoint, check_head_file, head_from_state, load_head_file
 from shared.cli import check_device, config_from_args, parser_for, user_errors
 from shared.store import Store, StoreError
 
 from . import distributed, run_dir
-from .data import make_loader, split_indices
+from .data import check_host_ram, make_loader, readable, split_indices, train_ram_plan
 from .ema import EMA
-from .integrity import FiniteGuard, TrainingStopped
+from .integrity import FiniteGuard, TrainingStopped, check_head_pairing, check_store_checkpoint, read_stop
 from .logger import Logger
 from .optim import build_optimizer, load_optimizer, save_optimizer
 from .presets import apply_preset
@@ -97,6 +97,7 @@ class TrainConfig:
     allow_config_change: bool = False  # with --resume: accept result-altering config changes (printed)
     overwrite: bool = False  # replace an existing run directory
     unguided_mix: float = 0.0  # Alpamayo 1.5 stores: fraction of no-route (unguided) training items, e.g. 0.1
+    skip_bad_samples: bool = False  # leave damaged samples out (the next readable one takes their place); listed at the end
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "draws", "save_every", "keep_last", "log_every",
@@ -155,6 +156,9 @@ def open_base(cfg: TrainConfig, store: Store) -> AlpamayoCheckpoint:
     if want and want != have:
         raise ValueError(f"{ckpt.path}: head config hash {have} differs from the store's {want}: the cache was "
                          "built for another head architecture")
+    check_store_checkpoint(store, ckpt)  # another model / config than the store's prefixes came from
+    if cfg.init_head:  # a head of another expert shape is refused naming the fields
+        check_head_pairing(check_head_file(cfg.init_head), cfg.init_head, ckpt)
     return ckpt
 
 
@@ -163,7 +167,7 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     launch = distributed.detect()
     # ---- checks before any model loads ------------------------------------------------------------
-    store = Store.open(cfg.cache)
+    store = Store.open(cfg.cache, skip_damaged=cfg.skip_bad_samples)
     indices = split_indices(store, None if cfg.split == "all" else cfg.split)
     if not indices:
         raise ValueError(f"{cfg.cache}: no samples in split {cfg.split!r} (splits: "
@@ -180,10 +184,12 @@ def train(cfg: TrainConfig) -> Path:
         cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     ckpt = open_base(cfg, store)
     head_cfg = ckpt.head_config()
+    check_host_ram(train_ram_plan(cfg, store, indices, head_cfg, device, dtype),
+                   "lower --ram-cache-gb (a cache: the rest is read from the store), --batch-size or --num-workers")
     if cfg.gpu_memory_budget:
         from .memory import check_train_budget
 
-        est = check_train_budget(cfg, head_cfg, max(store.manifest(i % len(store))["prefix_len"] for i in indices),
+        est = check_train_budget(cfg, copy.deepcopy(head_cfg), max(store.manifest(i % len(store))["prefix_len"] for i in indices),
                                  str(dtype).removeprefix("torch."))
         if launch.is_main:
             print(f"head-train: estimated peak {est.describe()} within --gpu-memory-budget {cfg.gpu_memory_budget}",
@@ -226,11 +232,11 @@ def _claim_run_dir(cfg: TrainConfig, out: Path, lock: run_dir.RunLock, meta: dic
     if cfg.resume and run_dir.has_run(out):
         for line in run_dir.check_resume(out, meta, cfg.allow_config_change):
             print(f"head-train: config change accepted: {line}", file=sys.stderr)
-    (out / "config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    run_dir.write_atomic(out / "config.json", json.dumps(meta, indent=2, default=str) + "\n")
 
 
 def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, ckpt, meta) -> Path:
-    resume_dir = run_dir.latest_checkpoint(out) if cfg.resume else None
+    resume_dir = run_dir.latest_checkpoint(out, warn=True) if cfg.resume else None
 
     # ---- model ------------------------------------------------------------------------------------
     start = json.loads((resume_dir / "state.json").read_text())["step"] if resume_dir else 0
@@ -286,9 +292,12 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
         loader = make_loader(store.url, indices, cfg.batch_size, cfg.seed, start, stop, cfg.num_workers,
                              pin_memory=device.type == "cuda", ram_budget_bytes=int(cfg.ram_cache_gb * 1e9),
                              rank=launch.rank, world_size=launch.size, grad_accum=cfg.grad_accum, device=device,
-                             dtype=dtype, progress=main)
+                             dtype=dtype, progress=main, skip_bad=cfg.skip_bad_samples)
+        if cfg.skip_bad_samples:  # validation reads its few samples again and again: leave damaged ones out
+            val_indices, val_bad = readable(store, val_indices)
+            loader.skipped.update(val_bad | {f"manifest {k}": v for k, v in store.damaged_manifests.items()})
     except StoreError as exc:
-        raise TrainingStopped(f"{exc}; the run directory is intact: {last_ckpt}") from exc
+        raise read_stop(exc, last_ckpt) from exc
     validator = Validator(store, val_indices, cfg.batch_size, cfg.val_draws, cfg.val_ade_items, device)
     writer = run_dir.CheckpointWriter(out, cfg.keep_last, cfg.background_save, save_optimizer)
     best = run_dir.BestK(out, cfg.keep_best, start, cfg.background_save) if main else None
@@ -309,8 +318,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
             try:
                 micro = [b.to(device) for b in next(batches)]
             except StoreError as exc:
-                raise TrainingStopped(f"before step {step + 1}: {exc}; the run directory is intact: {last_ckpt}"
-                                      ) from exc
+                raise read_stop(exc, last_ckpt, f"before step {step + 1}: ") from exc
             if step == start and rng_start is not None:
                 set_rng_state(rng_start, device)
             elif step == start:
@@ -371,9 +379,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
     final = run_dir.latest_checkpoint(out)
     if stop < cfg.steps:
         return final / "head.safetensors"
-    for stem in ("head", "ema_head"):
-        if (final / f"{stem}.safetensors").is_file():
-            shutil.copy2(final / f"{stem}.safetensors", out / f"{stem}.safetensors")
+    run_dir.publish_heads(final, out)
     return out / "head.safetensors"
 
 
@@ -405,6 +411,10 @@ def _summary(out: Path, loader, steps: int, samples: int, wall_s: float, device:
     line = (f"head-train: {steps} steps in {wall_s:.1f} s ({rec['samples_per_s']:.1f} samples/s); waited "
             f"{wait:.1f} s ({100 * rec['loader_wait_fraction']:.0f} %) for the loader: {rec['bound']}-bound")
     rec.update(steady)
+    if getattr(loader, "skipped", None):  # --skip-bad-samples
+        rec["skipped_samples"] = dict(sorted(loader.skipped.items()))
+        print(f"head-train: skipped {len(loader.skipped)} damaged samples (--skip-bad-samples): "
+              + "; ".join(f"{k}: {v}" for k, v in rec["skipped_samples"].items()), file=sys.stderr)
     if steady:
         line += (f"; steady state {steady['steady_ms_per_sample']:.1f} ms/sample over {steady['steady_steps']} steps"
                  + (f", GPU busy {100 * steady['gpu_busy_fraction']:.0f} %" if "gpu_busy_fraction" in steady else ""))

@@ -7,6 +7,8 @@ host; a bad batch is always caught before any checkpoint that could hold its eff
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 
@@ -18,6 +20,14 @@ def finite_per_sample(batch) -> torch.Tensor:
     """(B,) bool on the batch's device: every K, V and action value of sample b is finite."""
     parts = [torch.isfinite(t).flatten(1).all(1) for t in (*batch.prefix.keys, *batch.prefix.values, batch.action)]
     return torch.stack(parts).all(0)
+
+
+def read_stop(exc: Exception, last_ckpt: str, where: str = "") -> TrainingStopped:
+    """A failed read -> the stop: what failed, that the run directory is intact, the ways on."""
+    from shared.store import SampleReadError
+
+    skip = "; or add --skip-bad-samples to leave damaged samples out" if isinstance(exc, SampleReadError) else ""
+    return TrainingStopped(f"{where}{exc}; the run directory is intact: {last_ckpt}{skip}")
 
 
 class FiniteGuard:
@@ -43,3 +53,57 @@ class FiniteGuard:
                         f"fix or drop it from the store, then {resume_hint}")
             pos -= len(keys)
         return None
+
+
+# -- pairings: store x checkpoint x head -----------------------------------------------------------
+CHECKPOINT_FIELDS = ("config_sha256", "head_config_hash", "model_type")  # identity fields that change the numbers
+STORE_FIELDS = ("processor", "prefix_mode", "pixels", "schema_version")  # what makes the prefixes another input
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _diffs(a: dict, b: dict, keys) -> list[str]:
+    """'key: a vs b' for each of `keys` (nested dicts compared field by field) where a and b differ."""
+    out = []
+    for k in keys:
+        fa, fb = _flat({k: a.get(k)}), _flat({k: b.get(k)})
+        out += [f"{f} {fa.get(f, '<unset>')!r} vs {fb.get(f, '<unset>')!r}"
+                for f in sorted(set(fa) | set(fb)) if fa.get(f, "<unset>") != fb.get(f, "<unset>")]
+    return out
+
+
+def check_store_checkpoint(store, ckpt, flag: str = "--checkpoint") -> None:
+    """Refuse a checkpoint that is not the one the store's KV prefixes came from (another model, config
+    or head architecture), naming each differing identity field. Fields the store did not record pass."""
+    have, want = ckpt.identity(), store.provenance.get("checkpoint") or {}
+    diff = [d for d in _diffs(want, have, CHECKPOINT_FIELDS) if "'<unset>'" not in d.split(" vs ")[0]]
+    if diff:
+        raise ValueError(f"{flag} {ckpt.path} is not the checkpoint {store.url} was built from "
+                         f"({want.get('path', '?')}): {'; '.join(diff)} (store vs checkpoint); pass the checkpoint "
+                         "the store records")
+
+
+def check_head_pairing(head_meta: dict, head_path: str, ckpt, store=None) -> list[str]:
+    """A head file against the checkpoint (its head config must be this one: another expert shape is
+    refused, naming the fields) and, with `store`, against the store it was trained on: -> the store
+    provenance fields that differ (processor, prefix mode, pixels, schema, KV dtype / quantisation),
+    for the caller to refuse or accept. A head without training metadata (an export) is not checked."""
+    trained = head_meta.get("head_config")
+    if trained is not None:
+        here = ckpt.head_config().to_dict()
+        # fields both sides record (building a model adds derived rope fields to the config it was given)
+        diff = [d for d in _diffs(json.loads(json.dumps(trained, default=str)), json.loads(json.dumps(here, default=str)),
+                                  sorted(set(trained) | set(here))) if "'<unset>'" not in d]
+        if diff:
+            raise ValueError(f"{head_path} is a head of another architecture than {ckpt.path}: "
+                             f"{'; '.join(diff[:6])} (head vs checkpoint)")
+    if store is None or "cache" not in head_meta:
+        return []
+    here = {**store.provenance, "schema_version": store.schema_version}
+    return [d for d in _diffs(head_meta["cache"].get("provenance") or {}, here, STORE_FIELDS)
+            if "'<unset>'" not in d.split(" vs ")[0]]

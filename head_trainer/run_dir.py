@@ -6,8 +6,13 @@ checkpoints written atomically and in the background.
     out/metrics.jsonl              one record per log / validation step
     out/checkpoints/step_N/        head.safetensors (official names), [ema_head.safetensors],
                                    [adapter.safetensors, ema_adapter.safetensors] (LoRA),
-                                   optimizer.safetensors, state.json
+                                   optimizer.safetensors, state.json (written last: step + file sizes)
     out/best/step_N/               head.safetensors, [ema_head.safetensors]; index.json ranks them
+
+A kill at any point leaves either the previous checkpoint or the new one complete under `step_N`
+(write to `step_N.partial`, fsync, rename; old ones are renamed to `.deleting` before removal), and a
+resume loads only a checkpoint whose files all have the sizes its state.json records. Failpoints
+(shared/failpoints.py) sit at each of those moments for bench/fault_injection.py and the tests.
 """
 
 from __future__ import annotations
@@ -16,21 +21,28 @@ import json
 import os
 import shutil
 import socket
+import sys
 import threading
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from shared.checkpoint import save_head
+from shared.failpoints import armed, failpoint
+
+from .integrity import TrainingStopped
 
 LOCK_NAME = ".lock"
+WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports a full disk as its own error
 
 # Fields that change how a run is carried out, never what it computes (compared on --resume).
 NOT_RESULT_FIELDS = frozenset({
     "cache", "out", "resume", "overwrite", "allow_config_change", "stop_after", "num_workers", "ram_cache_gb",
     "save_every", "keep_last", "keep_best", "log_every", "tensorboard", "wandb", "wandb_project",
     "gpu_memory_budget", "background_save", "preset", "val_ade_items",
+    "skip_bad_samples",  # a run that stops on a damaged sample has skipped none: resuming with it is the same run
 })
 
 
@@ -131,13 +143,45 @@ def check_resume(out: Path, meta: dict, allow_change: bool) -> list[str]:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past `step` (written after the checkpoint we resume from), so no step repeats."""
+    """Drop records past `step` (written after the checkpoint we resume from), so no step repeats;
+    a line torn by a kill mid-write (the last one, not JSON) goes too."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    write_atomic(path, "".join(x + "\n" for x in keep))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`path` holds the old text or the new one whatever moment a kill lands (config.json, metrics.jsonl)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
+    tmp.write_text(text)
+    _fsync(tmp)
     os.replace(tmp, path)
+
+
+def publish_heads(ckpt: Path, out: Path) -> None:
+    """Copy the final checkpoint's head files to `out` (each via a tmp name, so never half a file)."""
+    for stem in ("head", "ema_head"):
+        src = ckpt / f"{stem}.safetensors"
+        if src.is_file():
+            tmp = out / f"{stem}.safetensors.tmp"
+            shutil.copy2(src, tmp)
+            os.replace(tmp, out / f"{stem}.safetensors")
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -145,9 +189,49 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(p for p in (out / "checkpoints").glob("step_*[0-9]") if (p / "state.json").is_file())
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    dirs = checkpoint_dirs(out)
-    return dirs[-1] if dirs else None
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` is not a whole checkpoint (a file missing or of another size than state.json records)."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"state.json unreadable ({exc})"
+    for name, size in state.get("files", {}).items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, state.json recorded {size}"
+    return None
+
+
+def latest_checkpoint(out: Path, warn: bool = False) -> Path | None:
+    """The newest whole checkpoint; a damaged newer one is passed over (named on stderr with `warn`)."""
+    for ckpt in reversed(checkpoint_dirs(out)):
+        why = checkpoint_problem(ckpt)
+        if why is None:
+            return ckpt
+        if warn:
+            print(f"head-train: note: {ckpt} is not a whole checkpoint ({why}): not loaded, resuming from an "
+                  "earlier one", file=sys.stderr)
+    return None
+
+
+def remove_dir(path: Path) -> None:
+    """Rename to `<name>.deleting` first (one atomic step), then delete: a kill mid-delete never leaves
+    a half directory under a name that is read."""
+    if not path.exists():
+        return
+    gone = path.with_name(path.name + ".deleting")
+    shutil.rmtree(gone, ignore_errors=True)
+    os.replace(path, gone)
+    failpoint("ckpt_prune", dir=path)
+    shutil.rmtree(gone)
+
+
+def clear_leftovers(folder: Path) -> None:
+    """Remove `.partial` / `.deleting` directories a killed writer left behind."""
+    for p in list(folder.glob("*.partial")) + list(folder.glob("*.deleting")):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def cpu_snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -215,6 +299,7 @@ class CheckpointWriter:
         self._save_optimizer = save_optimizer
         self._bg = Background(background)
         self.wait = self._bg.wait
+        clear_leftovers(self.out / "checkpoints")
 
     def save(self, step: int, heads: dict[str, dict[str, torch.Tensor]], opt: torch.optim.Optimizer, meta: dict,
              extra: dict[str, dict[str, torch.Tensor]]) -> Path:
@@ -228,18 +313,45 @@ class CheckpointWriter:
 
     def _write(self, final: Path, step: int, meta: dict, heads, opt, extra) -> None:
         tmp = final.with_name(final.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for stem, state in heads.items():
-            save_head(state, tmp / f"{stem}.safetensors", {**meta, "step": step})
-        for stem, tensors in extra.items():
-            save_file(tensors, str(tmp / f"{stem}.safetensors"))
-        self._save_optimizer(opt, tmp / "optimizer.safetensors")
-        (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            writes = [(f"{stem}.safetensors", lambda p, s=state: save_head(s, p, {**meta, "step": step}))
+                      for stem, state in heads.items()]
+            writes += [(f"{stem}.safetensors", lambda p, t=tensors: save_file(t, str(p))) for stem, tensors in extra.items()]
+            writes.append(("optimizer.safetensors", lambda p: self._save_optimizer(opt, p)))
+            sizes = {}
+            for name, write in writes:
+                write(tmp / name)
+                failpoint("ckpt_file_write", partial=_half(tmp / name), file=name, step=step)
+                _fsync(tmp / name)
+                sizes[name] = (tmp / name).stat().st_size
+            (tmp / "state.json").write_text(json.dumps({"step": step, "files": sizes}) + "\n")
+            _fsync(tmp / "state.json")
+            _fsync(tmp)
+            failpoint("ckpt_before_rename", dir=tmp, step=step)
+            remove_dir(final)
+            os.replace(tmp, final)
+            _fsync(final.parent)
+        except WRITE_ERRORS as exc:
+            shutil.rmtree(tmp, ignore_errors=True)  # give back the space a half checkpoint took
+            prev = latest_checkpoint(self.out)
+            last = f"{prev} (step {json.loads((prev / 'state.json').read_text())['step']})" if prev else "none yet"
+            raise CheckpointWriteError(f"writing checkpoint {final} failed: {exc}; nothing of it is kept; the last "
+                                       f"good checkpoint is {last}: fix the cause (free space), then --resume"
+                                       ) from exc
+        failpoint("ckpt_after_rename", dir=final, step=step)
         for old in checkpoint_dirs(self.out)[:-self.keep_last]:
-            shutil.rmtree(old)
+            remove_dir(old)
+
+
+class CheckpointWriteError(TrainingStopped):
+    """A checkpoint could not be written (disk full, ...); the earlier checkpoints are intact."""
+
+
+def _half(path: Path) -> tuple[str, bytes] | None:
+    """A failpoint's `partial`: the file cut to half its bytes (only read when the point is armed)."""
+    return (str(path), path.read_bytes()) if armed("ckpt_file_write") else None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -256,11 +368,15 @@ class BestK:
         self.wait = self._bg.wait
         index = self.dir / "index.json"
         self.entries: list[dict] = json.loads(index.read_text()) if index.is_file() else []
-        # entries from after the resumed checkpoint are recomputed by this run
-        stale = [e for e in self.entries if e["step"] > resumed_step]
+        # entries from after the resumed checkpoint are recomputed by this run; a directory the index
+        # does not list (a kill between its rename and the index update) goes too
         self.entries = [e for e in self.entries if e["step"] <= resumed_step]
-        for e in stale:
-            shutil.rmtree(self.dir / f"step_{e['step']:07d}", ignore_errors=True)
+        if self.dir.is_dir():
+            clear_leftovers(self.dir)
+            listed = {f"step_{e['step']:07d}" for e in self.entries}
+            for p in self.dir.glob("step_*[0-9]"):
+                if p.name not in listed:
+                    shutil.rmtree(p, ignore_errors=True)
 
     def offer(self, step: int, val_loss: float, heads: dict[str, dict[str, torch.Tensor]], meta: dict) -> bool:
         """Keep this head if it ranks among the k best (host copy now, files written in the background)."""
@@ -276,13 +392,17 @@ class BestK:
 
     def _write(self, step, val_loss, heads, meta, drop: list[int], entries: list[dict]) -> None:
         tmp = self.dir / f"step_{step:07d}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for stem, state in heads.items():
-            save_head(state, tmp / f"{stem}.safetensors", {**meta, "step": step, "val_loss": val_loss})
-        shutil.rmtree(self.dir / f"step_{step:07d}", ignore_errors=True)
-        os.replace(tmp, self.dir / f"step_{step:07d}")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for stem, state in heads.items():
+                save_head(state, tmp / f"{stem}.safetensors", {**meta, "step": step, "val_loss": val_loss})
+            remove_dir(self.dir / f"step_{step:07d}")
+            os.replace(tmp, self.dir / f"step_{step:07d}")
+            failpoint("best_write", step=step)  # renamed, the index not yet updated
+            write_atomic(self.dir / "index.json", json.dumps(entries, indent=1) + "\n")
+        except WRITE_ERRORS as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointWriteError(f"writing the best head of step {step} into {self.dir} failed: {exc}; the "
+                                       "checkpoints are intact: fix the cause (free space), then --resume") from exc
         for s in drop:
             shutil.rmtree(self.dir / f"step_{s:07d}", ignore_errors=True)
-        index = self.dir / "index.json"
-        index.with_suffix(".tmp").write_text(json.dumps(entries, indent=1) + "\n")
-        os.replace(index.with_suffix(".tmp"), index)
