@@ -32,11 +32,18 @@ from tqdm import tqdm
 
 from shared.checkpoint import INDEX_NAME, AlpamayoCheckpoint
 from shared.images import preprocess_images
+from shared.sample import FRONT_CAMERA
 
 from .cache_build import gt_action
 
 STANDIN_NOTE = "stand-in VLM for the embedded default (vision tower pretrained on the synthetic world); not a release"
 N_TARGETS = 8  # window means of the 64-step curvature channel
+ROWS = (0.5, 0.6, 0.75)  # road-map bins: vertical image fractions (3 cuts -> 4 rows) ...
+COLS = 6  # ... x 6 columns
+N_BINS = (len(ROWS) + 1) * COLS  # 24 road-map channels
+PRED = slice(N_BINS, N_BINS + N_TARGETS)  # merged-token channels carrying the curvature read-out
+FRONT_GAIN = 0.25  # the front camera's read-out is fit to this fraction of the curvature (see module doc)
+IND, CONST, SLOPE, THRESH, FILL, PEAK = 2.0, 3.0, 3.0, 2.9, 1.0, 12.0
 
 
 @dataclass
@@ -46,14 +53,13 @@ class PretrainConfig:
     out: str  # new checkpoint directory
     split: str = "train"  # clips of this split are used ('all' = every clip)
     cameras: str = "full"  # camera config whose images are trained on
-    steps: int = 400  # optimiser steps
-    lr: float = 2e-3  # Adam learning rate
-    seed: int = 0  # weights of the read-out and the batch order
+    alpha: float = 1.0  # ridge strength of the read-out (on standardised road maps)
+    front_gain: float = FRONT_GAIN  # the front camera's read-out is fit to this fraction of the curvature
     overwrite: bool = False  # replace an existing out directory
 
     def validate(self) -> None:
-        if self.steps < 1 or not self.lr > 0:
-            raise ValueError("--steps must be >= 1 and --lr > 0")
+        if not self.alpha > 0 or not 0 < self.front_gain <= 1:
+            raise ValueError(f"--alpha must be > 0 and --front-gain in (0, 1] (got {self.alpha}, {self.front_gain})")
         out = Path(self.out)
         if out.exists() and any(out.iterdir()) and not self.overwrite:
             raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it")
@@ -81,64 +87,89 @@ def collect(cfg: PretrainConfig, ckpt: AlpamayoCheckpoint) -> list[dict]:
         pix, grid = preprocess_images(frames)  # (n_cam * patches, 1536), (n_cam, 3)
         action, _ = gt_action(space, s)
         out.append({"pixels": pix.to(torch.bfloat16), "grid": grid, "n_cam": frames.shape[0],
-                    "target": torch.from_numpy(curvature_targets(action))})
+                    "cameras": tuple(s.camera_names), "target": torch.from_numpy(curvature_targets(action))})
     return out
 
 
-def merger_inputs(visual: torch.nn.Module) -> list[int]:
-    """Which block's output feeds each merger: the deepstack mergers', then the final merger's (last block)."""
-    return [*visual.deepstack_visual_indexes, len(visual.blocks) - 1]
+# ---------------------------------------------------------------------------- the stand-in's perception
+@torch.no_grad()
+def set_road_features(visual: torch.nn.Module) -> None:
+    """Hand-set the tower so that merged token unit j = "road in road-map bin j" (0 or ~1.7).
+
+    patch embedding channel 0 = road-ness of the patch, 1 - (G - R) / 25 in pixel units (asphalt and
+    lane lines ~1, grass ~-1, sky < 0; the world's per-clip colour offsets cancel in G - R); the
+    position table puts IND in the channel of its bin (rows ROWS x COLS columns) and +-CONST in two
+    more, so the merger's LayerNorm is nearly affine; the vision blocks are made the identity (their
+    output projections zeroed); the deepstack mergers output zero. The merger's fc1 unit j fires when a
+    patch is road and in bin j. fc2 is set later by `fit_readout`."""
+    d = visual.patch_embed.proj.weight.shape[0]
+    assert d >= N_BINS + 3, "vision hidden too small for the road map"
+    for p in visual.parameters():
+        p.zero_()
+    w = visual.patch_embed.proj.weight  # (d, 3, 2, 16, 16)
+    n = w[0, 0].numel()
+    w[0, 0], w[0, 1] = 127.5 / 25 / n, -127.5 / 25 / n  # pixels are (p - 127.5) / 127.5
+    visual.patch_embed.proj.bias[0] = 1.0
+    side = visual.num_grid_per_side
+    frac = torch.arange(side) / (side - 1)
+    row = torch.bucketize(frac, torch.tensor(ROWS), right=True)  # (side,)
+    col = torch.clamp((frac * COLS).long(), max=COLS - 1)
+    table = visual.pos_embed.weight.view(side, side, d)
+    table[:, :, N_BINS + 1] = CONST
+    table[:, :, N_BINS + 2] = -CONST
+    bins = row[:, None] * COLS + col[None, :]  # (side, side)
+    table.view(-1, d)[torch.arange(side * side), 1 + bins.reshape(-1)] = IND
+    for blk in visual.blocks:
+        for m in (blk.norm1, blk.norm2):
+            m.weight.fill_(1.0)
+    m = visual.merger
+    m.norm.weight.fill_(1.0)
+    fc1 = m.linear_fc1.weight.view(-1, 4, d)  # (128 units, 4 merged patches, d)
+    for j in range(N_BINS):
+        fc1[j, :, 0] = SLOPE / 4
+        fc1[j, :, 1 + j] = SLOPE / 4
+    m.linear_fc1.bias[:N_BINS] = -SLOPE * THRESH
+    for ds in visual.deepstack_merger_list:
+        ds.norm.weight.fill_(1.0)
 
 
 @torch.no_grad()
-def tower_features(visual: torch.nn.Module, data: list[dict]) -> None:
-    """Adds each sample's frozen block outputs that feed the mergers: d['feats'][block] of shape
-    (n_cam * patches, vision_hidden)."""
-    wanted = sorted(set(merger_inputs(visual)))
-    got: dict[int, torch.Tensor] = {}
-    hooks = [visual.blocks[b].register_forward_hook(
-        lambda m, i, o, b=b: got.__setitem__(b, o[0] if isinstance(o, tuple) else o)) for b in wanted]
-    try:
-        for d in tqdm(data, desc="standin: tower", unit="sample"):
-            visual(d["pixels"].float(), grid_thw=d["grid"], return_dict=True)
-            d["feats"] = {b: got[b].to(torch.bfloat16) for b in wanted}
-    finally:
-        for h in hooks:
-            h.remove()
+def road_units(visual: torch.nn.Module, d: dict) -> torch.Tensor:
+    """(n_cam, N_BINS) mean over each image's merged tokens of the road-map units."""
+    m = visual.merger
+    h = visual(d["pixels"].float(), grid_thw=d["grid"], return_dict=True).last_hidden_state
+    u = m.act_fn(m.linear_fc1(m.norm(h).view(-1, m.hidden_size)))[:, :N_BINS]
+    return u.view(d["n_cam"], -1, N_BINS).mean(1)
 
 
-def pretrain_vision(visual: torch.nn.Module, data: list[dict], cfg: PretrainConfig) -> list[float]:
-    """Train the tower's mergers in place (patch embedding and blocks stay frozen, so their outputs
-    are computed once): each image's mean merged token, through a linear read-out, predicts its
-    sample's curvature targets. The final merger feeds the image tokens; the deepstack mergers feed
-    the features added to the first decoder layers. One read-out for every camera: the scene's
-    curvature is written the same way whichever camera sees it, so pooling over images keeps it.
-    Full-batch Adam (every image every step): the frozen features of a few hundred images fit in RAM."""
-    torch.manual_seed(cfg.seed)
-    tower_features(visual, data)
-    mergers = [*visual.deepstack_merger_list, visual.merger]
-    src = merger_inputs(visual)
-    hidden = visual.merger.linear_fc2.out_features
-    readouts = torch.nn.ModuleList(torch.nn.Linear(hidden, N_TARGETS) for _ in mergers)
-    feats = {b: torch.cat([d["feats"][b] for d in data]).float() for b in set(src)}  # (n_img * patches, vh)
-    target = torch.cat([d["target"].expand(d["n_cam"], -1) for d in data])  # (n_img, N_TARGETS)
-    n_img = target.shape[0]
-    params = [p for m in mergers for p in m.parameters()] + list(readouts.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    losses = []
-    for m in mergers:
-        m.train().requires_grad_(True)
-    for _ in tqdm(range(cfg.steps), desc="standin: pretrain", unit="step"):
-        loss = torch.zeros(())
-        for m, r, f in zip(mergers, readouts, src):
-            pooled = m(feats[f]).view(n_img, -1, hidden).mean(1)  # (n_img, hidden)
-            loss = loss + torch.nn.functional.mse_loss(r(pooled), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item() / len(mergers))
-    visual.eval().requires_grad_(False)
-    return losses
+@torch.no_grad()
+def fit_readout(visual: torch.nn.Module, data: list[dict], cfg: PretrainConfig) -> dict:
+    """Ridge (closed form, deterministic) from each image's mean road map to its sample's curvature
+    targets, one map for every camera, the front camera's targets scaled by `cfg.front_gain`. fc2 then
+    writes the road map (channels 0..23, per token 0..~1.7), the read-out (channels PRED, scaled so no
+    token exceeds FILL) and a constant FILL in the rest: the mean of an image's tokens in PRED is the
+    read-out's prediction times `gain`."""
+    from .cache_inspect import ridge_fit
+
+    x = torch.cat([road_units(visual, d) for d in tqdm(data, desc="standin: road maps", unit="sample")]).double()
+    scale = torch.cat([torch.tensor([cfg.front_gain if c == FRONT_CAMERA else 1.0 for c in d["cameras"]])
+                       for d in data]).double()
+    y = torch.cat([d["target"].expand(d["n_cam"], -1) for d in data]).double() * scale[:, None]
+    w, b, mu, sd = ridge_fit(x.numpy(), y.numpy(), cfg.alpha)  # pred = (x - mu) / sd @ w + b
+    wt = torch.from_numpy(w / sd[:, None]).T  # (N_TARGETS, N_BINS) on raw unit means
+    bt = torch.from_numpy(b - (mu / sd) @ w)  # (N_TARGETS,)
+    fit = ((torch.from_numpy((x.numpy() - mu) / sd @ w + b) - y) ** 2).mean() / y.var()
+    # one token: a single active unit of up to ~1.7 (SLOPE * (2 * IND) - THRESH...), so |per-token value| <= 2|w|+|b|
+    peak = float((2 * wt.abs().max(1).values + bt.abs()).max())
+    gain = PEAK / max(peak, 1e-6)
+    fc2 = visual.merger.linear_fc2
+    fc2.weight.zero_()
+    fc2.bias.zero_()
+    fc2.weight[:N_BINS, :N_BINS] = torch.eye(N_BINS)
+    fc2.weight[PRED, :N_BINS] = (gain * wt).float()
+    fc2.bias[PRED] = (gain * bt).float()
+    fc2.bias[PRED.stop:] = FILL * torch.tensor([(-1.0) ** i for i in range(fc2.bias.numel() - PRED.stop)])
+    return {"gain": gain, "train_fraction_unexplained": float(fit), "images": int(x.shape[0])}
 
 
 def write_checkpoint(base: AlpamayoCheckpoint, replace: dict[str, torch.Tensor], out: Path, meta: dict) -> Path:
@@ -167,16 +198,17 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from .vlm import load_vlm
 
     cfg.validate()
-    torch.manual_seed(cfg.seed)
     base = AlpamayoCheckpoint.open(cfg.checkpoint)
     data = collect(cfg, base)
     vlm = load_vlm(base, torch.float32, "cpu")
-    losses = pretrain_vision(vlm.model.visual, data, cfg)
+    set_road_features(vlm.model.visual)
+    fit = fit_readout(vlm.model.visual, data, cfg)
     state = {f"vlm.model.visual.{k}": v for k, v in vlm.model.visual.state_dict().items()}
     meta = {"note": STANDIN_NOTE, "base_checkpoint": str(base.path), "dataset": str(Path(cfg.dataset).resolve()),
-            "samples": len(data), "config": vars(cfg), "loss_first": losses[0], "loss_last": float(np.mean(losses[-20:]))}
+            "samples": len(data), "config": vars(cfg), **fit}
     out = write_checkpoint(base, state, Path(cfg.out), meta)
-    print(f"standin-vlm: {len(data)} samples, loss {losses[0]:.4f} -> {meta['loss_last']:.4f}; checkpoint {out}")
+    print(f"standin-vlm: {len(data)} samples ({fit['images']} images), read-out leaves "
+          f"{fit['train_fraction_unexplained']:.2f} of the target variance on the fit set; checkpoint {out}")
     return out
 
 
@@ -202,7 +234,31 @@ def straight_dominated(dataset: str, split: str = "train", sharp_every: int = 3)
 
 
 # ---------------------------------------------------------------------------- probe
-def probe_peak_curvature(store_url: str, feature: str = "hidden-mean", alpha: float = 10.0,
+IMAGE_FEATURE = "kv-image-mean"  # what the head reads: every layer's K and V, averaged over the image tokens
+
+
+def image_kv_mean(st, key: str, feature: str = IMAGE_FEATURE) -> np.ndarray:
+    """(layers * 2 * kv_heads * head_dim,) every layer's cached K and V averaged over the image-pad positions
+    of the prefix (the tokens the stand-in's perception writes; the head attends to them)."""
+    s = st.read(key, with_hidden=False)
+    img = s.token_ids == image_pad_id(st)
+    return torch.stack([s.k[:, :, img], s.v[:, :, img]], 1).float().mean(-2).reshape(-1).numpy()
+
+
+def image_pad_id(st) -> int:
+    """The image-pad token id of the store's processor (its tokenizer files are in the provenance's path)."""
+    from transformers import AutoTokenizer
+
+    path = st.provenance["processor"]["path"]
+    if path not in _PAD_IDS:
+        _PAD_IDS[path] = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids("<|image_pad|>")
+    return _PAD_IDS[path]
+
+
+_PAD_IDS: dict[str, int] = {}
+
+
+def probe_peak_curvature(store_url: str, feature: str = "kv-image-mean", alpha: float = 10.0,
                          train_split: str = "train", eval_split: str = "val", fit_store: str | None = None) -> dict:
     """cache-inspect's ridge probe with the target the stand-in is judged on: the GT future's signed
     peak curvature (1/m, the store's `future_signed_peak_kappa`). Fit on the train split (of
@@ -215,7 +271,8 @@ def probe_peak_curvature(store_url: str, feature: str = "hidden-mean", alpha: fl
     keys = {sp: [k for k in st.keys() if st.manifest(k)["split"] == sp] for sp, st in stores.items()}
     if len(keys[train_split]) < 3 or len(keys[eval_split]) < 2:
         raise ValueError(f"{store_url}: need >= 3 {train_split} and >= 2 {eval_split} samples (--fit-on a train store)")
-    x = {sp: np.stack([_feature(stores[sp], k, feature) for k in ks]) for sp, ks in keys.items()}
+    x = {sp: np.stack([(image_kv_mean if feature == IMAGE_FEATURE else _feature)(stores[sp], k, feature) for k in ks])
+         for sp, ks in keys.items()}
     y = {sp: np.array([stores[sp].manifest(k)["curvature"]["future_signed_peak_kappa"] for k in ks])
          for sp, ks in keys.items()}
     w, b, mu, sd = ridge_fit(x[train_split], y[train_split], alpha)
@@ -236,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     for f, d, h in (("split", "train", "clips of this split ('all' = every clip)"),
                     ("cameras", "full", "camera config trained on")):
         sp.add_argument(f"--{f}", default=d, help=h)
-    for f, t, d, h in (("steps", int, 400, "full-batch optimiser steps"), ("lr", float, 2e-3, "Adam learning rate"),
-                       ("seed", int, 0, "read-out initialisation")):
+    for f, t, d, h in (("alpha", float, 1.0, "ridge strength of the read-out"),
+                       ("front-gain", float, FRONT_GAIN, "the front camera's read-out is fit to this fraction of the curve")):
         sp.add_argument(f"--{f}", type=t, default=d, help=h)
     sp.add_argument("--overwrite", action="store_true", help="replace an existing out directory")
     sl = sub.add_parser("select", help="clip ids of a straight-dominated training set (one per line)")
@@ -248,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     sq = sub.add_parser("probe", help="ridge probe: cached prefix -> GT future signed peak curvature (R^2 on val)")
     sq.add_argument("stores", nargs="+", help="store paths (scored on their val split)")
     sq.add_argument("--fit-on", default=None, help="fit on this store's train split instead (same camera config)")
-    sq.add_argument("--feature", default="hidden-mean", help="hidden-mean | hidden-last8 | v-last-mean")
+    sq.add_argument("--feature", default=IMAGE_FEATURE, help=f"{IMAGE_FEATURE} | hidden-mean | hidden-last8 | v-last-mean")
     sq.add_argument("--alpha", type=float, default=10.0, help="ridge strength on standardised features")
     sq.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
     a = vars(p.parse_args(argv))
