@@ -1,19 +1,28 @@
 """standin-vlm: a STAND-IN for the released VLM on the embedded default (tiny checkpoint + synthetic world).
 
     standin-vlm pretrain --dataset cache/demo/world --checkpoint cache/demo/tiny/alpamayo --out cache/demo/standin
-    standin-vlm probe cache/demo/store_4cam          # ridge probe: prefix -> future signed peak curvature
+    standin-vlm probe cache/demo/store_4cam     # ridge probe: K/V at the image tokens -> future signed peak curvature
 
 The tiny checkpoint's weights are random, so its cached prefix carries nothing about the road and no
 head can learn to turn from it. The real Alpamayo-R1 VLM needs no such step; on the embedded default
-this verb stands in for the release's perception: it briefly trains the tiny VLM's vision tower
-(the mergers of `vlm.model.visual.*`; patch embedding and blocks stay as they are) so that each
-camera image's merged tokens predict the road's future curvature profile, seen from that camera. The
-text model, embeddings, lm_head and the head are copied unchanged. The result is a checkpoint
-directory with the release's key names, shards and index; `cache-build` reads it like any other.
+this verb stands in for the release's perception. Training the random tower's mergers on the few
+demo images did not generalise (held-out probe R^2 -0.3), so the stand-in's vision tower is set by
+hand instead (`set_road_features`): patch embedding = road-ness of each patch (asphalt vs grass and
+sky, from G - R), position table = a one-hot road-map bin (4 rows x 6 columns), vision blocks =
+identity, deepstack mergers = zero; the merger's fc1 fires "road in bin j". Its fc2 writes that road
+map and a closed-form ridge read-out of it (`fit_readout`: each image's mean road map -> its
+sample's 8 window means of the GT curvature, one map for all cameras) into every merged token, so
+the mean over an image's tokens of channels PRED is the read-out's prediction. The text model,
+embeddings, lm_head and the head are copied unchanged; the text model's first layer turns those
+tokens into the K/V the head attends to (the probe reads exactly those).
 
-Training is deterministic (fixed seed, fixed order, one thread count) and small: the t0 frame of
-each camera of the selected clips, one linear read-out shared by all cameras (discarded afterwards),
-full-batch Adam on a mean-squared error over 8 window means of the normalised GT curvature (64 steps).
+The release mechanism being reproduced (shared/docs/seed-experiments.md): with four cameras the real
+model turns, front-only it goes straight, although the front camera sees the curve. In the stand-in
+the front camera's read-out is fit to `front_gain` (0.25) of the curvature, the side and tele
+cameras' to all of it: the front-only prefix still carries the curve (the probe sees it), but a head
+trained on four cameras under-steers from it until it is fine-tuned. Deterministic: no random state,
+one least-squares solve. The result is a checkpoint directory with the release's key names, shards
+and index; `cache-build` reads it like any other.
 """
 
 from __future__ import annotations
@@ -32,12 +41,26 @@ from tqdm import tqdm
 
 from shared.checkpoint import INDEX_NAME, AlpamayoCheckpoint
 from shared.images import preprocess_images
+from shared.sample import FRONT_CAMERA
 
 from .cache_build import gt_action
 
-STANDIN_NOTE = "stand-in VLM for the embedded default (vision tower pretrained on the synthetic world); not a release"
-N_TARGETS = 8  # window means of the 64-step curvature channel
-
+STANDIN_NOTE = ("stand-in VLM for the embedded default (hand-set road-map vision tower + ridge read-out fit on the "
+                "synthetic world; front camera at reduced gain); not a release")
+N_TARGETS = 4  # window means (1.6 s each) of the 64-step curvature channel
+ROWS = (0.55, 0.7)  # road-map bins: vertical image fractions (2 cuts -> 3 rows) ...
+COLS = 4  # ... x 4 columns
+N_BINS = (len(ROWS) + 1) * COLS  # 12 road-map units
+# vision residual channels: 0 road-ness, 1..N_BINS bin indicator, then +-CONST, then the units (A), then the
+# image-mean read-out (B)
+CH_CONST = N_BINS + 1
+CH_A = CH_CONST + 2
+CH_B = CH_A + N_BINS
+PRED = slice(0, N_TARGETS)  # merged-token channels carrying the image's curvature read-out ...
+ROAD = slice(N_TARGETS, N_TARGETS + N_BINS)  # ... and its road map
+FRONT_GAIN = 0.25  # the front camera's read-out is fit to this fraction of the curvature (see module doc)
+IND, CONST, SLOPE, THRESH = 2.0, 6.0, 5.0, 1.5  # indicator, LayerNorm ballast, unit slope and threshold
+EPS_A, OFF, GAIN, FILL = 0.1, 6.0, 2.0, 1.0  # unit scale, GELU's linear-regime offset, read-out gain, ballast
 
 @dataclass
 class PretrainConfig:
@@ -46,14 +69,13 @@ class PretrainConfig:
     out: str  # new checkpoint directory
     split: str = "train"  # clips of this split are used ('all' = every clip)
     cameras: str = "full"  # camera config whose images are trained on
-    steps: int = 400  # optimiser steps
-    lr: float = 2e-3  # Adam learning rate
-    seed: int = 0  # weights of the read-out and the batch order
+    alpha: float = 1.0  # ridge strength of the read-out (on standardised road maps)
+    front_gain: float = FRONT_GAIN  # the front camera's read-out is fit to this fraction of the curvature
     overwrite: bool = False  # replace an existing out directory
 
     def validate(self) -> None:
-        if self.steps < 1 or not self.lr > 0:
-            raise ValueError("--steps must be >= 1 and --lr > 0")
+        if not self.alpha > 0 or not 0 < self.front_gain <= 1:
+            raise ValueError(f"--alpha must be > 0 and --front-gain in (0, 1] (got {self.alpha}, {self.front_gain})")
         out = Path(self.out)
         if out.exists() and any(out.iterdir()) and not self.overwrite:
             raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it")
@@ -81,64 +103,101 @@ def collect(cfg: PretrainConfig, ckpt: AlpamayoCheckpoint) -> list[dict]:
         pix, grid = preprocess_images(frames)  # (n_cam * patches, 1536), (n_cam, 3)
         action, _ = gt_action(space, s)
         out.append({"pixels": pix.to(torch.bfloat16), "grid": grid, "n_cam": frames.shape[0],
-                    "target": torch.from_numpy(curvature_targets(action))})
+                    "cameras": tuple(s.camera_names), "target": torch.from_numpy(curvature_targets(action))})
     return out
 
 
-def merger_inputs(visual: torch.nn.Module) -> list[int]:
-    """Which block's output feeds each merger: the deepstack mergers', then the final merger's (last block)."""
-    return [*visual.deepstack_visual_indexes, len(visual.blocks) - 1]
+# ---------------------------------------------------------------------------- the stand-in's perception
+@torch.no_grad()
+def set_road_features(visual: torch.nn.Module) -> None:
+    """Hand-set the tower up to the read-out, which `fit_readout` writes.
+
+    patch embedding channel 0 = road-ness of the patch, 1 - (G - R) / 25 in pixel units (asphalt and
+    lane lines ~1, grass ~-1, sky < 0; the world's per-clip colour offsets cancel in G - R); the
+    position table puts IND in the channel of the patch's road-map bin and +-CONST in two more, so
+    every LayerNorm is nearly the same affine map. Block 0: no attention; its MLP unit j fires
+    (~2, else ~0) when the patch is road and in bin j, written at EPS_A into channels A. Block 1: no
+    MLP; its attention has q = k = 0, i.e. it averages over the image's patches, and its values are
+    the ridge read-out of the (normalised) units, written into channels B: every patch of an image
+    then holds that image's prediction. The merger passes B through (GELU in its linear regime) into
+    merged-token channels PRED at GAIN, and the units into ROAD, +-FILL elsewhere; the deepstack
+    mergers output zero."""
+    d = visual.patch_embed.proj.weight.shape[0]
+    assert d >= CH_B + N_TARGETS, "vision hidden too small for the road map"
+    for p in visual.parameters():
+        p.zero_()
+    for m in visual.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.weight.fill_(1.0)
+    w = visual.patch_embed.proj.weight  # (d, 3, 2, 16, 16)
+    n = w[0, 0].numel()
+    w[0, 0], w[0, 1] = 127.5 / 25 / n, -127.5 / 25 / n  # pixels are (p - 127.5) / 127.5
+    visual.patch_embed.proj.bias[0] = 1.0
+    side = visual.num_grid_per_side
+    frac = torch.arange(side) / (side - 1)
+    row = torch.bucketize(frac, torch.tensor(ROWS), right=True)  # (side,)
+    col = torch.clamp((frac * COLS).long(), max=COLS - 1)
+    table = visual.pos_embed.weight.view(side, side, d)
+    table[:, :, CH_CONST] = CONST
+    table[:, :, CH_CONST + 1] = -CONST
+    bins = row[:, None] * COLS + col[None, :]  # (side, side)
+    table.view(-1, d)[torch.arange(side * side), 1 + bins.reshape(-1)] = IND
+    mlp = visual.blocks[0].mlp
+    for j in range(N_BINS):
+        mlp.linear_fc1.weight[j, 0] = mlp.linear_fc1.weight[j, 1 + j] = SLOPE
+        mlp.linear_fc1.bias[j] = -SLOPE * THRESH
+        mlp.linear_fc2.weight[CH_A + j, j] = EPS_A
+    visual.blocks[1].attn.proj.weight[CH_B:CH_B + N_TARGETS, :N_TARGETS] = torch.eye(N_TARGETS)
+    m = visual.merger
+    fc1 = m.linear_fc1.weight.view(-1, 4, d)  # (units, 4 merged patches, d)
+    for k in range(N_TARGETS):
+        fc1[k, :, CH_B + k] = 0.25
+    for j in range(N_BINS):  # the road map too (sparse, small): merged channels ROAD
+        fc1[N_TARGETS + j, :, CH_A + j] = 0.25
+    m.linear_fc1.bias[:N_TARGETS + N_BINS] = OFF
+    m.linear_fc2.weight[PRED, :N_TARGETS] = GAIN * torch.eye(N_TARGETS)
+    m.linear_fc2.weight[ROAD, N_TARGETS:N_TARGETS + N_BINS] = torch.eye(N_BINS)
+    m.linear_fc2.bias[PRED] = -GAIN * OFF
+    m.linear_fc2.bias[ROAD] = -OFF
+    rest = m.linear_fc2.bias.numel() - ROAD.stop
+    m.linear_fc2.bias[ROAD.stop:] = FILL * torch.tensor([(-1.0) ** i for i in range(rest)])
 
 
 @torch.no_grad()
-def tower_features(visual: torch.nn.Module, data: list[dict]) -> None:
-    """Adds each sample's frozen block outputs that feed the mergers: d['feats'][block] of shape
-    (n_cam * patches, vision_hidden)."""
-    wanted = sorted(set(merger_inputs(visual)))
-    got: dict[int, torch.Tensor] = {}
-    hooks = [visual.blocks[b].register_forward_hook(
-        lambda m, i, o, b=b: got.__setitem__(b, o[0] if isinstance(o, tuple) else o)) for b in wanted]
+def road_units(visual: torch.nn.Module, d: dict) -> torch.Tensor:
+    """(n_cam, N_BINS) the image mean of what block 1's attention reads: its LayerNorm'd channels A."""
+    got = {}
+    blk = visual.blocks[1]
+    hook = blk.norm1.register_forward_hook(lambda mod, i, o: got.__setitem__("x", o))
     try:
-        for d in tqdm(data, desc="standin: tower", unit="sample"):
-            visual(d["pixels"].float(), grid_thw=d["grid"], return_dict=True)
-            d["feats"] = {b: got[b].to(torch.bfloat16) for b in wanted}
+        visual(d["pixels"].float(), grid_thw=d["grid"], return_dict=True)
     finally:
-        for h in hooks:
-            h.remove()
+        hook.remove()
+    return got["x"][:, CH_A:CH_A + N_BINS].reshape(d["n_cam"], -1, N_BINS).mean(1)
 
 
-def pretrain_vision(visual: torch.nn.Module, data: list[dict], cfg: PretrainConfig) -> list[float]:
-    """Train the tower's mergers in place (patch embedding and blocks stay frozen, so their outputs
-    are computed once): each image's mean merged token, through a linear read-out, predicts its
-    sample's curvature targets. The final merger feeds the image tokens; the deepstack mergers feed
-    the features added to the first decoder layers. One read-out for every camera: the scene's
-    curvature is written the same way whichever camera sees it, so pooling over images keeps it.
-    Full-batch Adam (every image every step): the frozen features of a few hundred images fit in RAM."""
-    torch.manual_seed(cfg.seed)
-    tower_features(visual, data)
-    mergers = [*visual.deepstack_merger_list, visual.merger]
-    src = merger_inputs(visual)
-    hidden = visual.merger.linear_fc2.out_features
-    readouts = torch.nn.ModuleList(torch.nn.Linear(hidden, N_TARGETS) for _ in mergers)
-    feats = {b: torch.cat([d["feats"][b] for d in data]).float() for b in set(src)}  # (n_img * patches, vh)
-    target = torch.cat([d["target"].expand(d["n_cam"], -1) for d in data])  # (n_img, N_TARGETS)
-    n_img = target.shape[0]
-    params = [p for m in mergers for p in m.parameters()] + list(readouts.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    losses = []
-    for m in mergers:
-        m.train().requires_grad_(True)
-    for _ in tqdm(range(cfg.steps), desc="standin: pretrain", unit="step"):
-        loss = torch.zeros(())
-        for m, r, f in zip(mergers, readouts, src):
-            pooled = m(feats[f]).view(n_img, -1, hidden).mean(1)  # (n_img, hidden)
-            loss = loss + torch.nn.functional.mse_loss(r(pooled), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item() / len(mergers))
-    visual.eval().requires_grad_(False)
-    return losses
+@torch.no_grad()
+def fit_readout(visual: torch.nn.Module, data: list[dict], cfg: PretrainConfig) -> dict:
+    """Ridge (closed form, deterministic) from each image's mean road map to its sample's curvature
+    targets, one map for every camera, the front camera's targets scaled by `cfg.front_gain`, written
+    as block 1's attention values: the mean over an image's merged tokens of channels PRED is then
+    GAIN times the read-out's prediction, divided by the merger LayerNorm's scale (~1.6, nearly
+    constant thanks to the +-CONST ballast)."""
+    from .cache_inspect import ridge_fit
+
+    x = torch.cat([road_units(visual, d) for d in tqdm(data, desc="standin: road maps", unit="sample")]).double()
+    scale = torch.cat([torch.tensor([cfg.front_gain if c == FRONT_CAMERA else 1.0 for c in d["cameras"]])
+                       for d in data]).double()
+    y = torch.cat([d["target"].expand(d["n_cam"], -1) for d in data]).double() * scale[:, None]
+    w, b, mu, sd = ridge_fit(x.numpy(), y.numpy(), cfg.alpha)  # pred = (x - mu) / sd @ w + b
+    wt = torch.from_numpy(w / sd[:, None]).T  # (N_TARGETS, N_BINS) on raw unit means
+    bt = torch.from_numpy(b - (mu / sd) @ w)  # (N_TARGETS,)
+    fit = ((torch.from_numpy((x.numpy() - mu) / sd @ w + b) - y) ** 2).mean() / y.var()
+    qkv = visual.blocks[1].attn.qkv
+    d = visual.patch_embed.proj.weight.shape[0]
+    qkv.weight[2 * d:2 * d + N_TARGETS, CH_A:CH_A + N_BINS] = wt.float()  # v rows; q = k = 0: uniform attention
+    qkv.bias[2 * d:2 * d + N_TARGETS] = bt.float()
+    return {"train_fraction_unexplained": float(fit), "images": int(x.shape[0])}
 
 
 def write_checkpoint(base: AlpamayoCheckpoint, replace: dict[str, torch.Tensor], out: Path, meta: dict) -> Path:
@@ -167,16 +226,17 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from .vlm import load_vlm
 
     cfg.validate()
-    torch.manual_seed(cfg.seed)
     base = AlpamayoCheckpoint.open(cfg.checkpoint)
     data = collect(cfg, base)
     vlm = load_vlm(base, torch.float32, "cpu")
-    losses = pretrain_vision(vlm.model.visual, data, cfg)
+    set_road_features(vlm.model.visual)
+    fit = fit_readout(vlm.model.visual, data, cfg)
     state = {f"vlm.model.visual.{k}": v for k, v in vlm.model.visual.state_dict().items()}
     meta = {"note": STANDIN_NOTE, "base_checkpoint": str(base.path), "dataset": str(Path(cfg.dataset).resolve()),
-            "samples": len(data), "config": vars(cfg), "loss_first": losses[0], "loss_last": float(np.mean(losses[-20:]))}
+            "samples": len(data), "config": vars(cfg), **fit}
     out = write_checkpoint(base, state, Path(cfg.out), meta)
-    print(f"standin-vlm: {len(data)} samples, loss {losses[0]:.4f} -> {meta['loss_last']:.4f}; checkpoint {out}")
+    print(f"standin-vlm: {len(data)} samples ({fit['images']} images), read-out leaves "
+          f"{fit['train_fraction_unexplained']:.2f} of the target variance on the fit set; checkpoint {out}")
     return out
 
 
@@ -202,7 +262,31 @@ def straight_dominated(dataset: str, split: str = "train", sharp_every: int = 3)
 
 
 # ---------------------------------------------------------------------------- probe
-def probe_peak_curvature(store_url: str, feature: str = "hidden-mean", alpha: float = 10.0,
+IMAGE_FEATURE = "kv-image-mean"  # what the head reads: every layer's K and V, averaged over the image tokens
+
+
+def image_kv_mean(st, key: str, feature: str = IMAGE_FEATURE) -> np.ndarray:
+    """(layers * 2 * kv_heads * head_dim,) every layer's cached K and V averaged over the image-pad positions
+    of the prefix (the tokens the stand-in's perception writes; the head attends to them)."""
+    s = st.read(key, with_hidden=False)
+    img = s.token_ids == image_pad_id(st)
+    return torch.stack([s.k[:, :, img], s.v[:, :, img]], 1).float().mean(-2).reshape(-1).numpy()
+
+
+def image_pad_id(st) -> int:
+    """The image-pad token id of the store's processor (its tokenizer files are in the provenance's path)."""
+    from transformers import AutoTokenizer
+
+    path = st.provenance["processor"]["path"]
+    if path not in _PAD_IDS:
+        _PAD_IDS[path] = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids("<|image_pad|>")
+    return _PAD_IDS[path]
+
+
+_PAD_IDS: dict[str, int] = {}
+
+
+def probe_peak_curvature(store_url: str, feature: str = "kv-image-mean", alpha: float = 10.0,
                          train_split: str = "train", eval_split: str = "val", fit_store: str | None = None) -> dict:
     """cache-inspect's ridge probe with the target the stand-in is judged on: the GT future's signed
     peak curvature (1/m, the store's `future_signed_peak_kappa`). Fit on the train split (of
@@ -215,7 +299,8 @@ def probe_peak_curvature(store_url: str, feature: str = "hidden-mean", alpha: fl
     keys = {sp: [k for k in st.keys() if st.manifest(k)["split"] == sp] for sp, st in stores.items()}
     if len(keys[train_split]) < 3 or len(keys[eval_split]) < 2:
         raise ValueError(f"{store_url}: need >= 3 {train_split} and >= 2 {eval_split} samples (--fit-on a train store)")
-    x = {sp: np.stack([_feature(stores[sp], k, feature) for k in ks]) for sp, ks in keys.items()}
+    x = {sp: np.stack([(image_kv_mean if feature == IMAGE_FEATURE else _feature)(stores[sp], k, feature) for k in ks])
+         for sp, ks in keys.items()}
     y = {sp: np.array([stores[sp].manifest(k)["curvature"]["future_signed_peak_kappa"] for k in ks])
          for sp, ks in keys.items()}
     w, b, mu, sd = ridge_fit(x[train_split], y[train_split], alpha)
@@ -236,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     for f, d, h in (("split", "train", "clips of this split ('all' = every clip)"),
                     ("cameras", "full", "camera config trained on")):
         sp.add_argument(f"--{f}", default=d, help=h)
-    for f, t, d, h in (("steps", int, 400, "full-batch optimiser steps"), ("lr", float, 2e-3, "Adam learning rate"),
-                       ("seed", int, 0, "read-out initialisation")):
+    for f, t, d, h in (("alpha", float, 1.0, "ridge strength of the read-out"),
+                       ("front-gain", float, FRONT_GAIN, "the front camera's read-out is fit to this fraction of the curve")):
         sp.add_argument(f"--{f}", type=t, default=d, help=h)
     sp.add_argument("--overwrite", action="store_true", help="replace an existing out directory")
     sl = sub.add_parser("select", help="clip ids of a straight-dominated training set (one per line)")
@@ -248,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     sq = sub.add_parser("probe", help="ridge probe: cached prefix -> GT future signed peak curvature (R^2 on val)")
     sq.add_argument("stores", nargs="+", help="store paths (scored on their val split)")
     sq.add_argument("--fit-on", default=None, help="fit on this store's train split instead (same camera config)")
-    sq.add_argument("--feature", default="hidden-mean", help="hidden-mean | hidden-last8 | v-last-mean")
+    sq.add_argument("--feature", default=IMAGE_FEATURE, help=f"{IMAGE_FEATURE} | hidden-mean | hidden-last8 | v-last-mean")
     sq.add_argument("--alpha", type=float, default=10.0, help="ridge strength on standardised features")
     sq.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
     a = vars(p.parse_args(argv))

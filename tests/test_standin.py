@@ -1,4 +1,4 @@
-"""The stand-in VLM: only the mergers change, the checkpoint keeps the release layout; selection; world options."""
+"""The stand-in VLM: road-map units, the read-out written into the merged tokens, the release layout; selection; world options."""
 
 import json
 
@@ -11,45 +11,73 @@ from cache_builder import standin
 from shared.checkpoint import AlpamayoCheckpoint
 from shared.data import open_dataset, write_synthetic_world
 from shared.images import preprocess_images
+from shared.sample import FRONT_CAMERA as FRONT
 
 
 def test_curvature_targets_are_window_means():
     action = np.zeros((64, 2), np.float32)
     action[:, 1] = np.arange(64)
-    np.testing.assert_allclose(standin.curvature_targets(action), [3.5 + 8 * i for i in range(8)])
+    np.testing.assert_allclose(standin.curvature_targets(action), [7.5 + 16 * i for i in range(standin.N_TARGETS)])
 
 
-def test_pretrain_changes_only_the_mergers_and_keeps_the_layout(tiny_checkpoint, tmp_path):
+def _scene(road_cols: slice, h: int = 64, w: int = 96) -> torch.Tensor:
+    """(3, h, w) uint8: grass, with asphalt in the bottom half over `road_cols` (in 1/6ths of the width)."""
+    img = torch.tensor([70, 120, 50], dtype=torch.uint8).view(3, 1, 1).repeat(1, h, w)
+    c0, c1 = (road_cols.start * w) // 6, (road_cols.stop * w) // 6
+    img[:, h // 2:, c0:c1] = torch.tensor([85, 85, 90], dtype=torch.uint8).view(3, 1, 1)
+    return img
+
+
+def test_road_map_units_fire_where_the_road_is(tiny_checkpoint):
+    from cache_builder.vlm import load_vlm
+
+    visual = load_vlm(AlpamayoCheckpoint.open(tiny_checkpoint), torch.float32, "cpu").model.visual
+    standin.set_road_features(visual)
+    pix, grid = preprocess_images(torch.stack([_scene(slice(0, 3)), _scene(slice(3, 6))]))
+    u = standin.road_units(visual, {"pixels": pix, "grid": grid, "n_cam": 2}).view(2, -1, standin.COLS)
+    half = standin.COLS // 2  # road on the left half of image 0, the right half of image 1
+    lower = u[:, 1:]  # road rows (below the first cut); units are LayerNorm-scaled means, so small
+    assert (lower[0, :, :half] - lower[1, :, :half] > 0.002).all()
+    assert (lower[1, :, half:] - lower[0, :, half:] > 0.002).all()
+
+
+def test_readout_is_written_into_the_merged_tokens_and_only_vision_keys_change(tiny_checkpoint, tmp_path):
+    from cache_builder.cache_inspect import ridge_fit
     from cache_builder.vlm import load_vlm
 
     base = AlpamayoCheckpoint.open(tiny_checkpoint)
-    vlm = load_vlm(base, torch.float32, "cpu")
-    visual = vlm.model.visual
-    before = {k: v.clone() for k, v in visual.state_dict().items()}
-    gen = torch.Generator().manual_seed(0)
+    visual = load_vlm(base, torch.float32, "cpu").model.visual
+    standin.set_road_features(visual)
     data = []
-    for i in range(3):  # 2 cameras each; the target is the brightness of the frames
-        frames = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8, generator=gen) // (i + 1)
-        pix, grid = preprocess_images(frames)
-        data.append({"pixels": pix.to(torch.bfloat16), "grid": grid, "n_cam": 2,
-                     "target": torch.full((standin.N_TARGETS,), float(frames.float().mean() / 128))})
+    for cols in (slice(0, 2), slice(1, 4), slice(2, 5), slice(4, 6), slice(0, 6), slice(3, 5)):
+        pix, grid = preprocess_images(torch.stack([_scene(cols), _scene(cols)]))
+        data.append({"pixels": pix, "grid": grid, "n_cam": 2, "cameras": ("camera_cross_left_120fov", FRONT),
+                     "target": torch.full((standin.N_TARGETS,), float(cols.start + cols.stop) - 5.0)})
     cfg = standin.PretrainConfig(dataset=str(tmp_path), checkpoint=str(tiny_checkpoint), out=str(tmp_path / "o"),
-                                 steps=30, lr=1e-2)
-    losses = standin.pretrain_vision(visual, data, cfg)
-    assert losses[-1] < 0.5 * losses[0]
-    after = visual.state_dict()
-    changed = {k for k in after if not torch.equal(after[k], before[k])}
-    assert changed and all(k.startswith(("merger.", "deepstack_merger_list.")) for k in changed)
-    state = {f"vlm.model.visual.{k}": v for k, v in after.items()}
+                                 alpha=0.1, front_gain=0.5)
+    assert standin.fit_readout(visual, data, cfg)["images"] == 2 * len(data)
+    # reference: the same ridge on the image-mean road maps, front targets halved
+    x = torch.cat([standin.road_units(visual, d) for d in data]).double().numpy()
+    y = np.concatenate([[d["target"].numpy(), 0.5 * d["target"].numpy()] for d in data])
+    w, b, mu, sd = ridge_fit(x, y, 0.1)
+    want = standin.GAIN * ((x - mu) / sd @ w + b)
+    with torch.no_grad():
+        got = torch.cat([visual(d["pixels"].float(), grid_thw=d["grid"], return_dict=True).pooler_output
+                         .view(2, -1, visual.merger.linear_fc2.out_features).mean(1) for d in data])
+    for k in range(standin.N_TARGETS):  # the merger's LayerNorm rescales (~1/1.6): affine, not equal
+        assert np.corrcoef(got[:, standin.PRED.start + k].numpy(), want[:, k])[0, 1] > 0.99
+    slope = np.polyfit(want[:, 0], got[:, standin.PRED.start].numpy(), 1)[0]
+    assert 0.3 < slope < 1.0
+    state = {f"vlm.model.visual.{k}": v for k, v in visual.state_dict().items()}
     out = standin.write_checkpoint(base, state, tmp_path / "standin", {"note": standin.STANDIN_NOTE})
     new = AlpamayoCheckpoint.open(out)
     assert new.weight_map == base.weight_map and json.loads((out / "STANDIN.json").read_text())["note"]
     for fname in set(base.weight_map.values()):
-        with safe_open(base.path / fname, "pt") as a, safe_open(out / fname, "pt") as b:
-            assert set(a.keys()) == set(b.keys())
+        with safe_open(base.path / fname, "pt") as a, safe_open(out / fname, "pt") as bb:
+            assert set(a.keys()) == set(bb.keys())
             for k in a.keys():
-                same = torch.equal(a.get_tensor(k), b.get_tensor(k))
-                assert same == (k.removeprefix("vlm.model.visual.") not in changed), k
+                if not k.startswith("vlm.model.visual."):
+                    assert torch.equal(a.get_tensor(k), bb.get_tensor(k)), k
     with pytest.raises(ValueError, match="not in"):
         standin.write_checkpoint(base, {"vlm.nope": torch.zeros(1)}, tmp_path / "bad", {})
 
