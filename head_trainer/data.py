@@ -22,7 +22,6 @@ an uninterrupted one still read the same); the feeder collects the skipped keys 
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from dataclasses import dataclass
@@ -289,14 +288,13 @@ def check_host_ram(plan: dict[str, float], hint: str, available: int | None = No
 def train_ram_plan(cfg, store: Store, indices: list[int], head_cfg, device: torch.device,
                    dtype: torch.dtype) -> dict[str, float]:
     """head-train's host RAM: the loader plan, the host copy of weights + optimizer state each checkpoint
-    takes, and on a CPU device the training itself (head_trainer/memory.py's terms). Counts on a copy
-    of `head_cfg`: building a head adds derived rope fields to its config (and so changes its hash)."""
+    takes, and on a CPU device the training itself (head_trainer/memory.py's terms)."""
     from .memory import DTYPE_BYTES, count_params, estimate
 
     name = str(dtype).removeprefix("torch.")
     plan = loader_ram_plan(store, indices, cfg.batch_size, cfg.grad_accum, cfg.num_workers, cfg.ram_cache_gb * 1e9,
                            DTYPE_BYTES[name])
-    n, n_train = count_params(copy.deepcopy(head_cfg), cfg.trainable, cfg.lora_rank, cfg.lora_targets)
+    n, n_train = count_params(head_cfg, cfg.trainable, cfg.lora_rank, cfg.lora_targets)
     max_len = bucket_len(max(store.manifest(i % len(store))["prefix_len"] for i in indices))
     est = estimate(head_cfg, n, n_train, name, cfg.optimizer, cfg.batch_size, max_len, cfg.draws, kv_slots=0,
                    checkpoint=cfg.gradient_checkpointing)

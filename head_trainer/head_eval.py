@@ -14,7 +14,6 @@ result of a different evaluation is never replaced without --force.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import hashlib
 import json
@@ -177,7 +176,7 @@ def eval_ram_plan(store: Store, indices: list[int], cfg: EvalConfig, ckpt: Alpam
     per = s.num_layers * 2 * s.num_kv_heads * L * s.head_dim * s.torch_dtype.itemsize
     plan = {"batch": 3 * min(cfg.batch_size, len(indices)) * per}
     if device.type == "cpu":
-        plan["head weights"] = 2 * count_params(copy.deepcopy(ckpt.head_config()))[0] * DTYPE_BYTES[cfg.dtype]
+        plan["head weights"] = 2 * count_params(ckpt.head_config())[0] * DTYPE_BYTES[cfg.dtype]
     return plan
 
 

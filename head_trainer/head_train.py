@@ -12,7 +12,6 @@ grad-norm clip 1.0, flow-matching MSE only). docs/TRAINING.md explains the optio
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -189,7 +188,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.gpu_memory_budget:
         from .memory import check_train_budget
 
-        est = check_train_budget(cfg, copy.deepcopy(head_cfg), max(store.manifest(i % len(store))["prefix_len"] for i in indices),
+        est = check_train_budget(cfg, head_cfg, max(store.manifest(i % len(store))["prefix_len"] for i in indices),
                                  str(dtype).removeprefix("torch."))
         if launch.is_main:
             print(f"head-train: estimated peak {est.describe()} within --gpu-memory-budget {cfg.gpu_memory_budget}",

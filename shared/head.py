@@ -12,6 +12,7 @@ default, as release inference does), never left to the installed transformers' `
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass
@@ -182,8 +183,12 @@ def expert_attention_mask(prefix: KVPrefix, dtype: torch.dtype, n_action: int = 
 
 
 def build_expert(expert_cfg: dict, attn_implementation: str = "sdpa") -> Qwen3VLTextModel:
-    """transformers' Qwen3-VL text model from the (overridden) text config, without embeddings."""
-    cfg = Qwen3VLTextConfig(**{k: v for k, v in expert_cfg.items() if k not in ("model_type", "transformers_version")})
+    """transformers' Qwen3-VL text model from the (overridden) text config, without embeddings.
+
+    The config class writes into nested dicts it is given (rope_theta into rope_scaling), so it gets a
+    copy: building a head never changes the HeadConfig (and its hash) it was built from."""
+    kw = {k: v for k, v in expert_cfg.items() if k not in ("model_type", "transformers_version")}
+    cfg = Qwen3VLTextConfig(**copy.deepcopy(kw))
     cfg._attn_implementation = attn_implementation
     expert = Qwen3VLTextModel(cfg)
     del expert.embed_tokens  # inputs are always inputs_embeds; the release saves no expert.embed_tokens

@@ -1,5 +1,7 @@
 """The head: release names/shapes, explicit attention mask, positions, padding, loss."""
 
+import json
+
 import pytest
 import torch
 
@@ -184,3 +186,15 @@ def test_sampler_equals_the_release_sampler_bitwise(head, tiny_head_cfg, steps):
     noise = torch.randn((6, 64, 2), generator=torch.Generator().manual_seed(7))
     ref = _release_euler(lambda x, t: head.velocity(x, t, rep), 6, noise, steps)
     assert torch.equal(ours, ref.view(2, 3, 64, 2))
+
+
+def test_building_a_head_leaves_its_config_unchanged(tiny_checkpoint):
+    """transformers' config class writes into the nested rope dict it is given; the head builds from a copy,
+    so a HeadConfig (and the hash stores and runs record) is the same before and after."""
+    from shared.checkpoint import AlpamayoCheckpoint
+
+    cfg = AlpamayoCheckpoint.open(tiny_checkpoint).head_config()
+    before = (cfg.hash(), json.dumps(cfg.expert, sort_keys=True))
+    with torch.device("meta"):
+        AlpamayoHead(cfg)
+    assert (cfg.hash(), json.dumps(cfg.expert, sort_keys=True)) == before
