@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from head_trainer.memory import estimate  # noqa: E402
+from head_trainer.memory import estimate, grads_persist  # noqa: E402
 from head_trainer.optim import build_optimizer  # noqa: E402
 from head_trainer.step import StepConfig, TrainStep  # noqa: E402
-from head_trainer.trainable import apply_trainable  # noqa: E402
+from head_trainer.trainable import apply_trainable, is_lora  # noqa: E402
 from shared.config import RELEASE_EXPERT_OVERRIDES, HeadConfig  # noqa: E402
 from shared.head import AlpamayoHead, KVPrefix  # noqa: E402
 
@@ -116,21 +116,13 @@ def run_config(head, cfg, device, *, bsz, L, optimizer, mode="all", engine="grap
     rec = {"B": bsz, "L": L, "optimizer": optimizer, "trainable": mode, "engine": engine,
            "checkpoint": checkpoint, "draws": draws, "dtype": str(head.dtype).removeprefix("torch."),
            "recompute_attention": recompute_attention, "accum": accum}
-    injected = any("lora_" in n for n, _ in head.named_parameters())
-    if injected and mode != "lora":  # LoRA injects adapters into the head every configuration here shares
+    if is_lora(head) and mode != "lora":  # LoRA injects adapters into the head every configuration here shares
         raise ValueError("LoRA configurations must come last: the adapters stay in the shared head")
-    if mode == "lora" and injected:  # adapters already in: train them (and the projections) again
-        head.requires_grad_(False)
-        params = [p for n, p in head.named_parameters()
-                  if "lora_" in n or n.startswith(("action_in_proj.", "action_out_proj."))]
-        for p in params:
-            p.requires_grad_(True)
-    else:
-        params = apply_trainable(head, mode)
+    params = apply_trainable(head, mode)  # a head with adapters keeps them
     n_params = sum(p.numel() for p in head.parameters())
     n_train = sum(p.numel() for p in params)
     est = estimate(cfg, n_params, n_train, rec["dtype"], optimizer, bsz, L, draws, kv_slots=1, checkpoint=checkpoint,
-                   recompute_attention=recompute_attention, grads_persist=engine == "graphs" or accum > 1)
+                   recompute_attention=recompute_attention, grads_persist=grads_persist(engine == "graphs", accum))
     rec["estimate_gib"] = round(est.total / 2**30, 2)
     rec["estimate_terms_gib"] = {k: round(v / 2**30, 2) for k, v in vars(est).items() if k != "grads_persist"}
     free(device)

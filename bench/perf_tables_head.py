@@ -12,10 +12,15 @@ ENGINE = {"graphs": "fast expert, compiled + CUDA graphs", "compiled": "fast exp
           "transformers": "transformers modules (Stage-2 path)"}
 
 
+def _b_int(r) -> int:
+    """The micro-batch of a row (failed rows record the bench's argument name, bsz)."""
+    return int(r.get("B", r.get("bsz")))
+
+
 def _b(r) -> str:
     """The micro-batch, with the accumulation count when there is one (8 x 4)."""
-    b, n = r.get("B", r.get("bsz")), r.get("accum", 1)
-    return f"{b} x {n}" if n > 1 else str(b)
+    n = r.get("accum", 1)
+    return f"{_b_int(r)} x {n}" if n > 1 else str(_b_int(r))
 
 
 def _oom(r) -> bool:
@@ -41,18 +46,13 @@ def estimate_now(r: dict) -> Decimal:
     the bench's one KV input slot; a change of the estimate shows here as a stale table."""
     from bench_head_train import head_config
 
-    from head_trainer.memory import estimate
+    from head_trainer.memory import estimate, grads_persist
     n, n_train = _params(r.get("trainable", "all"))
-    accum = int(r.get("accum", 1))
-    est = estimate(head_config(False), n, n_train, r.get("dtype", "bfloat16"), r["optimizer"], int(_b_int(r)),
+    est = estimate(head_config(False), n, n_train, r.get("dtype", "bfloat16"), r["optimizer"], _b_int(r),
                    int(r["L"]), int(r.get("draws", 1)), kv_slots=1, checkpoint=bool(r.get("checkpoint")),
                    recompute_attention=bool(r.get("recompute_attention")),
-                   grads_persist=r.get("engine") == "graphs" or accum > 1)
+                   grads_persist=grads_persist(r.get("engine") == "graphs", int(r.get("accum", 1))))
     return Decimal(str(round(est.total / 2**30, 3)))
-
-
-def _b_int(r) -> int:
-    return int(r.get("B", r.get("bsz")))
 
 
 def _recompute(r) -> str:

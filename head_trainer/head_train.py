@@ -186,7 +186,7 @@ def train(cfg: TrainConfig) -> Path:
     check_host_ram(train_ram_plan(cfg, store, indices, head_cfg, device, dtype),
                    "lower --ram-cache-gb (a cache: the rest is read from the store), --batch-size or --num-workers")
     if cfg.gpu_memory_budget:
-        from .memory import check_train_budget
+        from .memory import check_train_budget, parse_bytes
 
         est = check_train_budget(cfg, head_cfg, max(store.manifest(i % len(store))["prefix_len"] for i in indices),
                                  str(dtype).removeprefix("torch."))
@@ -194,8 +194,6 @@ def train(cfg: TrainConfig) -> Path:
             print(f"head-train: estimated peak {est.describe()} within --gpu-memory-budget {cfg.gpu_memory_budget}",
                   file=sys.stderr)
         if device.type == "cuda":  # hold the run to the budget, as a card of that size would
-            from .memory import parse_bytes
-
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(cfg.gpu_memory_budget) / total), device)
     keys = [store.manifest(i % len(store))["key"] + ("#unguided" if i >= len(store) else "") for i in indices]
@@ -318,10 +316,11 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
                 micro = [b.to(device) for b in next(batches)]
             except StoreError as exc:
                 raise read_stop(exc, last_ckpt, f"before step {step + 1}: ") from exc
-            if step == start and rng_start is not None:
-                set_rng_state(rng_start, device)
-            elif step == start:
-                torch.manual_seed(cfg.seed)
+            if step == start:
+                if rng_start is not None:
+                    set_rng_state(rng_start, device)
+                else:
+                    torch.manual_seed(cfg.seed)
             guard.add(step, micro)
             meter.start(getattr(loader, "wait_s", 0.0))
             stats = train_step(micro, lr_at(step, cfg), step)

@@ -81,6 +81,12 @@ def activation_bytes(cfg: HeadConfig, batch: int, draws: int, max_len: int, act_
     return layers * per_layer
 
 
+def grads_persist(cuda_graphs: bool, grad_accum: int) -> bool:
+    """Whether gradients are held through the forward: CUDA graphs keep them allocated, and with
+    accumulation the next micro-batch runs beside them; an eager single step frees them first."""
+    return cuda_graphs or grad_accum > 1
+
+
 def estimate(cfg: HeadConfig, n_params: int, n_trainable: int, dtype: str, optimizer: str, batch: int,
              max_len: int, draws: int = 1, kv_slots: int = 2, checkpoint: bool = False,
              kv_dtype: str = "bfloat16", recompute_attention: bool = False,
@@ -156,7 +162,7 @@ def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str
     est = estimate(head_cfg, n, n_train, dtype, train_cfg.optimizer, train_cfg.batch_size, bucket_len(max_len),
                    train_cfg.draws, kv_slots=2 * train_cfg.grad_accum, checkpoint=train_cfg.gradient_checkpointing,
                    recompute_attention=train_cfg.recompute_attention,
-                   grads_persist=train_cfg.cuda_graphs or train_cfg.grad_accum > 1)
+                   grads_persist=grads_persist(train_cfg.cuda_graphs, train_cfg.grad_accum))
     check_budget(est, parse_bytes(train_cfg.gpu_memory_budget), train_cfg.batch_size,
                  train_cfg.gradient_checkpointing, train_cfg.optimizer, train_cfg.recompute_attention)
     return est

@@ -154,7 +154,8 @@ class TrainStep:
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         # the graph's private pool cannot reuse blocks cached by eager steps (or the side stream): hand
-        # them back first, or the capture needs the activation memory twice (OOM at 24 GB, B=8, L=2,993)
+        # them back first (on the H200 this changed no peak: B=8, L=2,993 still did not fit 24 GiB, since
+        # in graph mode the gradients stay allocated beside the activations; docs/PERFORMANCE.md)
         torch.cuda.empty_cache()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):

@@ -23,14 +23,15 @@ ADAPTER = "default"
 
 def apply_trainable(head: AlpamayoHead, mode: str, lora_rank: int = 16, lora_alpha: float = 16.0,
                     lora_targets: str = LORA_TARGETS, seed: int = 0) -> list[nn.Parameter]:
-    """Freeze what `mode` does not train (and inject LoRA for 'lora'); -> the trainable parameters in a fixed order."""
+    """Freeze what `mode` does not train (and inject LoRA for 'lora', once: a head that has adapters keeps
+    them and trains them again); -> the trainable parameters in a fixed order."""
     if mode not in MODES:
         raise ValueError(f"--trainable {mode!r}: use one of {', '.join(MODES)}")
     head.requires_grad_(mode == "all")
     if mode != "all":
         head.action_in_proj.requires_grad_(True)
         head.action_out_proj.requires_grad_(True)
-    if mode == "lora":
+    if mode == "lora" and not is_lora(head):
         from peft import LoraConfig, inject_adapter_in_model
 
         targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
@@ -38,9 +39,11 @@ def apply_trainable(head: AlpamayoHead, mode: str, lora_rank: int = 16, lora_alp
             torch.manual_seed(seed)  # LoRA A's initialisation is part of the run's seed
             inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
                                                target_modules=targets, bias="none"), head.expert, ADAPTER)
+    if mode == "lora":
         for name, p in head.expert.named_parameters():
             if ".lora_" in name:
                 p.data = p.data.float()  # adapters are small: keep them (and their updates) in fp32
+                p.requires_grad_(True)
     return [p for p in head.parameters() if p.requires_grad]
 
 

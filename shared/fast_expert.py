@@ -70,7 +70,8 @@ def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre:
     """One Qwen3-VL text decoder layer over [prefix; action tokens].
 
     h: (B, T, hidden); k_pre, v_pre: (B, kv_heads, L_max, D) post-RoPE keys / raw values of the prefix;
-    cos, sin: (B, T, D); mask: (B, 1, T or g*T, L_max + T) additive or None -> (B, T, hidden).
+    cos, sin: (B, T, D); mask: (B, 1, g*T, L_max + T) additive (repeated per query group) or None
+    -> (B, T, hidden).
     `recompute_attention`: SDPA saves its keys and values for the backward pass, i.e. a copy of the
     whole prefix per layer (3.4 GiB at B = 8, L = 2,993 over 36 layers); recomputing the concatenation
     and the attention in the backward keeps only references to the cached prefix (one layer's copy at
@@ -88,8 +89,6 @@ def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre:
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
     q = q.reshape(bsz, n_kv, group * t, d)  # heads j*group..j*group+group-1 share KV head j
-    if mask is not None and mask.shape[2] != group * t:  # callers normally pass it repeated once per pass
-        mask = mask.repeat(1, 1, group, 1)
     if recompute_attention and torch.is_grad_enabled():
         o = torch.utils.checkpoint.checkpoint(_attention, q, k, v, k_pre, v_pre, mask, attn.scaling,
                                               use_reentrant=False)

@@ -49,6 +49,11 @@ def test_projections_and_lora_select_their_parameters(base):
     n_layers = cfg.expert["num_hidden_layers"]
     assert len(lora) == 2 * 2 * n_layers and all(".lora_A." in n or ".lora_B." in n for n in lora)
     assert all(("q_proj" in n) or ("down_proj" in n) for n in lora)
+    first = apply_trainable(head, "lora", lora_rank=4, lora_alpha=8.0, lora_targets="q_proj,down_proj")
+    apply_trainable(head, "all")  # everything trains; lora again freezes the base and trains the same adapters
+    again = apply_trainable(head, "lora", lora_rank=4, lora_alpha=8.0, lora_targets="q_proj,down_proj")
+    assert [id(p) for p in again] == [id(p) for p in first]  # kept, not injected a second time
+    assert {n for n, p in head.named_parameters() if p.requires_grad and n.startswith("expert.")} == lora
     with pytest.raises(ValueError, match="--trainable"):
         apply_trainable(head_from_state(cfg, state), "some")
 
