@@ -22,22 +22,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_head_train import build_head, free, head_config, random_batch  # noqa: E402
+from bench_head_train import Timer, build_head, free, head_config, random_batch  # noqa: E402
 
 from head_trainer.optim import build_optimizer  # noqa: E402
 from head_trainer.step import StepConfig, TrainStep  # noqa: E402
 
 
 def cuda_ms(fn, n: int = 10) -> float:
-    out = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return round(statistics.median(out), 2)
+    """Median CUDA-event time of `fn` in ms (bench_head_train's Timer)."""
+    return round(1e3 * statistics.median(Timer(torch.device("cuda"))(fn, n)), 2)
 
 
 def top_kernels(fn, k: int = 20) -> list[dict]:
