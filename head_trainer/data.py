@@ -143,10 +143,15 @@ class RawDataset(Dataset):
     def _try(self, i: int) -> tuple[dict | None, tuple[str, str]]:
         if i in self.known_bad:
             return None, ("", "")
-        try:
-            return read_raw(self._store, i), ("", "")
-        except SampleReadError as exc:
-            return None, (exc.key or self._store.manifest(i % len(self._store))["key"], exc.reason or str(exc))
+        return read_or_why(self._store, i)
+
+
+def read_or_why(store: Store, i: int) -> tuple[dict | None, tuple[str, str]]:
+    """(the stored-form sample, ("", "")) or, when it does not read whole, (None, (its key, why))."""
+    try:
+        return read_raw(store, i), ("", "")
+    except SampleReadError as exc:
+        return None, (exc.key or store.manifest(i % len(store))["key"], exc.reason or str(exc))
 
 
 def _identity(x):
@@ -195,11 +200,11 @@ def readable(store: Store, indices: list[int]) -> tuple[list[int], dict[str, str
     few samples validation reads again and again."""
     good, bad = [], {}
     for i in indices:
-        try:
-            read_raw(store, i)
+        raw, (key, why) = read_or_why(store, i)
+        if raw is not None:
             good.append(i)
-        except SampleReadError as exc:
-            bad[exc.key or store.manifest(i)["key"]] = exc.reason or str(exc)
+        else:
+            bad[key] = why
     return good, bad
 
 

@@ -96,7 +96,8 @@ def check_head_pairing(head_meta: dict, head_path: str, ckpt, store=None) -> lis
     trained = head_meta.get("head_config")
     if trained is not None:
         here = ckpt.head_config().to_dict()
-        # fields both sides record (building a model adds derived rope fields to the config it was given)
+        # fields both sides record (heads written before shared/head.py built from a copy of the config
+        # carry the rope fields transformers' config class added to it)
         diff = [d for d in _diffs(json.loads(json.dumps(trained, default=str)), json.loads(json.dumps(here, default=str)),
                                   sorted(set(trained) | set(here))) if "'<unset>'" not in d]
         if diff:
