@@ -231,7 +231,9 @@ def main() -> None:
     ap.add_argument("--memory-cap-gib", type=float, default=24.0)
     ap.add_argument("--quality-steps", type=int, default=200)
     ap.add_argument("--batches", default="1,4,8,16")
-    ap.add_argument("--step-set", default="all", choices=["all", "graphs"], help="graphs: CUDA-graph configs only")
+    ap.add_argument("--step-set", default="all", choices=["all", "graphs", "fused"],
+                    help="graphs: CUDA-graph configs only; fused: --step-optimizers side by side at the 24 GB plans")
+    ap.add_argument("--step-optimizers", default="adamw8bit-fused,adamw8bit", help="optimizers of --step-set fused")
     ap.add_argument("--quality-plans", default="float32:adamw:eager,bfloat16:adamw8bit:graphs,bfloat16:adamw:graphs,"
                     "bfloat16:adamw4bit:graphs,bfloat16:adamw-sr:graphs", help="dtype:optimizer:engine, ...")
     ap.add_argument("--optimizers", default="adamw8bit,adamw,adamw4bit,adamw-sr,adamw-offload")
@@ -254,7 +256,21 @@ def main() -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
     head = build_head(cfg, device, torch.bfloat16) if {"step", "memory"} & set(sections) else None
 
-    if "step" in sections:  # most important first: a timeout keeps what was measured
+    if "step" in sections and args.step_set == "fused":  # the update kernels compared at the 24 GB plans
+        path = out / "head_train_step.json"
+        names = args.step_optimizers.split(",")
+        for name in names:  # the headline first, for each optimizer: a timeout keeps what was measured
+            guarded(run_config, path, head=head, cfg=cfg, device=device, optimizer=name, bsz=8, L=long_l,
+                    engine="graphs", recompute_attention=True)
+        kw = dict(head=head, cfg=cfg, device=device, optimizer=names[0])
+        guarded(run_config, path, **kw, bsz=8, L=long_l, engine="graphs")
+        guarded(run_config, path, **kw, bsz=8, L=long_l, engine="graphs", checkpoint=True)
+        guarded(run_config, path, **kw, bsz=8, L=short_l, engine="graphs", recompute_attention=True)
+        guarded(run_config, path, **kw, bsz=4, L=long_l, engine="graphs", recompute_attention=True)
+        guarded(run_config, path, **kw, bsz=8, L=long_l, engine="graphs", recompute_attention=True, draws=2)
+        guarded(run_config, path, **kw, bsz=16, L=long_l, engine="graphs", checkpoint=True)
+        guarded(run_config, path, **kw, bsz=8, L=long_l, engine="graphs", recompute_attention=True, accum=4, timed=5)
+    elif "step" in sections:  # most important first: a timeout keeps what was measured
         path = out / "head_train_step.json"
         kw = dict(head=head, cfg=cfg, device=device, optimizer="adamw8bit")
         graphs_only = args.step_set == "graphs"

@@ -4,6 +4,9 @@
 #   bash bench/h200_session.sh train2  # the optimizers / plans the first left, bench/profile_head_step.py, graph configs
 #   bash bench/h200_session.sh e2e     # release-shape stores, head-train CLI end to end, adamwfp8's update cost
 #   bash bench/h200_session.sh rest    # fp8 / offload / trainable-mode memory, 200-step quality, Stage-2 reference
+#   bash bench/h200_session.sh fused   # adamw8bit-fused vs torchao adamw8bit: step split, 24 GB plan rows, 200-step quality
+#   bash bench/h200_session.sh e2ef    # stores, head-train end to end with the fused plan, Stage-2 reference (one run)
+#   bash bench/h200_session.sh modes   # memory rows of projections / lora / fp8 / offload
 # Every result lands in $OUT as JSON as soon as it is measured; each part has its own time limit so a
 # hang or crash in one costs only that part.
 set -u
@@ -56,6 +59,26 @@ rest)  # what the first calls' time limits left: trainable modes / offload / fp8
   part "${QUAL_S:-270}" python3 bench/bench_head_train.py --sections quality --quality-steps 200 \
     --quality-plans float32:adamw:eager,bfloat16:adamw8bit:graphs,bfloat16:adamwfp8:graphs --json-dir "$OUT"
   part "${STAGE2_S:-120}" python3 bench/bench_head_train_e2e.py --json-dir "$OUT" --dir /tmp/stores --sections stage2
+  ;;
+fused)
+  part "${PROF_S:-150}" python3 bench/profile_head_step.py --memory-cap-gib 24 --json "$OUT/head_step_profile.json" \
+    --configs "${PROF_CONFIGS:-adamw8bit-fused:8:2993:r,adamw8bit:8:2993:r,adamw8bit-fused:8:809:rp}"
+  part "${STEP_S:-220}" python3 bench/bench_head_train.py --sections step --step-set fused --json-dir "$OUT"
+  part "${QUAL_S:-200}" python3 bench/bench_head_train.py --sections quality --quality-steps "${QUAL_STEPS:-200}" \
+    --quality-plans float32:adamw:eager,bfloat16:adamw8bit-fused:graphs,bfloat16:adamw8bit:graphs --json-dir "$OUT"
+  ;;
+e2ef)  # the fused 24 GB plan end to end; the Stage-2 reference in the same call, same GPU
+  S=${E2E_STORES:-4cam_int8,front_bf16}; N=${E2E_N:-32}
+  A="--dtype bfloat16 --optimizer adamw8bit-fused --recompute-attention --gpu-memory-budget 24GiB --compile --cuda-graphs --ram-cache-gb 16 --val-every 0"
+  e() { part "$1" python3 bench/bench_head_train_e2e.py --json-dir "$OUT" --dir /tmp/stores --stores "$S" --max-samples "$N" \
+          --workers 8 --e2e-steps "${E2E_STEPS:-200}" --e2e-timeout "${E2E_RUN_S:-150}" --e2e-args "${E2E_ARGS:-$A}" --sections "$2" ${3:+--stores $3}; }
+  e "${STORES_S:-90}" stores
+  e "${E2E1_S:-165}" e2e 4cam_int8
+  e "${E2E2_S:-150}" e2e front_bf16
+  part "${STAGE2_S:-150}" python3 bench/bench_head_train_e2e.py --json-dir "$OUT" --dir /tmp/stores --sections stage2
+  ;;
+modes)
+  part "${MEM_S:-200}" python3 bench/bench_head_train.py --sections memory --optimizers adamwfp8,adamw-offload --json-dir "$OUT"
   ;;
 esac
 rm -f "$OUT/head_train_env.json"  # at most 8 files come back

@@ -48,13 +48,15 @@ def top_kernels(fn, k: int = 20) -> list[dict]:
     return [{"total_ms": round(sum(r["ms"] for r in rows), 2), "kernels": len(rows)}, *rows[:k]]
 
 
-def one(head, cfg, bsz: int, L: int, optimizer: str, draws: int, checkpoint: bool, profile: bool) -> dict:
-    rec = {"B": bsz, "L": L, "optimizer": optimizer, "draws": draws, "checkpoint": checkpoint}
+def one(head, cfg, bsz: int, L: int, optimizer: str, draws: int, checkpoint: bool, profile: bool,
+        recompute_attention: bool = False) -> dict:
+    rec = {"B": bsz, "L": L, "optimizer": optimizer, "draws": draws, "checkpoint": checkpoint,
+           "recompute_attention": recompute_attention}
     params = [p for p in head.parameters() if p.requires_grad]
     batch = random_batch(cfg, bsz, L, "cuda")
     opt = build_optimizer(params, optimizer, 1e-5, capturable=True)
     ts = TrainStep(head, params, opt, StepConfig(seed=1, draws=draws, compile=True, cuda_graphs=True,
-                                                   checkpoint=checkpoint))
+                                                   checkpoint=checkpoint, recompute_attention=recompute_attention))
     s = [0]
 
     def step():
@@ -75,7 +77,8 @@ def one(head, cfg, bsz: int, L: int, optimizer: str, draws: int, checkpoint: boo
     rec["zero_grads_ms"] = cuda_ms(lambda: torch._foreach_zero_([p.grad for p in params]))
     rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if profile:  # an eager step with the same compiled layer: kernel time without the graph
-        eager = TrainStep(head, params, opt, StepConfig(seed=1, draws=draws, compile=True, checkpoint=checkpoint))
+        eager = TrainStep(head, params, opt, StepConfig(seed=1, draws=draws, compile=True, checkpoint=checkpoint,
+                                                        recompute_attention=recompute_attention))
         eager([batch], 1e-5, 0)
         rec["eager_step_ms"] = cuda_ms(lambda: eager([batch], 1e-5, 1), 3)
         rec["eager_kernels"] = top_kernels(lambda: eager([batch], 1e-5, 2))
@@ -89,7 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", required=True)
     ap.add_argument("--configs", default="adamw8bit:8:809:p,adamw:8:809,adamw4bit:8:809,adamw8bit:1:809,adamw8bit:8:2993",
-                    help="optimizer:B:L[:p] (p = also profile an eager step)")
+                    help="optimizer:B:L[:flags] (flags: p = also profile an eager step, r = --recompute-attention)")
     ap.add_argument("--memory-cap-gib", type=float, default=0)
     ap.add_argument("--memory-snapshot", default=None,
                     help="write torch.cuda.memory's allocation history (a pickle for pytorch.org/memory_viz) here")
@@ -105,8 +108,9 @@ def main() -> None:
     out = []
     for c in args.configs.split(","):
         opt, b, L, *flag = c.split(":")
+        flags = flag[0] if flag else ""
         try:
-            out.append(one(head, cfg, int(b), int(L), opt, 1, False, bool(flag)))
+            out.append(one(head, cfg, int(b), int(L), opt, 1, False, "p" in flags, "r" in flags))
         except Exception as exc:
             out.append({"config": c, "error": f"{type(exc).__name__}: {exc}"[:300], "trace": traceback.format_exc()[-1200:]})
             print(out[-1], flush=True)

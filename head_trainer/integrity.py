@@ -81,7 +81,7 @@ def check_store_checkpoint(store, ckpt, flag: str = "--checkpoint") -> None:
     """Refuse a checkpoint that is not the one the store's KV prefixes came from (another model, config
     or head architecture), naming each differing identity field. Fields the store did not record pass."""
     have, want = ckpt.identity(), store.provenance.get("checkpoint") or {}
-    diff = [d for d in _diffs(want, have, CHECKPOINT_FIELDS) if "'<unset>'" not in d.split(" vs ")[0]]
+    diff = _diffs(want, have, [k for k in CHECKPOINT_FIELDS if want.get(k) is not None])
     if diff:
         raise ValueError(f"{flag} {ckpt.path} is not the checkpoint {store.url} was built from "
                          f"({want.get('path', '?')}): {'; '.join(diff)} (store vs checkpoint); pass the checkpoint "

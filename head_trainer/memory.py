@@ -56,7 +56,8 @@ def state_bytes_per_param(optimizer: str, param_bytes: int) -> float:
     """Optimizer state per trainable parameter: two moments in the parameter dtype, or quantised."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"--optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-    return {"adamw": 2.0 * param_bytes, "adamw-sr": 2.0 * param_bytes, "adamw8bit": 2.0 + 8 / 256,
+    q8 = 2.0 + 8 / 256  # two uint8 codes + one fp32 scale per 256-block for each moment
+    return {"adamw": 2.0 * param_bytes, "adamw-sr": 2.0 * param_bytes, "adamw8bit": q8, "adamw8bit-fused": q8,
             "adamwfp8": 2.0 + 8 / 256, "adamw4bit": 1.0 + 8 / 128, "adamw-offload": 0.0}[optimizer]
 
 

@@ -3,6 +3,8 @@
     adamw           torch AdamW (fused on CUDA); states in the parameter dtype; with bf16 weights the
                     update is rounded to nearest, which loses small updates (the 24 GB trap the seed hit)
     adamw8bit       torchao AdamW8bit: block-wise 8-bit states; bf16 weights get stochastic rounding
+    adamw8bit-fused the same numbers (equal to torchao in fp32), one fused kernel per parameter and the
+                    gradient clip folded in (head_trainer/adam8.py): the update at memory speed
     adamw4bit       torchao AdamW4bit: 4-bit states; bf16 weights get stochastic rounding
     adamwfp8        torchao AdamWFp8: block-wise float8 (e4m3) states; bf16 weights get stochastic rounding
     adamw-sr        torchao AdamW, states in the parameter dtype; bf16 weights get stochastic rounding
@@ -21,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "adamwfp8", "adamw-sr", "adamw-offload")
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw8bit-fused", "adamw4bit", "adamwfp8", "adamw-sr", "adamw-offload")
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 
@@ -39,6 +41,10 @@ def build_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weig
         kw = {"fused": True, "capturable": True} if cuda and capturable else ({"fused": True} if cuda else {"foreach": True})
         lr_arg = torch.tensor(lr, device=params[0].device) if cuda and capturable else lr
         return torch.optim.AdamW(params, lr=lr_arg, betas=BETAS, eps=EPS, weight_decay=weight_decay, **kw)
+    if name == "adamw8bit-fused":
+        from .adam8 import AdamW8bitFused
+
+        return AdamW8bitFused(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay, bf16_stochastic_round=bf16)
     import torchao.optim as ao
 
     if name == "adamw-offload":

@@ -94,6 +94,8 @@ class TrainStep:
 
     def _clip_and_update(self) -> torch.Tensor:
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        if hasattr(self.opt, "clip_and_step"):  # the clip factor folded into the update (adamw8bit-fused)
+            return self.opt.clip_and_step(clip)
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
         self.opt.step()
         return gnorm

@@ -192,3 +192,18 @@ def test_resume_without_the_gpu_budget_flag_is_the_same_run(clean, tmp_path):
     out = tmp_path / "run"
     assert head_train.main(args(clean, out, "--stop-after", "2", "--gpu-memory-budget", "100GiB")) == 0
     assert head_train.main(args(clean, out, "--resume")) == 0
+
+
+def test_a_store_that_recorded_no_checkpoint_pairs_with_any(tiny_checkpoint):
+    """Fields the store did not record pass (a store written by a bench or an older build); recorded ones
+    are compared."""
+    from types import SimpleNamespace
+
+    from head_trainer.integrity import check_store_checkpoint
+
+    ckpt = AlpamayoCheckpoint(tiny_checkpoint)
+    for recorded in (None, {}, {"path": "elsewhere", "config_sha256": None}):
+        check_store_checkpoint(SimpleNamespace(provenance={"checkpoint": recorded}, url="s"), ckpt)
+    wrong = {"config_sha256": "0" * 64, "head_config_hash": ckpt.identity()["head_config_hash"]}
+    with pytest.raises(ValueError, match=r"config_sha256 '0000.*' vs '[0-9a-f]{64}'"):
+        check_store_checkpoint(SimpleNamespace(provenance={"checkpoint": wrong}, url="s"), ckpt)
