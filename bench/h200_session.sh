@@ -61,9 +61,9 @@ rest)  # what the first calls' time limits left: trainable modes / offload / fp8
   part "${STAGE2_S:-120}" python3 bench/bench_head_train_e2e.py --json-dir "$OUT" --dir /tmp/stores --sections stage2
   ;;
 fused)
+  part "${STEP_S:-220}" python3 bench/bench_head_train.py --sections step --step-set fused --json-dir "$OUT"
   part "${PROF_S:-150}" python3 bench/profile_head_step.py --memory-cap-gib 24 --json "$OUT/head_step_profile.json" \
     --configs "${PROF_CONFIGS:-adamw8bit-fused:8:2993:r,adamw8bit:8:2993:r,adamw8bit-fused:8:809:rp}"
-  part "${STEP_S:-220}" python3 bench/bench_head_train.py --sections step --step-set fused --json-dir "$OUT"
   part "${QUAL_S:-200}" python3 bench/bench_head_train.py --sections quality --quality-steps "${QUAL_STEPS:-200}" \
     --quality-plans float32:adamw:eager,bfloat16:adamw8bit-fused:graphs,bfloat16:adamw8bit:graphs --json-dir "$OUT"
   ;;

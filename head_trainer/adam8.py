@@ -128,6 +128,16 @@ class AdamW8bitFused(torch.optim.Optimizer):
                 st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
         return st
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts every state tensor but the step to the parameter dtype (bf16); the codes stay uint8
+        and the block scales fp32."""
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, st in state_dict["state"].items():
+            for k in ("m_codes", "v_codes", "m_scale", "v_scale"):
+                if k in st:
+                    self.state[params[pid]][k] = st[k].to(params[pid].device)
+
     @torch.no_grad()
     def step(self, closure=None):
         return self._update(self._one, closure)

@@ -23,7 +23,7 @@ def _run(opt_cls, shapes, steps, **kw):
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for p in ps:
-            p.grad = torch.randn(p.shape, generator=g)
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
         opt.step()
     return ps, opt
 
@@ -112,17 +112,24 @@ def test_bf16_weights_take_updates_smaller_than_half_an_ulp():
     assert 20 * 1e-4 * 0.8 < moved < 20 * 1e-4 * 1.2  # Adam's step is ~lr for a constant gradient
 
 
-def test_state_file_round_trip_continues_bitwise(tmp_path):
-    b, ob = _run(AdamW8bitFused, _params(), 2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_file_round_trip_continues_bitwise(tmp_path, dtype):
+    """torch's load_state_dict casts state to the parameter dtype: codes must come back uint8, scales fp32."""
+    b, ob = _run(AdamW8bitFused, [p.to(dtype) for p in _params()], 2)
     save_optimizer(ob, tmp_path / "o.safetensors")
     c = [torch.nn.Parameter(p.detach().clone()) for p in b]
     oc = build_optimizer(c, "adamw8bit-fused", 1e-2, weight_decay=0.1)
     load_optimizer(oc, tmp_path / "o.safetensors")
+    for p, q in zip(b, c):
+        for k, v in ob.state[p].items():
+            assert oc.state[q][k].dtype == v.dtype and torch.equal(oc.state[q][k], v), k
     g = torch.Generator().manual_seed(9)
     for p, q in zip(b, c):
-        p.grad = torch.randn(p.shape, generator=g)
+        p.grad = torch.randn(p.shape, generator=g).to(dtype)
         q.grad = p.grad.clone()
+    torch.manual_seed(4)  # stochastic rounding draws from the global generator
     ob.step()
+    torch.manual_seed(4)
     oc.step()
     for p, q in zip(b, c):
         assert torch.equal(p, q)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from train_store import write_train_store
 
-from head_trainer import data, head_export, head_train
+from head_trainer import adam8, data, head_export, head_train
 from head_trainer.data import collate, sample_item
 from head_trainer.metrics import trajectory_metrics
 from head_trainer.run_dir import RunLock
@@ -51,12 +51,16 @@ def _read_fails_at(n):
 @pytest.mark.parametrize("mode, extra", [
     ("all", ["--dtype", "bfloat16"]),
     ("all", ["--dtype", "bfloat16", "--optimizer", "adamw-sr"]),  # stochastic rounding: the RNG state resumes
+    ("all", ["--dtype", "bfloat16", "--optimizer", "adamw8bit-fused"]),  # 8-bit states + the folded clip resume
     ("projections", []),
     ("lora", ["--lora-rank", "4", "--lora-alpha", "8", "--ema-decay", "0.9"]),
 ])
 def test_kill_resume_bitwise_and_what_each_mode_trains(store, tiny_checkpoint, tmp_path, monkeypatch, capsys,
                                                        mode, extra):
     args = ["--trainable", mode, "--steps", "5", "--ram-cache-gb", "0", *extra]
+    # the tiny head's tensors are all under 4096 elements: quantise from 1024 so 8-bit states are resumed too
+    small_blocks = (lambda: monkeypatch.setattr(adam8, "MIN_QUANTISED", 1024)) if "adamw8bit-fused" in extra else (lambda: None)
+    small_blocks()
     assert head_train.main(_args(store, tmp_path / "full", *args)) == 0
     # the 9th sample read (step 5, read one step ahead) fails: metrics hold step 3, the last checkpoint is step 2
     monkeypatch.setattr(data, "read_raw", _read_fails_at(9))
@@ -65,6 +69,7 @@ def test_kill_resume_bitwise_and_what_each_mode_trains(store, tiny_checkpoint, t
     assert "before step 4:" in err and "kv crc32 mismatch" in err and "--resume (from step 2)" in err
     assert _steps(tmp_path / "cut") == [1, 2, 3]
     monkeypatch.undo()
+    small_blocks()
     assert head_train.main(_args(store, tmp_path / "cut", "--resume", *args)) == 0
     assert _steps(tmp_path / "cut") == [1, 2, 3, 4, 5]  # step 3 once, not twice
     stems = ["head"] + (["ema_head"] if "--ema-decay" in extra else [])
@@ -86,6 +91,12 @@ def test_kill_resume_bitwise_and_what_each_mode_trains(store, tiny_checkpoint, t
     else:
         assert "expert.layers.0.self_attn.q_proj.weight" in changed and "expert.norm.weight" in changed
     assert not any(k.startswith("action_space.") for k in changed)
+    if "adamw8bit-fused" in extra:  # the resumed optimizer held 8-bit codes
+        from safetensors import safe_open
+
+        state = max((tmp_path / "cut" / "checkpoints").glob("*/optimizer.safetensors"))
+        with safe_open(str(state), "pt") as f:
+            assert any(k.endswith(".m_codes") for k in f.keys())
     if mode == "lora":
         assert head_export.main(["--head", str(tmp_path / "cut/head.safetensors"), "--out", str(tmp_path / "x")]) == 0
         exported = AlpamayoCheckpoint.open(tmp_path / "x").head_state_dict()
