@@ -207,7 +207,8 @@ def inner_s3_defaults(options: dict) -> dict:
     """S3 storage options with botocore's own per-request retries and timeouts, unless given: a few quick
     tries (standard mode) inside each of this module's attempts, and no 60 s hang on a dead endpoint."""
     ck = dict(options.get("config_kwargs") or {})
-    ck.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
+    if not {"AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"} & set(os.environ):  # botocore reads those itself
+        ck.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
     ck.setdefault("connect_timeout", 5)
     ck.setdefault("read_timeout", 30)
     return {**options, "config_kwargs": ck}
