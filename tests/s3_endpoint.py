@@ -41,7 +41,12 @@ class S3Endpoint:
         self.start()
         import s3fs
 
-        s3fs.S3FileSystem(**self.options, skip_instance_cache=True).mkdir(bucket)
+        # moto's backends outlive this server (that is what makes a restart lose nothing), so a bucket of an
+        # earlier endpoint in this process may still be there: start empty, and leave nothing behind
+        self.bucket, self._fs = bucket, s3fs.S3FileSystem(**self.options, skip_instance_cache=True)
+        if self._fs.exists(bucket):
+            self._fs.rm(bucket, recursive=True)
+        self._fs.mkdir(bucket)
 
     @property
     def options(self) -> dict:
@@ -82,6 +87,9 @@ class S3Endpoint:
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        self.start()
+        self._fs.invalidate_cache()
+        self._fs.rm(self.bucket, recursive=True)
         self.stop()
 
     def __enter__(self) -> S3Endpoint:
