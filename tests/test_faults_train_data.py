@@ -207,3 +207,36 @@ def test_a_store_that_recorded_no_checkpoint_pairs_with_any(tiny_checkpoint):
     wrong = {"config_sha256": "0" * 64, "head_config_hash": ckpt.identity()["head_config_hash"]}
     with pytest.raises(ValueError, match=r"config_sha256 '0000.*' vs '[0-9a-f]{64}'"):
         check_store_checkpoint(SimpleNamespace(provenance={"checkpoint": wrong}, url="s"), ckpt)
+
+
+@pytest.fixture(scope="module")
+def bad_manifest(clean, tmp_path_factory):
+    """A copy of the clean store with one training sample's manifest cut short (not JSON)."""
+    path = tmp_path_factory.mktemp("bad_manifest") / "store"
+    shutil.copytree(clean, path)
+    st = Store.open(str(path))
+    key = next(k for k in st.keys() if st.manifest(k)["split"] == "train")
+    m = st.manifest(key)
+    for snap in (path / "index").glob("*.json"):  # else open() takes the snapshot's intact copy of it
+        snap.unlink()
+    commit = path / "commits" / m["writer_id"] / f"{m['sid']}.json"
+    commit.write_text(commit.read_text()[:40])
+    return path, key, f"manifest {m['writer_id']}/{m['sid']}"
+
+
+def test_skip_bad_samples_with_a_damaged_manifest(bad_manifest, tmp_path, capsys):
+    store, key, name = bad_manifest
+    assert head_train.main(args(store, tmp_path / "refused")) == 2  # the default: refused, naming it
+    err = capsys.readouterr().err
+    assert "head-train: error: 1 damaged manifest(s)" in err and f"(sample {key!r}): not JSON" in err
+    out = tmp_path / "run"
+    assert head_train.main(args(store, out, "--skip-bad-samples")) == 0
+    skipped = json.loads((out / "summary.json").read_text())["skipped_samples"]
+    assert list(skipped) == [name] and skipped[name].startswith("not JSON")
+    assert f"head-train: skipped 1 damaged samples (--skip-bad-samples): {name}: not JSON" in capsys.readouterr().err
+    assert head_eval.main(eval_args(store, tmp_path / "refused.json")) == 2
+    assert "damaged manifest" in capsys.readouterr().err and not (tmp_path / "refused.json").exists()
+    assert head_eval.main(eval_args(store, tmp_path / "e.json", "--skip-bad-samples")) == 0
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert list(res["skipped_samples"]) == [name] and key not in {r["key"] for r in res["per_sample"]}
+    assert len(res["per_sample"]) == len(Store.open(str(store), skip_damaged=True)) == 11

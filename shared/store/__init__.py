@@ -28,6 +28,7 @@ Modules, bottom up (each imports only those above it):
     sample.py    CachedSample (the record written and read), thumbnails, synthetic_sample
     nav.py       Alpamayo 1.5 fields (schema v2): camera ids, nav text, route span, unguided suffix
     size.py      estimate_sample_bytes (cache-build --dry-run)
+    retry.py     retries with backoff while a remote store's endpoint is away (RetryPolicy)
     location.py  an fsspec root, atomic puts, root metadata, listing committed manifests
     commit.py    one sample's arrays, then its manifest (the commit point)
     procs.py     writer processes that run commit.py out of the builder's process
@@ -61,6 +62,7 @@ from shared.store.format import (
 )
 from shared.store.location import _Loc
 from shared.store.read import Store
+from shared.store.retry import RetryPolicy, StoreUnavailableError
 from shared.store.sample import CachedSample, make_thumbnails, synthetic_sample
 from shared.store.size import SizeEstimate, estimate_sample_bytes
 from shared.store.verify import VerifyReport
@@ -69,7 +71,7 @@ from shared.store.write import StoreWriter, drop_samples
 __all__ = [
     "CODECS", "DEFAULT_CACHE_ROOT", "FORMAT_NAME", "KV_DTYPES", "REQUIRED_PROVENANCE_KEYS", "SCHEMA_VERSION",
     "SUPPORTED_SCHEMA_VERSIONS", "TRAJ_LAYOUT", "TRAJ_SIZE", "CachedSample", "KVSpec", "SizeEstimate", "Store",
-    "SampleReadError", "StoreError", "StoreMismatchError", "StoreWriter", "drop_samples", "expected_files", "from_stored", "VerifyReport", "default_store_url", "diff_keys", "estimate_sample_bytes",
+    "RetryPolicy", "SampleReadError", "StoreError", "StoreUnavailableError", "StoreMismatchError", "StoreWriter", "drop_samples", "expected_files", "from_stored", "VerifyReport", "default_store_url", "diff_keys", "estimate_sample_bytes",
     "make_thumbnails", "normalize_provenance", "sample_id", "synthetic_sample", "unescape_sid",
     "_Loc", "_SampleCommitter",  # used by tests and older callers
 ]

@@ -11,17 +11,26 @@ import fsspec
 import zarr
 
 from shared.store.format import FORMAT_NAME, SUPPORTED_SCHEMA_VERSIONS, StoreError, sample_id, unescape_sid
+from shared.store.retry import RetryingFS, RetryingStore, RetryPolicy, inner_s3_defaults
 
 
 class _Loc:
-    """An fsspec filesystem + root path, and how to make per-sample zarr stores under it."""
+    """An fsspec filesystem + root path, and how to make per-sample zarr stores under it.
+
+    Remote stores retry their IO while the endpoint is away (shared/store/retry.py); `storage_options`
+    keeps its "retry" entry so that writer processes rebuilt from it retry alike."""
 
     def __init__(self, url: str, storage_options: dict | None):
         self.storage_options = dict(storage_options or {})
-        self.fs, path = fsspec.core.url_to_fs(str(url), **self.storage_options)
-        self.local = "file" in _protocols(self.fs)
+        self.retry = RetryPolicy.resolve(self.storage_options.get("retry"))
+        self._fs_options = {k: v for k, v in self.storage_options.items() if k != "retry"}
+        if str(url).startswith(("s3://", "s3a://")):
+            self._fs_options = inner_s3_defaults(self._fs_options)
+        fs, path = fsspec.core.url_to_fs(str(url), **self._fs_options)
+        self.local = "file" in _protocols(fs)
+        self.fs = fs if self.local else RetryingFS(fs, self.retry)
         self.root = os.path.abspath(path) if self.local else path.rstrip("/")
-        self.url = self.root if self.local else self.fs.unstrip_protocol(self.root)
+        self.url = self.root if self.local else fs.unstrip_protocol(self.root)
 
     def path(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
@@ -29,9 +38,9 @@ class _Loc:
     def sample_store(self, sid: str, read_only: bool = False) -> zarr.abc.store.Store:
         if self.local:
             return zarr.storage.LocalStore(self.path("samples", sid), read_only=read_only)
-        return zarr.storage.FsspecStore.from_url(
-            self.url + "/samples/" + sid, storage_options=self.storage_options or None, read_only=read_only
-        )
+        url = self.url + "/samples/" + sid
+        inner = zarr.storage.FsspecStore.from_url(url, storage_options=self._fs_options or None, read_only=read_only)
+        return RetryingStore(inner, self.retry, url)
 
     def put_atomic(self, path: str, data: bytes) -> None:
         """Whole-object write readers never see half of: tmp + rename locally, a single PUT elsewhere."""

@@ -23,6 +23,7 @@ from shared.store.format import (
 )
 from shared.store.location import _load_manifests, _Loc, _read_root
 from shared.store.nav import nav_from_manifest, read_unguided
+from shared.store.retry import StoreUnavailableError
 from shared.store.sample import CachedSample
 from shared.store.verify import VerifyReport, verify_store
 
@@ -139,7 +140,9 @@ class Store:
 
         Checked against the manifest: a missing file, a file of another size than recorded, an undecodable
         chunk, another shape, or (whole arrays, unless the store was opened with checksums=False) another
-        crc32 raise SampleReadError naming the sample. Layer subsets skip the crc32 (it covers the array)."""
+        crc32 raise SampleReadError naming the sample. Layer subsets skip the crc32 (it covers the array).
+        A remote store's reads are retried while its endpoint is away; past the retry budget they raise
+        StoreUnavailableError (not a SampleReadError: the sample is not damaged)."""
         m = self.manifest(i_or_key)
         key = m["key"]
         am = m["arrays"].get(name)
@@ -155,6 +158,8 @@ class Store:
                 a = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         except _FileProblem as e:
             raise SampleReadError(self.url, key, name, e.reason, e.file) from None
+        except StoreUnavailableError as e:  # the endpoint was away past the retry budget: not damage
+            raise StoreUnavailableError(f"reading sample {key!r} ({name}) of {self.url}: {e}") from None
         except Exception as e:  # noqa: BLE001 - any decode failure of stored bytes is damage to this sample
             raise SampleReadError(self.url, key, name, f"unreadable ({type(e).__name__}: {_first_line(e)})") from e
         want = list(am["shape"]) if layers is None else [len(layers), *am["shape"][1:]]

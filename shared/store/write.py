@@ -35,6 +35,7 @@ from shared.store.format import (
 from shared.store.location import _list_commit_names, _list_committed, _load_manifests, _Loc, _read_root
 from shared.store.nav import nav_arrays, nav_fields, validate_nav
 from shared.store.procs import WriterProcess
+from shared.store.retry import StoreUnavailableError
 from shared.store.sample import CachedSample
 
 
@@ -256,6 +257,9 @@ class StoreWriter:
             e, self._error = self._error, None
         if e is not None:
             what = str(e) if isinstance(e, (OSError, StoreError)) else repr(e)
+            if isinstance(e, StoreUnavailableError) or "StoreUnavailableError: " in what:  # (from a writer process)
+                raise StoreError(f"writing into {self.url} failed: {what}; the samples committed so far are intact: "
+                                 "rerun with --resume once the store answers again") from e
             if isinstance(e, OSError) or "[Errno " in what:  # disk full, permissions, a vanished mount (here or
                 # in a writer process): say what to do next
                 raise StoreError(f"writing into {self.url} failed: {what}; the samples committed so far are intact: "

@@ -1,0 +1,99 @@
+"""An S3 endpoint on loopback that can go away and come back: moto's ThreadedMotoServer, restarted.
+
+What models "the endpoint went away for a few seconds and came back": `stop()` shuts moto's HTTP
+listener down (werkzeug closes the listening socket, so new connections are refused; moto answers
+every request with `Connection: close`, so no kept-alive connection outlives it), and `start()`
+listens again on the same port. The buckets survive because moto keeps them in module-level backends
+of this process, not in the listener: the same objects are served after the restart. A request in
+flight when the listener stops is still answered (a graceful shutdown).
+
+    with S3Endpoint() as s3:            # s3.options: storage_options for fsspec / Store.open
+        s3.outage(2.0)                  # stop now, start again 2 s later (a background timer)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+
+class S3Endpoint:
+    def __init__(self, bucket: str = "kvcache"):
+        from moto.server import ThreadedMotoServer
+
+        for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+            os.environ.pop(k, None)
+        os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
+                          AWS_EC2_METADATA_DISABLED="true")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self.up = False
+        self.outages: list[tuple[float, float]] = []  # (stopped at, seconds) in time.monotonic()
+        self.start()
+        import s3fs
+
+        # moto's backends outlive this server (that is what makes a restart lose nothing), so a bucket of an
+        # earlier endpoint in this process may still be there: start empty, and leave nothing behind
+        self.bucket, self._fs = bucket, s3fs.S3FileSystem(**self.options, skip_instance_cache=True)
+        if self._fs.exists(bucket):
+            self._fs.rm(bucket, recursive=True)
+        self._fs.mkdir(bucket)
+
+    @property
+    def options(self) -> dict:
+        """storage_options reaching this endpoint. botocore tries each request once: the outage reaches the
+        store's own retry layer, which the tests watch (the store's default gives botocore 3 quick tries)."""
+        return {"endpoint_url": self.url, "key": "test", "secret": "test",
+                "config_kwargs": {"retries": {"max_attempts": 1}}}
+
+    def env(self) -> dict:
+        """Environment for processes that open s3:// URLs without storage options (cache-build, head-train)."""
+        return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def start(self) -> None:
+        with self._lock:
+            if not self.up:  # werkzeug closed the old listening socket; SO_REUSEADDR lets it bind again
+                self._server.start()
+                self.up = True
+
+    def stop(self) -> None:
+        with self._lock:
+            if self.up:
+                self._server.stop()
+                self.up = False
+
+    def outage(self, seconds: float) -> None:
+        """Stop now; start again after `seconds` (in the background). Returns at once."""
+        self.stop()
+        self.outages.append((time.monotonic(), seconds))
+        self._timer = threading.Timer(seconds, self.start)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def wait_up(self) -> None:
+        if self._timer is not None:
+            self._timer.join()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.start()
+        self._fs.invalidate_cache()
+        self._fs.rm(self.bucket, recursive=True)
+        self.stop()
+
+    def __enter__(self) -> S3Endpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

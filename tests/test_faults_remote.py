@@ -1,0 +1,176 @@
+"""A remote store whose endpoint goes away: the S3 server (moto on loopback, tests/s3_endpoint.py) stopped
+and restarted mid-build and mid-read. Reads and writes are retried with backoff (shared/store/retry.py):
+an outage inside the retry budget changes nothing (every sample once, bitwise equal); a longer one
+stops with one line naming what failed, and a resume completes. Transient errors only: a missing key
+on a live server is not retried."""
+
+import logging
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+
+from s3_endpoint import S3Endpoint  # noqa: E402
+from test_store_ops import PROV, SPEC, assert_stores_equal, produce  # noqa: E402
+
+from shared.store import (  # noqa: E402
+    RetryPolicy,
+    SampleReadError,
+    Store,
+    StoreError,
+    StoreUnavailableError,
+    StoreWriter,
+    synthetic_sample,  # noqa: E402
+)
+from shared.store.retry import transient  # noqa: E402
+
+N = 8
+FAST = {"attempts": 30, "first_delay_s": 0.1, "max_delay_s": 0.4, "budget_s": 15}  # outlasts the 1-2 s outages
+SHORT = {"attempts": 3, "first_delay_s": 0.1, "max_delay_s": 0.2, "budget_s": 0.5}  # gives up inside them
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with S3Endpoint() as ep:
+        yield ep
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with tempfile.TemporaryDirectory(prefix="remote-ref-") as d:
+        produce(str(Path(d) / "c"), N, 0, 1)
+        yield Store.open(str(Path(d) / "c"))
+
+
+def opts(s3, retry):
+    return {**s3.options, "retry": retry}
+
+
+def retries(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "alpamayo.store" and "retry" in r.getMessage()]
+
+
+def assert_once_and_equal(url, s3, reference):
+    st = Store.open(url, storage_options=s3.options)
+    rep = st.verify()
+    assert rep.ok and not rep.warnings, str(rep)
+    assert not st._duplicates and len(st) == N and st.keys() == reference.keys()  # every sample exactly once
+    assert_stores_equal(st, reference)
+
+
+def write_with_outage(url, so, outage, after, processes=0):
+    """N samples through one writer; `outage()` (the endpoint goes away) once `after` samples are queued."""
+    w = StoreWriter.create(url, PROV, SPEC, mode="resume", storage_options=so, processes=processes)
+    try:
+        w.wait_ready()  # writer processes started: the outage lands on their writes, not on their start-up
+        done = w.done_keys()
+        for i in range(N):
+            if i == after:
+                outage()
+            s = synthetic_sample(i, SPEC)
+            if s.key not in done:
+                w.write(s)
+        w.close()
+    finally:
+        if not w._closed:
+            w.__exit__(RuntimeError, None, None)
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+def test_build_through_an_outage_commits_every_sample_once(s3, reference, caplog, capfd, processes):
+    url = f"s3://kvcache/build-outage-{processes}"
+    caplog.set_level(logging.WARNING, "alpamayo.store")
+    write_with_outage(url, opts(s3, FAST), lambda: s3.outage(1.5), 3, processes)
+    s3.wait_up()
+    assert_once_and_equal(url, s3, reference)
+    # each retry logged once, naming the object and the attempt (a writer process logs to its stderr)
+    lines = retries(caplog) or [x for x in capfd.readouterr().err.splitlines() if x.startswith("store: retry")]
+    assert lines and all(re.match(rf"store: retry \d+/29 in [\d.]+ s: \w+ s3://kvcache/build-outage-{processes}/", x)
+                         for x in lines), lines[:3]
+    assert any(x.startswith("store: retry 1/29 in 0.1 s: ") for x in lines), lines[:3]
+
+
+def test_read_during_an_outage_is_bitwise_equal(s3, reference, caplog):
+    url = "s3://kvcache/read-outage"
+    produce(url, N, 0, 1, storage_options=s3.options)
+    st = Store.open(url, storage_options=opts(s3, FAST))
+    caplog.set_level(logging.WARNING, "alpamayo.store")
+    got = {}
+    for i, key in enumerate(st.keys()):
+        if i == 2:
+            s3.outage(1.0)
+        got[key] = st.read(key)
+    s3.wait_up()
+    lines = retries(caplog)
+    assert any("GET s3://kvcache/read-outage/samples/" in x for x in lines), lines[:3]
+    for key, x in got.items():
+        y = reference.read(key)
+        assert torch.equal(x.k.view(torch.int16), y.k.view(torch.int16))
+        assert torch.equal(x.v.view(torch.int16), y.v.view(torch.int16))
+        assert torch.equal(x.hidden.view(torch.int16), y.hidden.view(torch.int16))
+
+
+def test_outage_past_the_budget_is_one_line_and_resume_completes(s3, reference):
+    url = "s3://kvcache/build-past-budget"
+    with pytest.raises(StoreError) as e:
+        write_with_outage(url, opts(s3, SHORT), lambda: s3.outage(3.0), 3)
+    msg = str(e.value)
+    assert "\n" not in msg and "the store did not answer" in msg and "s3://kvcache/build-past-budget" in msg
+    assert "rerun with --resume" in msg
+    s3.wait_up()
+    st = Store.open(url, storage_options=s3.options)  # what was committed is whole
+    assert st.verify().ok and len(st) < N
+    write_with_outage(url, opts(s3, FAST), None, N)  # the resume (no outage)
+    assert_once_and_equal(url, s3, reference)
+    # a read past the budget: one line naming the sample, not a SampleReadError (--skip-bad-samples keeps it)
+    st = Store.open(url, storage_options=opts(s3, SHORT))
+    s3.outage(2.0)
+    with pytest.raises(StoreUnavailableError) as e:
+        st.read(0)
+    assert not isinstance(e.value, SampleReadError)
+    assert f"reading sample {st.keys()[0]!r} (kv)" in str(e.value) and "\n" not in str(e.value)
+    s3.wait_up()
+    assert_stores_equal(st.select([0]), reference.select([0]))
+
+
+def test_only_transient_errors_are_retried(s3, caplog):
+    url = "s3://kvcache/not-transient"
+    produce(url, 2, 0, 1, storage_options=s3.options)
+    st = Store.open(url, storage_options=opts(s3, FAST))
+    st._loc.fs.rm(st._loc.path("samples", st.manifest(0)["sid"], "kv", "c.0.0.0.0.0"))
+    caplog.set_level(logging.WARNING, "alpamayo.store")
+    t0 = time.monotonic()
+    with pytest.raises(SampleReadError, match="file missing"):  # a missing key on a live server: at once
+        st.read(0)
+    with pytest.raises(FileNotFoundError):
+        Store.open("s3://kvcache/nope", storage_options=opts(s3, FAST))
+    assert time.monotonic() - t0 < 2 and not retries(caplog)
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    def client_error(status, code):
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    wrapped = OSError(16, "SlowDown")
+    wrapped.__cause__ = client_error(503, "SlowDown")
+    assert transient(EndpointConnectionError(endpoint_url="http://x")) and transient(wrapped)
+    assert transient(ConnectionRefusedError()) and transient(client_error(500, "InternalError"))
+    assert not transient(client_error(404, "NoSuchKey")) and not transient(client_error(403, "AccessDenied"))
+    assert not transient(FileNotFoundError()) and not transient(SampleReadError("u", "k", "kv", "checksum mismatch"))
+
+
+def test_retry_settings(monkeypatch):
+    assert RetryPolicy.resolve() == RetryPolicy()
+    monkeypatch.setenv("ALPAMAYO_STORE_RETRY", "attempts=3, budget_s=2.5")
+    assert RetryPolicy.resolve({"first_delay_s": 1}) == RetryPolicy(attempts=3, budget_s=2.5, first_delay_s=1.0)
+    assert [RetryPolicy().delay(n) for n in range(1, 7)] == [0.5, 1, 2, 4, 8, 10]
+    with pytest.raises(ValueError, match="unknown retry setting"):
+        RetryPolicy.resolve({"tries": 3})
+    monkeypatch.setenv("ALPAMAYO_STORE_RETRY", "attempts=x")
+    with pytest.raises(ValueError, match="ALPAMAYO_STORE_RETRY"):
+        RetryPolicy.resolve()
