@@ -58,9 +58,12 @@ CH_A = CH_CONST + 2
 CH_B = CH_A + N_BINS
 PRED = slice(0, N_TARGETS)  # merged-token channels carrying the image's curvature read-out ...
 ROAD = slice(N_TARGETS, N_TARGETS + N_BINS)  # ... and its road map
-FRONT_GAIN = 0.25  # the front camera's read-out is fit to this fraction of the curvature (see module doc)
+ALPHA = 0.1  # ridge strength of the read-out
+FRONT_GAIN = 0.1  # the front camera's read-out is fit to this fraction of the curvature (see module doc)
+V_GAIN = 4.0  # the text layers' values: dims 0..N_TARGETS-1 of every KV head = V_GAIN x the normalised PRED channels
 IND, CONST, SLOPE, THRESH = 2.0, 6.0, 5.0, 1.5  # indicator, LayerNorm ballast, unit slope and threshold
 EPS_A, OFF, GAIN, FILL = 0.1, 6.0, 2.0, 1.0  # unit scale, GELU's linear-regime offset, read-out gain, ballast
+READ_SCALE = 0.25  # block 1 writes this fraction of the read-out: keeps the merger's LayerNorm and GELU near-linear
 
 @dataclass
 class PretrainConfig:
@@ -69,13 +72,15 @@ class PretrainConfig:
     out: str  # new checkpoint directory
     split: str = "train"  # clips of this split are used ('all' = every clip)
     cameras: str = "full"  # camera config whose images are trained on
-    alpha: float = 1.0  # ridge strength of the read-out (on standardised road maps)
+    alpha: float = ALPHA  # ridge strength of the read-out (on standardised road maps)
     front_gain: float = FRONT_GAIN  # the front camera's read-out is fit to this fraction of the curvature
+    value_gain: float = V_GAIN  # the text layers' values carry the read-out at this gain (0 = random v_proj kept)
     overwrite: bool = False  # replace an existing out directory
 
     def validate(self) -> None:
-        if not self.alpha > 0 or not 0 < self.front_gain <= 1:
-            raise ValueError(f"--alpha must be > 0 and --front-gain in (0, 1] (got {self.alpha}, {self.front_gain})")
+        if not self.alpha > 0 or not 0 < self.front_gain <= 1 or not self.value_gain >= 0:
+            raise ValueError(f"--alpha must be > 0, --front-gain in (0, 1] and --value-gain >= 0 (got {self.alpha}, "
+                             f"{self.front_gain}, {self.value_gain})")
         out = Path(self.out)
         if out.exists() and any(out.iterdir()) and not self.overwrite:
             raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it")
@@ -164,6 +169,24 @@ def set_road_features(visual: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
+def set_value_readout(language_model: torch.nn.Module, gain: float = V_GAIN) -> None:
+    """Every text layer's v_proj: the first N_TARGETS dims of each KV head read the (RMS-normalised)
+    channels PRED at `gain` and nothing else; the other value dims keep their random weights.
+
+    Why: with the random v_proj (std 0.02) the read-out reached the values the expert attends to at
+    ~0.01 across samples, against ~0.16 of constant: a ridge probe finds it, but a head fine-tuned
+    for a few hundred steps does not (its loss stayed at the blank control's). Written at ~1 (the
+    normalised curvature's own scale), a head learns to follow it within the demo's steps."""
+    for layer in language_model.layers:
+        attn = layer.self_attn
+        w = attn.v_proj.weight  # (kv_heads * head_dim, hidden)
+        for h in range(w.shape[0] // attn.head_dim):
+            rows = slice(h * attn.head_dim, h * attn.head_dim + N_TARGETS)
+            w[rows] = 0.0
+            w[rows, PRED] = gain * torch.eye(N_TARGETS)
+
+
+@torch.no_grad()
 def road_units(visual: torch.nn.Module, d: dict) -> torch.Tensor:
     """(n_cam, N_BINS) the image mean of what block 1's attention reads: its LayerNorm'd channels A."""
     got = {}
@@ -190,8 +213,8 @@ def fit_readout(visual: torch.nn.Module, data: list[dict], cfg: PretrainConfig) 
                        for d in data]).double()
     y = torch.cat([d["target"].expand(d["n_cam"], -1) for d in data]).double() * scale[:, None]
     w, b, mu, sd = ridge_fit(x.numpy(), y.numpy(), cfg.alpha)  # pred = (x - mu) / sd @ w + b
-    wt = torch.from_numpy(w / sd[:, None]).T  # (N_TARGETS, N_BINS) on raw unit means
-    bt = torch.from_numpy(b - (mu / sd) @ w)  # (N_TARGETS,)
+    wt = READ_SCALE * torch.from_numpy(w / sd[:, None]).T  # (N_TARGETS, N_BINS) on raw unit means
+    bt = READ_SCALE * torch.from_numpy(b - (mu / sd) @ w)  # (N_TARGETS,)
     fit = ((torch.from_numpy((x.numpy() - mu) / sd @ w + b) - y) ** 2).mean() / y.var()
     qkv = visual.blocks[1].attn.qkv
     d = visual.patch_embed.proj.weight.shape[0]
@@ -231,7 +254,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
     vlm = load_vlm(base, torch.float32, "cpu")
     set_road_features(vlm.model.visual)
     fit = fit_readout(vlm.model.visual, data, cfg)
+    if cfg.value_gain:
+        set_value_readout(vlm.model.language_model, cfg.value_gain)
     state = {f"vlm.model.visual.{k}": v for k, v in vlm.model.visual.state_dict().items()}
+    state |= {f"vlm.model.language_model.{k}": v for k, v in vlm.model.language_model.state_dict().items()
+              if ".self_attn.v_proj." in k}
     meta = {"note": STANDIN_NOTE, "base_checkpoint": str(base.path), "dataset": str(Path(cfg.dataset).resolve()),
             "samples": len(data), "config": vars(cfg), **fit}
     out = write_checkpoint(base, state, Path(cfg.out), meta)
@@ -321,8 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     for f, d, h in (("split", "train", "clips of this split ('all' = every clip)"),
                     ("cameras", "full", "camera config trained on")):
         sp.add_argument(f"--{f}", default=d, help=h)
-    for f, t, d, h in (("alpha", float, 1.0, "ridge strength of the read-out"),
-                       ("front-gain", float, FRONT_GAIN, "the front camera's read-out is fit to this fraction of the curve")):
+    for f, t, d, h in (("alpha", float, ALPHA, "ridge strength of the read-out"),
+                       ("front-gain", float, FRONT_GAIN, "the front camera's read-out is fit to this fraction of the curve"),
+                       ("value-gain", float, V_GAIN, "the text layers' values carry the read-out at this gain")):
         sp.add_argument(f"--{f}", type=t, default=d, help=h)
     sp.add_argument("--overwrite", action="store_true", help="replace an existing out directory")
     sl = sub.add_parser("select", help="clip ids of a straight-dominated training set (one per line)")

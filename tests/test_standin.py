@@ -109,3 +109,21 @@ def test_blank_world_has_the_same_clips_and_gray_frames(tmp_path):
     sb = next(iter(iter_samples(open_dataset(tmp_path / "b"), None, "default", "front-only")))
     np.testing.assert_array_equal(sa.ego_future_xyz, sb.ego_future_xyz)
     assert sa.images.std() > 20 and np.abs(sb.images.astype(int) - 128).max() <= 2
+
+
+def test_value_readout_writes_the_pred_channels_into_every_kv_heads_first_dims(tiny_checkpoint):
+    from cache_builder.vlm import load_vlm
+
+    lm = load_vlm(AlpamayoCheckpoint.open(tiny_checkpoint), torch.float32, "cpu").model.language_model
+    before = [layer.self_attn.v_proj.weight.clone() for layer in lm.layers]
+    standin.set_value_readout(lm, gain=3.0)
+    x = torch.randn(5, lm.config.hidden_size)
+    for layer, w0 in zip(lm.layers, before):
+        attn = layer.self_attn
+        d, n_kv = attn.head_dim, lm.config.num_key_value_heads
+        with torch.no_grad():
+            v = attn.v_proj(x).view(5, n_kv, d)  # (tokens, kv_heads, head_dim)
+            v0 = torch.nn.functional.linear(x, w0).view(5, n_kv, d)
+        for h in range(n_kv):
+            torch.testing.assert_close(v[:, h, :standin.N_TARGETS], 3.0 * x[:, standin.PRED], rtol=0, atol=1e-6)
+            torch.testing.assert_close(v[:, h, standin.N_TARGETS:], v0[:, h, standin.N_TARGETS:], rtol=0, atol=0)
