@@ -66,7 +66,8 @@ CH_B = CH_A + N_BINS
 PRED = slice(0, N_READ)  # merged-token channels carrying the image's curvature read-outs ...
 ROAD = slice(N_READ, N_READ + N_BINS)  # ... and its road map
 ALPHA = 0.1  # ridge strength of the read-outs
-V_GAIN = 4.0  # the text layers' values: dims 0..N_READ-1 of every KV head = V_GAIN x the normalised PRED channels
+V_GAIN = 4.0  # the text layers' values: dims 0..N_READ-1 of every KV head = gain x the normalised PRED channels ...
+FRONT_V_GAIN = 1.0  # ... at V_GAIN for the side map, FRONT_V_GAIN for the front map (see module doc)
 IND, CONST, SLOPE, THRESH = 2.0, 6.0, 5.0, 1.5  # indicator, LayerNorm ballast, unit slope and threshold
 EPS_A, OFF, GAIN, FILL = 0.1, 6.0, 2.0, 1.0  # unit scale, GELU's linear-regime offset, read-out gain, ballast
 READ_SCALE = 0.25  # block 1 writes this fraction of the read-out: keeps the merger's LayerNorm and GELU near-linear
@@ -79,12 +80,14 @@ class PretrainConfig:
     split: str = "train"  # clips of this split are used ('all' = every clip)
     cameras: str = "full"  # camera config whose images are trained on
     alpha: float = ALPHA  # ridge strength of the read-out (on standardised road maps)
-    value_gain: float = V_GAIN  # the text layers' values carry the read-out at this gain (0 = random v_proj kept)
+    value_gain: float = V_GAIN  # the text layers' values carry the side read-out at this gain (0 = random v_proj kept)
+    front_value_gain: float = FRONT_V_GAIN  # ... and the front read-out at this one
     overwrite: bool = False  # replace an existing out directory
 
     def validate(self) -> None:
-        if not self.alpha > 0 or not self.value_gain >= 0:
-            raise ValueError(f"--alpha must be > 0 and --value-gain >= 0 (got {self.alpha}, {self.value_gain})")
+        if not self.alpha > 0 or not self.value_gain >= 0 or not self.front_value_gain >= 0:
+            raise ValueError(f"--alpha must be > 0 and --value-gain, --front-value-gain >= 0 (got {self.alpha}, "
+                             f"{self.value_gain}, {self.front_value_gain})")
         if self.cameras == "front-only":
             raise ValueError("--cameras front-only: the side read-out needs the side and tele cameras (use full)")
         out = Path(self.out)
@@ -179,9 +182,10 @@ def set_road_features(visual: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def set_value_readout(language_model: torch.nn.Module, gain: float = V_GAIN) -> None:
+def set_value_readout(language_model: torch.nn.Module, gain: float = V_GAIN, front_gain: float = FRONT_V_GAIN) -> None:
     """Every text layer's v_proj: the first N_READ dims of each KV head read the (RMS-normalised)
-    channels PRED at `gain` and nothing else; the other value dims keep their random weights. The text
+    channels PRED (the side map's at `gain`, the front map's at `front_gain`) and nothing else; the
+    other value dims keep their random weights. The text
     embeddings' PRED channels are zeroed: only the image tokens (whose embeddings are the merged
     vision tokens) write those value dims, so the text (12 % of a front-only prefix, 4 % of a
     four-camera one) does not shift them by the prompt's length.
@@ -197,7 +201,8 @@ def set_value_readout(language_model: torch.nn.Module, gain: float = V_GAIN) -> 
         for h in range(w.shape[0] // attn.head_dim):
             rows = slice(h * attn.head_dim, h * attn.head_dim + N_READ)
             w[rows] = 0.0
-            w[rows, PRED] = gain * torch.eye(N_READ)
+            w[rows, PRED] = torch.diag(torch.tensor([front_gain if m == "front" else gain for m in MAPS
+                                                     for _ in range(N_TARGETS)]))
 
 
 @torch.no_grad()
@@ -274,8 +279,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     vlm = load_vlm(base, torch.float32, "cpu")
     set_road_features(vlm.model.visual)
     fit = fit_readout(vlm.model.visual, data, cfg)
-    if cfg.value_gain:
-        set_value_readout(vlm.model.language_model, cfg.value_gain)
+    if cfg.value_gain or cfg.front_value_gain:
+        set_value_readout(vlm.model.language_model, cfg.value_gain, cfg.front_value_gain)
     state = {f"vlm.model.visual.{k}": v for k, v in vlm.model.visual.state_dict().items()}
     state |= {f"vlm.model.language_model.{k}": v for k, v in vlm.model.language_model.state_dict().items()
               if ".self_attn.v_proj." in k or k == "embed_tokens.weight"}
@@ -370,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                     ("cameras", "full", "camera config trained on")):
         sp.add_argument(f"--{f}", default=d, help=h)
     for f, t, d, h in (("alpha", float, ALPHA, "ridge strength of the read-out"),
-                       ("value-gain", float, V_GAIN, "the text layers' values carry the read-out at this gain")):
+                       ("value-gain", float, V_GAIN, "the text layers' values carry the side read-out at this gain"),
+                       ("front-value-gain", float, FRONT_V_GAIN, "... and the front read-out at this one")):
         sp.add_argument(f"--{f}", type=t, default=d, help=h)
     sp.add_argument("--overwrite", action="store_true", help="replace an existing out directory")
     sl = sub.add_parser("select", help="clip ids of a straight-dominated training set (one per line)")

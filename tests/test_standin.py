@@ -125,7 +125,8 @@ def test_value_readout_writes_the_pred_channels_into_every_kv_heads_first_dims(t
     lm = load_vlm(AlpamayoCheckpoint.open(tiny_checkpoint), torch.float32, "cpu").model.language_model
     before = [layer.self_attn.v_proj.weight.clone() for layer in lm.layers]
     emb = lm.embed_tokens.weight.clone()
-    standin.set_value_readout(lm, gain=3.0)
+    standin.set_value_readout(lm, gain=3.0, front_gain=0.5)
+    gains = torch.tensor([0.5 if m == "front" else 3.0 for m in standin.MAPS for _ in range(standin.N_TARGETS)])
     assert (lm.embed_tokens.weight[:, standin.PRED] == 0).all()
     assert torch.equal(lm.embed_tokens.weight[:, standin.PRED.stop:], emb[:, standin.PRED.stop:])
     x = torch.randn(5, lm.config.hidden_size)
@@ -136,5 +137,5 @@ def test_value_readout_writes_the_pred_channels_into_every_kv_heads_first_dims(t
             v = attn.v_proj(x).view(5, n_kv, d)  # (tokens, kv_heads, head_dim)
             v0 = torch.nn.functional.linear(x, w0).view(5, n_kv, d)
         for h in range(n_kv):
-            torch.testing.assert_close(v[:, h, :standin.N_READ], 3.0 * x[:, standin.PRED], rtol=0, atol=1e-6)
+            torch.testing.assert_close(v[:, h, :standin.N_READ], gains * x[:, standin.PRED], rtol=0, atol=1e-6)
             torch.testing.assert_close(v[:, h, standin.N_READ:], v0[:, h, standin.N_READ:], rtol=0, atol=0)
