@@ -50,8 +50,9 @@ from shared.sample import FRONT_CAMERA
 
 from .cache_build import gt_action
 
-STANDIN_NOTE = ("stand-in VLM for the embedded default (hand-set road-map vision tower + ridge read-out fit on the "
-                "synthetic world; front camera at reduced gain); not a release")
+STANDIN_NOTE = ("stand-in VLM for the embedded default (hand-set road-map vision tower; front- and side-camera ridge "
+                "read-outs fit on the synthetic world, copied into the text layers' values, the front one at a "
+                "quarter of the gain); not a release")
 N_TARGETS = 2  # window means (3.2 s each) of the 64-step curvature channel
 MAPS = ("front", "side")  # two read-outs: fit on the front camera's images / on the side and tele cameras'
 N_READ = len(MAPS) * N_TARGETS  # read-out channels: map m, target j -> channel m * N_TARGETS + j
