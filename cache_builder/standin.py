@@ -13,21 +13,23 @@ sky, from G - R), position table = a one-hot road-map bin (3 rows x 4 columns), 
 read-outs of that road map as its values (`fit_readout`: each image's mean road map -> its sample's
 2 window means of the GT curvature), deepstack mergers = zero; the merger writes the read-outs
 (channels PRED) and the road map into every merged token. Text model (`set_value_readout`): each
-layer's v_proj copies PRED into the first N_READ dims of every KV head at V_GAIN, so the values the
-head attends to carry the read-outs at the curvature's own scale (the random v_proj passed them on
-at ~0.01 across samples: a probe found them, no head fine-tuned for a few hundred steps did). Every
-other weight (embeddings, the rest of the text model, lm_head, the head) is copied unchanged.
+layer's v_proj copies PRED into the first N_READ dims of every KV head (the side map at V_GAIN, the
+front map at FRONT_V_GAIN), so the values the head attends to carry the read-outs at about the
+curvature's own scale (the random v_proj passed them on at ~0.01 across samples: a probe found
+them, no head fine-tuned for a few hundred steps did); the text embeddings' PRED channels are zero.
+Every other weight (the rest of the text model, lm_head, the head) is copied unchanged.
 
 The release mechanism being reproduced (shared/docs/seed-experiments.md): with four cameras the real
 model turns, front-only it goes straight, although the front camera sees the curve. The tower does
 not know which camera an image comes from; of its two read-outs the side map is fit on the side
-and tele cameras' images, the front map on the front camera's. Applied to the other cameras the
-front map is anti-correlated with the curve on the cross cameras (about -0.5 on the demo world),
-so over four cameras it averages out: a head trained on four cameras reads the side map and ignores the front
-one. Front-only, the side map says little and the head goes straight, although the front map
-carries the curve (the probe sees it); fine-tuning on front-only caches teaches the head to read it.
-Deterministic: no random state, two least-squares solves. The result is a checkpoint directory with
-the release's key names, shards and index; `cache-build` reads it like any other.
+and tele cameras' images, the front map on the front camera's. The front map is anti-correlated
+with the curve on the cross cameras (about -0.5 on the demo world), so over four cameras it mostly
+averages out, and it reaches the values at a quarter of the side map's gain: a head trained on four
+cameras leans on the side map. Front-only the side map says little and that head under-steers,
+although the front map carries the curve (the probe sees it); fine-tuning on front-only caches
+teaches the head to read it. Deterministic: no random state, two least-squares solves. The result
+is a checkpoint directory with the release's key names, shards and index; `cache-build` reads it
+like any other.
 """
 
 from __future__ import annotations
