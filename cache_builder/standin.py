@@ -6,23 +6,30 @@
 The tiny checkpoint's weights are random, so its cached prefix carries nothing about the road and no
 head can learn to turn from it. The real Alpamayo-R1 VLM needs no such step; on the embedded default
 this verb stands in for the release's perception. Training the random tower's mergers on the few
-demo images did not generalise (held-out probe R^2 -0.3), so the stand-in's vision tower is set by
-hand instead (`set_road_features`): patch embedding = road-ness of each patch (asphalt vs grass and
-sky, from G - R), position table = a one-hot road-map bin (4 rows x 6 columns), vision blocks =
-identity, deepstack mergers = zero; the merger's fc1 fires "road in bin j". Its fc2 writes that road
-map and a closed-form ridge read-out of it (`fit_readout`: each image's mean road map -> its
-sample's 8 window means of the GT curvature, one map for all cameras) into every merged token, so
-the mean over an image's tokens of channels PRED is the read-out's prediction. The text model,
-embeddings, lm_head and the head are copied unchanged; the text model's first layer turns those
-tokens into the K/V the head attends to (the probe reads exactly those).
+demo images did not generalise (held-out probe R^2 -0.3), so the stand-in is set by hand instead.
+Vision tower (`set_road_features`): patch embedding = road-ness of each patch (asphalt vs grass and
+sky, from G - R), position table = a one-hot road-map bin (3 rows x 4 columns), block 0's MLP fires
+"road in bin j", block 1 averages over the image (uniform attention) with two closed-form ridge
+read-outs of that road map as its values (`fit_readout`: each image's mean road map -> its sample's
+2 window means of the GT curvature), deepstack mergers = zero; the merger writes the read-outs
+(channels PRED) and the road map into every merged token. Text model (`set_value_readout`): each
+layer's v_proj copies PRED into the first N_READ dims of every KV head (the side map at V_GAIN, the
+front map at FRONT_V_GAIN), so the values the head attends to carry the read-outs at about the
+curvature's own scale (the random v_proj passed them on at ~0.01 across samples: a probe found
+them, no head fine-tuned for a few hundred steps did); the text embeddings' PRED channels are zero.
+Every other weight (the rest of the text model, lm_head, the head) is copied unchanged.
 
 The release mechanism being reproduced (shared/docs/seed-experiments.md): with four cameras the real
-model turns, front-only it goes straight, although the front camera sees the curve. In the stand-in
-the front camera's read-out is fit to `front_gain` (0.25) of the curvature, the side and tele
-cameras' to all of it: the front-only prefix still carries the curve (the probe sees it), but a head
-trained on four cameras under-steers from it until it is fine-tuned. Deterministic: no random state,
-one least-squares solve. The result is a checkpoint directory with the release's key names, shards
-and index; `cache-build` reads it like any other.
+model turns, front-only it goes straight, although the front camera sees the curve. The tower does
+not know which camera an image comes from; of its two read-outs the side map is fit on the side
+and tele cameras' images, the front map on the front camera's. The front map is anti-correlated
+with the curve on the cross cameras (about -0.5 on the demo world), so over four cameras it mostly
+averages out, and it reaches the values at a quarter of the side map's gain: a head trained on four
+cameras leans on the side map. Front-only the side map says little and that head under-steers,
+although the front map carries the curve (the probe sees it); fine-tuning on front-only caches
+teaches the head to read it. Deterministic: no random state, two least-squares solves. The result
+is a checkpoint directory with the release's key names, shards and index; `cache-build` reads it
+like any other.
 """
 
 from __future__ import annotations
@@ -45,22 +52,28 @@ from shared.sample import FRONT_CAMERA
 
 from .cache_build import gt_action
 
-STANDIN_NOTE = ("stand-in VLM for the embedded default (hand-set road-map vision tower + ridge read-out fit on the "
-                "synthetic world; front camera at reduced gain); not a release")
-N_TARGETS = 4  # window means (1.6 s each) of the 64-step curvature channel
+STANDIN_NOTE = ("stand-in VLM for the embedded default (hand-set road-map vision tower; front- and side-camera ridge "
+                "read-outs fit on the synthetic world, copied into the text layers' values, the front one at a "
+                "quarter of the gain); not a release")
+N_TARGETS = 2  # window means (3.2 s each) of the 64-step curvature channel
+MAPS = ("front", "side")  # two read-outs: fit on the front camera's images / on the side and tele cameras'
+N_READ = len(MAPS) * N_TARGETS  # read-out channels: map m, target j -> channel m * N_TARGETS + j
 ROWS = (0.55, 0.7)  # road-map bins: vertical image fractions (2 cuts -> 3 rows) ...
 COLS = 4  # ... x 4 columns
 N_BINS = (len(ROWS) + 1) * COLS  # 12 road-map units
 # vision residual channels: 0 road-ness, 1..N_BINS bin indicator, then +-CONST, then the units (A), then the
-# image-mean read-out (B)
+# image-mean read-outs (B)
 CH_CONST = N_BINS + 1
 CH_A = CH_CONST + 2
 CH_B = CH_A + N_BINS
-PRED = slice(0, N_TARGETS)  # merged-token channels carrying the image's curvature read-out ...
-ROAD = slice(N_TARGETS, N_TARGETS + N_BINS)  # ... and its road map
-FRONT_GAIN = 0.25  # the front camera's read-out is fit to this fraction of the curvature (see module doc)
+PRED = slice(0, N_READ)  # merged-token channels carrying the image's curvature read-outs ...
+ROAD = slice(N_READ, N_READ + N_BINS)  # ... and its road map
+ALPHA = 0.1  # ridge strength of the read-outs
+V_GAIN = 4.0  # the text layers' values: dims 0..N_READ-1 of every KV head = gain x the normalised PRED channels ...
+FRONT_V_GAIN = 1.0  # ... at V_GAIN for the side map, FRONT_V_GAIN for the front map (see module doc)
 IND, CONST, SLOPE, THRESH = 2.0, 6.0, 5.0, 1.5  # indicator, LayerNorm ballast, unit slope and threshold
 EPS_A, OFF, GAIN, FILL = 0.1, 6.0, 2.0, 1.0  # unit scale, GELU's linear-regime offset, read-out gain, ballast
+READ_SCALE = 0.25  # block 1 writes this fraction of the read-out: keeps the merger's LayerNorm and GELU near-linear
 
 @dataclass
 class PretrainConfig:
@@ -69,13 +82,17 @@ class PretrainConfig:
     out: str  # new checkpoint directory
     split: str = "train"  # clips of this split are used ('all' = every clip)
     cameras: str = "full"  # camera config whose images are trained on
-    alpha: float = 1.0  # ridge strength of the read-out (on standardised road maps)
-    front_gain: float = FRONT_GAIN  # the front camera's read-out is fit to this fraction of the curvature
+    alpha: float = ALPHA  # ridge strength of the read-out (on standardised road maps)
+    value_gain: float = V_GAIN  # the text layers' values carry the side read-out at this gain (0 = random v_proj kept)
+    front_value_gain: float = FRONT_V_GAIN  # ... and the front read-out at this one
     overwrite: bool = False  # replace an existing out directory
 
     def validate(self) -> None:
-        if not self.alpha > 0 or not 0 < self.front_gain <= 1:
-            raise ValueError(f"--alpha must be > 0 and --front-gain in (0, 1] (got {self.alpha}, {self.front_gain})")
+        if not self.alpha > 0 or not self.value_gain >= 0 or not self.front_value_gain >= 0:
+            raise ValueError(f"--alpha must be > 0 and --value-gain, --front-value-gain >= 0 (got {self.alpha}, "
+                             f"{self.value_gain}, {self.front_value_gain})")
+        if self.cameras == "front-only":
+            raise ValueError("--cameras front-only: the side read-out needs the side and tele cameras (use full)")
         out = Path(self.out)
         if out.exists() and any(out.iterdir()) and not self.overwrite:
             raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it")
@@ -89,7 +106,9 @@ def curvature_targets(action: np.ndarray) -> np.ndarray:
 
 
 def collect(cfg: PretrainConfig, ckpt: AlpamayoCheckpoint) -> list[dict]:
-    """Per sample: pixel patches of each camera's t0 frame, grid, camera slot, target."""
+    """Per sample: pixel patches of every frame of every camera (the cache shows the head all of them:
+    a read-out fit on the t0 frame alone was anti-correlated with the curve on the front camera's
+    earlier frames, and the image-token mean cancelled), grid, camera of each image, target."""
     from shared.data import iter_samples, open_dataset
 
     ds = open_dataset(cfg.dataset)
@@ -99,11 +118,13 @@ def collect(cfg: PretrainConfig, ckpt: AlpamayoCheckpoint) -> list[dict]:
     space = ckpt.action_space()
     out = []
     for s in tqdm(iter_samples(ds, clips, "default", cfg.cameras), total=len(clips), desc="standin: data"):
-        frames = torch.as_tensor(s.images[:, -1])  # (n_cam, 3, H, W) uint8, t0 frame
-        pix, grid = preprocess_images(frames)  # (n_cam * patches, 1536), (n_cam, 3)
+        n_frames = s.images.shape[1]
+        frames = torch.as_tensor(s.images).flatten(0, 1)  # (n_cam * n_frames, 3, H, W) uint8, camera-major
+        pix, grid = preprocess_images(frames)  # (n_img * patches, 1536), (n_img, 3)
         action, _ = gt_action(space, s)
-        out.append({"pixels": pix.to(torch.bfloat16), "grid": grid, "n_cam": frames.shape[0],
-                    "cameras": tuple(s.camera_names), "target": torch.from_numpy(curvature_targets(action))})
+        out.append({"pixels": pix.to(torch.bfloat16), "grid": grid, "n_img": frames.shape[0],
+                    "cameras": tuple(c for c in s.camera_names for _ in range(n_frames)),
+                    "target": torch.from_numpy(curvature_targets(action))})
     return out
 
 
@@ -123,7 +144,7 @@ def set_road_features(visual: torch.nn.Module) -> None:
     merged-token channels PRED at GAIN, and the units into ROAD, +-FILL elsewhere; the deepstack
     mergers output zero."""
     d = visual.patch_embed.proj.weight.shape[0]
-    assert d >= CH_B + N_TARGETS, "vision hidden too small for the road map"
+    assert d >= CH_B + N_READ, "vision hidden too small for the road map"
     for p in visual.parameters():
         p.zero_()
     for m in visual.modules():
@@ -147,16 +168,16 @@ def set_road_features(visual: torch.nn.Module) -> None:
         mlp.linear_fc1.weight[j, 0] = mlp.linear_fc1.weight[j, 1 + j] = SLOPE
         mlp.linear_fc1.bias[j] = -SLOPE * THRESH
         mlp.linear_fc2.weight[CH_A + j, j] = EPS_A
-    visual.blocks[1].attn.proj.weight[CH_B:CH_B + N_TARGETS, :N_TARGETS] = torch.eye(N_TARGETS)
+    visual.blocks[1].attn.proj.weight[CH_B:CH_B + N_READ, :N_READ] = torch.eye(N_READ)
     m = visual.merger
     fc1 = m.linear_fc1.weight.view(-1, 4, d)  # (units, 4 merged patches, d)
-    for k in range(N_TARGETS):
+    for k in range(N_READ):
         fc1[k, :, CH_B + k] = 0.25
     for j in range(N_BINS):  # the road map too (sparse, small): merged channels ROAD
-        fc1[N_TARGETS + j, :, CH_A + j] = 0.25
-    m.linear_fc1.bias[:N_TARGETS + N_BINS] = OFF
-    m.linear_fc2.weight[PRED, :N_TARGETS] = GAIN * torch.eye(N_TARGETS)
-    m.linear_fc2.weight[ROAD, N_TARGETS:N_TARGETS + N_BINS] = torch.eye(N_BINS)
+        fc1[N_READ + j, :, CH_A + j] = 0.25
+    m.linear_fc1.bias[:N_READ + N_BINS] = OFF
+    m.linear_fc2.weight[PRED, :N_READ] = GAIN * torch.eye(N_READ)
+    m.linear_fc2.weight[ROAD, N_READ:N_READ + N_BINS] = torch.eye(N_BINS)
     m.linear_fc2.bias[PRED] = -GAIN * OFF
     m.linear_fc2.bias[ROAD] = -OFF
     rest = m.linear_fc2.bias.numel() - ROAD.stop
@@ -164,8 +185,32 @@ def set_road_features(visual: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
+def set_value_readout(language_model: torch.nn.Module, gain: float = V_GAIN, front_gain: float = FRONT_V_GAIN) -> None:
+    """Every text layer's v_proj: the first N_READ dims of each KV head read the (RMS-normalised)
+    channels PRED (the side map's at `gain`, the front map's at `front_gain`) and nothing else; the
+    other value dims keep their random weights. The text
+    embeddings' PRED channels are zeroed: only the image tokens (whose embeddings are the merged
+    vision tokens) write those value dims, so the text (12 % of a front-only prefix, 4 % of a
+    four-camera one) does not shift them by the prompt's length.
+
+    Why: with the random v_proj (std 0.02) the read-out reached the values the expert attends to at
+    ~0.01 across samples, against ~0.16 of constant: a ridge probe finds it, but a head fine-tuned
+    for a few hundred steps does not (its loss stayed at the blank control's). Written at ~1 (the
+    normalised curvature's own scale), a head learns to follow it within the demo's steps."""
+    language_model.embed_tokens.weight[:, PRED] = 0.0  # text tokens leave those value dims (almost) empty
+    for layer in language_model.layers:
+        attn = layer.self_attn
+        w = attn.v_proj.weight  # (kv_heads * head_dim, hidden)
+        for h in range(w.shape[0] // attn.head_dim):
+            rows = slice(h * attn.head_dim, h * attn.head_dim + N_READ)
+            w[rows] = 0.0
+            w[rows, PRED] = torch.diag(torch.tensor([front_gain if m == "front" else gain for m in MAPS
+                                                     for _ in range(N_TARGETS)]))
+
+
+@torch.no_grad()
 def road_units(visual: torch.nn.Module, d: dict) -> torch.Tensor:
-    """(n_cam, N_BINS) the image mean of what block 1's attention reads: its LayerNorm'd channels A."""
+    """(n_img, N_BINS) the image mean of what block 1's attention reads: its LayerNorm'd channels A."""
     got = {}
     blk = visual.blocks[1]
     hook = blk.norm1.register_forward_hook(lambda mod, i, o: got.__setitem__("x", o))
@@ -173,31 +218,37 @@ def road_units(visual: torch.nn.Module, d: dict) -> torch.Tensor:
         visual(d["pixels"].float(), grid_thw=d["grid"], return_dict=True)
     finally:
         hook.remove()
-    return got["x"][:, CH_A:CH_A + N_BINS].reshape(d["n_cam"], -1, N_BINS).mean(1)
+    return got["x"][:, CH_A:CH_A + N_BINS].reshape(d["n_img"], -1, N_BINS).mean(1)
 
 
 @torch.no_grad()
 def fit_readout(visual: torch.nn.Module, data: list[dict], cfg: PretrainConfig) -> dict:
-    """Ridge (closed form, deterministic) from each image's mean road map to its sample's curvature
-    targets, one map for every camera, the front camera's targets scaled by `cfg.front_gain`, written
-    as block 1's attention values: the mean over an image's merged tokens of channels PRED is then
-    GAIN times the read-out's prediction, divided by the merger LayerNorm's scale (~1.6, nearly
-    constant thanks to the +-CONST ballast)."""
+    """Two ridges (closed form, deterministic) from each image's mean road map to its sample's
+    curvature targets: the front map on the front camera's images, the side map on the side and tele
+    cameras', each applied to every image (the tower does not know the camera). Written as block 1's
+    attention values: the mean over an image's merged tokens of channel PRED[m * N_TARGETS + j] is then
+    READ_SCALE * GAIN times map m's prediction of target j, divided by the merger LayerNorm's scale
+    (~1.6, nearly constant thanks to the +-CONST ballast)."""
     from .cache_inspect import ridge_fit
 
     x = torch.cat([road_units(visual, d) for d in tqdm(data, desc="standin: road maps", unit="sample")]).double()
-    scale = torch.cat([torch.tensor([cfg.front_gain if c == FRONT_CAMERA else 1.0 for c in d["cameras"]])
-                       for d in data]).double()
-    y = torch.cat([d["target"].expand(d["n_cam"], -1) for d in data]).double() * scale[:, None]
-    w, b, mu, sd = ridge_fit(x.numpy(), y.numpy(), cfg.alpha)  # pred = (x - mu) / sd @ w + b
-    wt = torch.from_numpy(w / sd[:, None]).T  # (N_TARGETS, N_BINS) on raw unit means
-    bt = torch.from_numpy(b - (mu / sd) @ w)  # (N_TARGETS,)
-    fit = ((torch.from_numpy((x.numpy() - mu) / sd @ w + b) - y) ** 2).mean() / y.var()
+    y = torch.cat([d["target"].expand(d["n_img"], -1) for d in data]).double()
+    front = torch.tensor([c == FRONT_CAMERA for d in data for c in d["cameras"]])
     qkv = visual.blocks[1].attn.qkv
     d = visual.patch_embed.proj.weight.shape[0]
-    qkv.weight[2 * d:2 * d + N_TARGETS, CH_A:CH_A + N_BINS] = wt.float()  # v rows; q = k = 0: uniform attention
-    qkv.bias[2 * d:2 * d + N_TARGETS] = bt.float()
-    return {"train_fraction_unexplained": float(fit), "images": int(x.shape[0])}
+    out = {"images": int(x.shape[0])}
+    for m, rows in enumerate((front, ~front)):
+        if not rows.any():
+            raise ValueError(f"no {MAPS[m]}-camera images to fit the {MAPS[m]} read-out on")
+        w, b, mu, sd = ridge_fit(x[rows].numpy(), y[rows].numpy(), cfg.alpha)  # pred = (x - mu) / sd @ w + b
+        wt = READ_SCALE * torch.from_numpy(w / sd[:, None]).T  # (N_TARGETS, N_BINS) on raw unit means
+        bt = READ_SCALE * torch.from_numpy(b - (mu / sd) @ w)  # (N_TARGETS,)
+        fit = ((torch.from_numpy((x[rows].numpy() - mu) / sd @ w + b) - y[rows]) ** 2).mean() / y[rows].var()
+        v = slice(2 * d + m * N_TARGETS, 2 * d + (m + 1) * N_TARGETS)  # v rows; q = k = 0: uniform attention
+        qkv.weight[v, CH_A:CH_A + N_BINS] = wt.float()
+        qkv.bias[v] = bt.float()
+        out[f"{MAPS[m]}_fraction_unexplained"] = float(fit)
+    return out
 
 
 def write_checkpoint(base: AlpamayoCheckpoint, replace: dict[str, torch.Tensor], out: Path, meta: dict) -> Path:
@@ -231,12 +282,17 @@ def pretrain(cfg: PretrainConfig) -> Path:
     vlm = load_vlm(base, torch.float32, "cpu")
     set_road_features(vlm.model.visual)
     fit = fit_readout(vlm.model.visual, data, cfg)
+    if cfg.value_gain or cfg.front_value_gain:
+        set_value_readout(vlm.model.language_model, cfg.value_gain, cfg.front_value_gain)
     state = {f"vlm.model.visual.{k}": v for k, v in vlm.model.visual.state_dict().items()}
+    state |= {f"vlm.model.language_model.{k}": v for k, v in vlm.model.language_model.state_dict().items()
+              if ".self_attn.v_proj." in k or k == "embed_tokens.weight"}
     meta = {"note": STANDIN_NOTE, "base_checkpoint": str(base.path), "dataset": str(Path(cfg.dataset).resolve()),
             "samples": len(data), "config": vars(cfg), **fit}
     out = write_checkpoint(base, state, Path(cfg.out), meta)
-    print(f"standin-vlm: {len(data)} samples ({fit['images']} images), read-out leaves "
-          f"{fit['train_fraction_unexplained']:.2f} of the target variance on the fit set; checkpoint {out}")
+    print(f"standin-vlm: {len(data)} samples ({fit['images']} images); the front / side read-outs leave "
+          f"{fit['front_fraction_unexplained']:.2f} / {fit['side_fraction_unexplained']:.2f} of the target variance "
+          f"on their fit sets; checkpoint {out}")
     return out
 
 
@@ -321,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     for f, d, h in (("split", "train", "clips of this split ('all' = every clip)"),
                     ("cameras", "full", "camera config trained on")):
         sp.add_argument(f"--{f}", default=d, help=h)
-    for f, t, d, h in (("alpha", float, 1.0, "ridge strength of the read-out"),
-                       ("front-gain", float, FRONT_GAIN, "the front camera's read-out is fit to this fraction of the curve")):
+    for f, t, d, h in (("alpha", float, ALPHA, "ridge strength of the read-out"),
+                       ("value-gain", float, V_GAIN, "the text layers' values carry the side read-out at this gain"),
+                       ("front-value-gain", float, FRONT_V_GAIN, "... and the front read-out at this one")):
         sp.add_argument(f"--{f}", type=t, default=d, help=h)
     sp.add_argument("--overwrite", action="store_true", help="replace an existing out directory")
     sl = sub.add_parser("select", help="clip ids of a straight-dominated training set (one per line)")

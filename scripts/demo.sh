@@ -26,7 +26,7 @@ step "synthetic world (PhysicalAI-AV layout): curve-rich, 30 % of clips held out
 "$BIN/synth-world" "$OUT/world_blank" "${WORLD[@]}" --blank --no-progress
 "$BIN/curve-scan" "$OUT/world" --threshold 0.05 --output "$OUT/curve_scan.json" > /dev/null
 
-step "STAND-IN released model, 1/3: a VLM whose prefix carries the scene (road-map vision tower + ridge read-out fit on the train split)"
+step "STAND-IN released model, 1/3: a VLM whose prefix carries the scene (road-map vision tower; front and side ridge read-outs fit on the train split, written into the values)"
 "$BIN/standin-vlm" pretrain --dataset "$OUT/world" --checkpoint "$OUT/tiny/alpamayo" --out "$OUT/standin_vlm"
 
 step "STAND-IN released model, 2/3: its head, trained on a straight-dominated 4-camera cache"

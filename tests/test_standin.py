@@ -17,7 +17,7 @@ from shared.sample import FRONT_CAMERA as FRONT
 def test_curvature_targets_are_window_means():
     action = np.zeros((64, 2), np.float32)
     action[:, 1] = np.arange(64)
-    np.testing.assert_allclose(standin.curvature_targets(action), [7.5 + 16 * i for i in range(standin.N_TARGETS)])
+    np.testing.assert_allclose(standin.curvature_targets(action), [15.5 + 32 * i for i in range(standin.N_TARGETS)])
 
 
 def _scene(road_cols: slice, h: int = 64, w: int = 96) -> torch.Tensor:
@@ -34,14 +34,14 @@ def test_road_map_units_fire_where_the_road_is(tiny_checkpoint):
     visual = load_vlm(AlpamayoCheckpoint.open(tiny_checkpoint), torch.float32, "cpu").model.visual
     standin.set_road_features(visual)
     pix, grid = preprocess_images(torch.stack([_scene(slice(0, 3)), _scene(slice(3, 6))]))
-    u = standin.road_units(visual, {"pixels": pix, "grid": grid, "n_cam": 2}).view(2, -1, standin.COLS)
+    u = standin.road_units(visual, {"pixels": pix, "grid": grid, "n_img": 2}).view(2, -1, standin.COLS)
     half = standin.COLS // 2  # road on the left half of image 0, the right half of image 1
     lower = u[:, 1:]  # road rows (below the first cut); units are LayerNorm-scaled means, so small
     assert (lower[0, :, :half] - lower[1, :, :half] > 0.002).all()
     assert (lower[1, :, half:] - lower[0, :, half:] > 0.002).all()
 
 
-def test_readout_is_written_into_the_merged_tokens_and_only_vision_keys_change(tiny_checkpoint, tmp_path):
+def test_readouts_are_written_into_the_merged_tokens_and_only_vision_keys_change(tiny_checkpoint, tmp_path):
     from cache_builder.cache_inspect import ridge_fit
     from cache_builder.vlm import load_vlm
 
@@ -51,23 +51,28 @@ def test_readout_is_written_into_the_merged_tokens_and_only_vision_keys_change(t
     data = []
     for cols in (slice(0, 2), slice(1, 4), slice(2, 5), slice(4, 6), slice(0, 6), slice(3, 5)):
         pix, grid = preprocess_images(torch.stack([_scene(cols), _scene(cols)]))
-        data.append({"pixels": pix, "grid": grid, "n_cam": 2, "cameras": ("camera_cross_left_120fov", FRONT),
-                     "target": torch.full((standin.N_TARGETS,), float(cols.start + cols.stop) - 5.0)})
+        data.append({"pixels": pix, "grid": grid, "n_img": 2, "cameras": ("camera_cross_left_120fov", FRONT),
+                     "target": torch.tensor([float(cols.start + cols.stop) - 5.0, float(cols.stop - cols.start)])})
     cfg = standin.PretrainConfig(dataset=str(tmp_path), checkpoint=str(tiny_checkpoint), out=str(tmp_path / "o"),
-                                 alpha=0.1, front_gain=0.5)
+                                 alpha=0.1)
     assert standin.fit_readout(visual, data, cfg)["images"] == 2 * len(data)
-    # reference: the same ridge on the image-mean road maps, front targets halved
+    # reference: a ridge on the front images' mean road maps (map 0) and one on the cross-left images' (map 1),
+    # each applied to every image
     x = torch.cat([standin.road_units(visual, d) for d in data]).double().numpy()
-    y = np.concatenate([[d["target"].numpy(), 0.5 * d["target"].numpy()] for d in data])
-    w, b, mu, sd = ridge_fit(x, y, 0.1)
-    want = standin.GAIN * ((x - mu) / sd @ w + b)
+    y = np.concatenate([[d["target"].numpy()] * 2 for d in data])
+    front = np.array([c == FRONT for d in data for c in d["cameras"]])
+    want = []
+    for rows in (front, ~front):
+        w, b, mu, sd = ridge_fit(x[rows], y[rows], 0.1)
+        want.append(standin.READ_SCALE * standin.GAIN * ((x - mu) / sd @ w + b))
+    want = np.concatenate(want, 1)  # (images, N_READ): map m, target j at m * N_TARGETS + j
     with torch.no_grad():
         got = torch.cat([visual(d["pixels"].float(), grid_thw=d["grid"], return_dict=True).pooler_output
                          .view(2, -1, visual.merger.linear_fc2.out_features).mean(1) for d in data])
-    for k in range(standin.N_TARGETS):  # the merger's LayerNorm rescales (~1/1.6): affine, not equal
+    for k in range(standin.N_READ):  # the merger's LayerNorm rescales (~1/1.6): affine, not equal
         assert np.corrcoef(got[:, standin.PRED.start + k].numpy(), want[:, k])[0, 1] > 0.99
-    slope = np.polyfit(want[:, 0], got[:, standin.PRED.start].numpy(), 1)[0]
-    assert 0.3 < slope < 1.0
+        slope = np.polyfit(want[:, k], got[:, standin.PRED.start + k].numpy(), 1)[0]
+        assert 0.3 < slope < 1.0
     state = {f"vlm.model.visual.{k}": v for k, v in visual.state_dict().items()}
     out = standin.write_checkpoint(base, state, tmp_path / "standin", {"note": standin.STANDIN_NOTE})
     new = AlpamayoCheckpoint.open(out)
@@ -80,6 +85,9 @@ def test_readout_is_written_into_the_merged_tokens_and_only_vision_keys_change(t
                     assert torch.equal(a.get_tensor(k), bb.get_tensor(k)), k
     with pytest.raises(ValueError, match="not in"):
         standin.write_checkpoint(base, {"vlm.nope": torch.zeros(1)}, tmp_path / "bad", {})
+    with pytest.raises(ValueError, match="no side-camera images"):
+        standin.fit_readout(visual, [dict(d, n_img=1, cameras=(FRONT,), pixels=d["pixels"][: len(d["pixels"]) // 2],
+                                          grid=d["grid"][:1]) for d in data], cfg)
 
 
 def test_straight_dominated_selection_and_world_options(tmp_path):
@@ -109,3 +117,25 @@ def test_blank_world_has_the_same_clips_and_gray_frames(tmp_path):
     sb = next(iter(iter_samples(open_dataset(tmp_path / "b"), None, "default", "front-only")))
     np.testing.assert_array_equal(sa.ego_future_xyz, sb.ego_future_xyz)
     assert sa.images.std() > 20 and np.abs(sb.images.astype(int) - 128).max() <= 2
+
+
+def test_value_readout_writes_the_pred_channels_into_every_kv_heads_first_dims(tiny_checkpoint):
+    from cache_builder.vlm import load_vlm
+
+    lm = load_vlm(AlpamayoCheckpoint.open(tiny_checkpoint), torch.float32, "cpu").model.language_model
+    before = [layer.self_attn.v_proj.weight.clone() for layer in lm.layers]
+    emb = lm.embed_tokens.weight.clone()
+    standin.set_value_readout(lm, gain=3.0, front_gain=0.5)
+    gains = torch.tensor([0.5 if m == "front" else 3.0 for m in standin.MAPS for _ in range(standin.N_TARGETS)])
+    assert (lm.embed_tokens.weight[:, standin.PRED] == 0).all()
+    assert torch.equal(lm.embed_tokens.weight[:, standin.PRED.stop:], emb[:, standin.PRED.stop:])
+    x = torch.randn(5, lm.config.hidden_size)
+    for layer, w0 in zip(lm.layers, before):
+        attn = layer.self_attn
+        d, n_kv = attn.head_dim, lm.config.num_key_value_heads
+        with torch.no_grad():
+            v = attn.v_proj(x).view(5, n_kv, d)  # (tokens, kv_heads, head_dim)
+            v0 = torch.nn.functional.linear(x, w0).view(5, n_kv, d)
+        for h in range(n_kv):
+            torch.testing.assert_close(v[:, h, :standin.N_READ], gains * x[:, standin.PRED], rtol=0, atol=1e-6)
+            torch.testing.assert_close(v[:, h, standin.N_READ:], v0[:, h, standin.N_READ:], rtol=0, atol=0)
