@@ -7,6 +7,10 @@ listens again on the same port. The buckets survive because moto keeps them in m
 of this process, not in the listener: the same objects are served after the restart. A request in
 flight when the listener stops is still answered (a graceful shutdown).
 
+A process forked from this one (a DataLoader worker) closes its copy of the listening socket at once:
+else the port would stay bound while the child lives, so a stopped endpoint would accept connections
+and never answer, and its restart could not bind the port.
+
     with S3Endpoint() as s3:            # s3.options: storage_options for fsspec / Store.open
         s3.outage(2.0)                  # stop now, start again 2 s later (a background timer)
 """
@@ -18,6 +22,19 @@ import os
 import socket
 import threading
 import time
+import weakref
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # endpoints of this process, for _drop_listeners_in_child
+
+
+def _drop_listeners_in_child() -> None:
+    for ep in list(_LIVE):
+        srv = getattr(ep._server, "_server", None)  # moto's werkzeug server; its thread is not in the child
+        if srv is not None and srv.socket.fileno() >= 0:
+            os.close(srv.socket.detach())
+
+
+os.register_at_fork(after_in_child=_drop_listeners_in_child)
 
 
 class S3Endpoint:
@@ -38,6 +55,7 @@ class S3Endpoint:
         self._timer: threading.Timer | None = None
         self.up = False
         self.outages: list[tuple[float, float]] = []  # (stopped at, seconds) in time.monotonic()
+        _LIVE.add(self)
         self.start()
         import s3fs
 
@@ -63,6 +81,9 @@ class S3Endpoint:
     def start(self) -> None:
         with self._lock:
             if not self.up:  # werkzeug closed the old listening socket; SO_REUSEADDR lets it bind again
+                with socket.socket() as s:  # moto's start() waits forever when its thread cannot bind: fail here
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind(("127.0.0.1", self.port))
                 self._server.start()
                 self.up = True
 
