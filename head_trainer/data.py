@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from shared.cli import user_errors
 from shared.head import KVPrefix
 from shared.store import CachedSample, SampleReadError, Store, from_stored
 
@@ -117,10 +119,13 @@ class RawDataset(Dataset):
     def __len__(self) -> int:
         return 1 << 62
 
-    def __getitem__(self, batch: list[int]) -> list[dict | int]:
-        if self._store is None:
-            self._store = Store.open(self.url, skip_damaged=self.skip_bad)
-        return [self._one(i) for i in batch]
+    def __getitem__(self, batch: list[int]) -> list[dict | int] | WorkerError:
+        try:
+            if self._store is None:
+                self._store = Store.open(self.url, skip_damaged=self.skip_bad)
+            return [self._one(i) for i in batch]
+        except user_errors() as exc:
+            return WorkerError.carry(exc)
 
     def _one(self, i: int):
         if i in self.skip:
@@ -144,6 +149,34 @@ class RawDataset(Dataset):
         if i in self.known_bad:
             return None, ("", "")
         return read_or_why(self._store, i)
+
+
+class WorkerError:
+    """A store error or bad input met in a DataLoader worker, handed back as the item: torch would re-raise
+    it rebuilt from its message with the worker's traceback appended (twenty lines, a SampleReadError without
+    its key); `raise_if_failed` raises the original in the main process, one line as with workers 0."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    @staticmethod
+    def carry(exc: BaseException):
+        """In a worker: the WorkerError to return; in the main process, or when `exc` does not survive a
+        pickle round trip (it would fail on the worker's result queue), `exc` is raised as it is."""
+        if get_worker_info() is None:
+            raise exc
+        try:
+            pickle.loads(pickle.dumps(exc))
+        except Exception:  # noqa: BLE001 - any failure to rebuild it: let torch wrap it
+            raise exc from None
+        return WorkerError(exc)
+
+
+def raise_if_failed(item):
+    """A DataLoader item of RawDataset -> the item, or the worker's exception raised here (WorkerError)."""
+    if isinstance(item, WorkerError):
+        raise item.exc
+    return item
 
 
 def read_or_why(store: Store, i: int) -> tuple[dict | None, tuple[str, str]]:

@@ -50,29 +50,30 @@ class DeviceFeeder:
         """Read samples once into the GPU tier (if it fits the budget), then the RAM tier, in index order."""
         if ram_budget <= 0 and not (self.cuda and gpu_budget > 0):
             return
-        from .data import RawDataset, _identity, raw_nbytes
+        from .data import RawDataset, _identity, raise_if_failed, raw_nbytes
 
         dl = DataLoader(RawDataset(self.url, skip_bad=skip_bad), batch_size=None, sampler=[[i] for i in indices],
                         collate_fn=_identity, num_workers=workers, pin_memory=self.cuda,
                         prefetch_factor=4 if workers else None)
         bar = tqdm(total=len(indices), desc="cache tiers", unit="sample", disable=not progress)
-        for (raw,) in dl:
-            if "bad" in raw:
-                self.skipped[raw["bad"]] = raw["reason"]
-                self.bad.add(raw["index"])
+        with bar:  # closed (its line ended) before an error is printed
+            for item in dl:
+                (raw,) = raise_if_failed(item)
+                if "bad" in raw:
+                    self.skipped[raw["bad"]] = raw["reason"]
+                    self.bad.add(raw["index"])
+                    bar.update(1)
+                    continue
+                n = raw_nbytes(raw)
+                if self.cuda and self.tier_bytes["gpu"] + n <= gpu_budget:
+                    self.gpu[raw["index"]] = _move(raw, self.device)
+                    self.tier_bytes["gpu"] += n
+                elif self.tier_bytes["ram"] + n <= ram_budget:
+                    self.ram[raw["index"]] = raw if not self.cuda or raw["kv"].is_pinned() else _pin(raw)
+                    self.tier_bytes["ram"] += n
+                else:
+                    break
                 bar.update(1)
-                continue
-            n = raw_nbytes(raw)
-            if self.cuda and self.tier_bytes["gpu"] + n <= gpu_budget:
-                self.gpu[raw["index"]] = _move(raw, self.device)
-                self.tier_bytes["gpu"] += n
-            elif self.tier_bytes["ram"] + n <= ram_budget:
-                self.ram[raw["index"]] = raw if not self.cuda or raw["kv"].is_pinned() else _pin(raw)
-                self.tier_bytes["ram"] += n
-            else:
-                break
-            bar.update(1)
-        bar.close()
 
     # -- batches ---------------------------------------------------------------------------------
     def _held(self, i: int) -> dict:
@@ -184,6 +185,8 @@ class FeederLoader:
         return len(self.dl.batch_sampler or self.dl.sampler) // self.accum
 
     def __iter__(self):
+        from .data import raise_if_failed
+
         it = iter(self.dl)
         pending = None
         while True:
@@ -191,7 +194,7 @@ class FeederLoader:
             try:
                 for _ in range(self.accum):
                     t0 = time.perf_counter()
-                    raws = next(it)
+                    raws = raise_if_failed(next(it))
                     self.wait_s += time.perf_counter() - t0
                     group.append(self.feeder.to_batch(raws))
             except StopIteration:

@@ -7,8 +7,17 @@ listens again on the same port. The buckets survive because moto keeps them in m
 of this process, not in the listener: the same objects are served after the restart. A request in
 flight when the listener stops is still answered (a graceful shutdown).
 
+A process forked from this one (a DataLoader worker) closes its copy of the listening socket at once:
+else the port would stay bound while the child lives, so a stopped endpoint would accept connections
+and never answer, and its restart could not bind the port.
+
     with S3Endpoint() as s3:            # s3.options: storage_options for fsspec / Store.open
         s3.outage(2.0)                  # stop now, start again 2 s later (a background timer)
+        s3.hang(2.0)                    # the same, but the port accepts connections and never answers
+
+`hang` models a server that is up but stuck (or a black-holing proxy): connections succeed, requests
+are read and never answered; only the client's read timeout ends them. The held connections are
+closed when it ends, then moto listens again.
 """
 
 from __future__ import annotations
@@ -18,6 +27,20 @@ import os
 import socket
 import threading
 import time
+import weakref
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # endpoints of this process, for _drop_listeners_in_child
+
+
+def _drop_listeners_in_child() -> None:
+    for ep in list(_LIVE):
+        srv = getattr(ep._server, "_server", None)  # moto's werkzeug server; its thread is not in the child
+        for sock in (srv.socket if srv is not None else None, ep._hung):
+            if sock is not None and sock.fileno() >= 0:
+                os.close(sock.detach())
+
+
+os.register_at_fork(after_in_child=_drop_listeners_in_child)
 
 
 class S3Endpoint:
@@ -35,9 +58,11 @@ class S3Endpoint:
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
         self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
+        self._timer: threading.Timer | threading.Thread | None = None
         self.up = False
         self.outages: list[tuple[float, float]] = []  # (stopped at, seconds) in time.monotonic()
+        self._hung: socket.socket | None = None  # the listener of hang(), while it holds the port
+        _LIVE.add(self)
         self.start()
         import s3fs
 
@@ -63,6 +88,9 @@ class S3Endpoint:
     def start(self) -> None:
         with self._lock:
             if not self.up:  # werkzeug closed the old listening socket; SO_REUSEADDR lets it bind again
+                with socket.socket() as s:  # moto's start() waits forever when its thread cannot bind: fail here
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind(("127.0.0.1", self.port))
                 self._server.start()
                 self.up = True
 
@@ -80,13 +108,44 @@ class S3Endpoint:
         self._timer.daemon = True
         self._timer.start()
 
+    def hang(self, seconds: float) -> None:
+        """Stop now; for `seconds` accept connections on the port and never answer; then start again."""
+        self.stop()
+        self.outages.append((time.monotonic(), seconds))
+        lsock = socket.socket()
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(("127.0.0.1", self.port))
+        lsock.listen(64)
+        lsock.settimeout(0.05)
+        self._hung = lsock  # closed in a forked child too (_drop_listeners_in_child)
+
+        def hold():
+            held, end = [], time.monotonic() + seconds
+            try:
+                while time.monotonic() < end:
+                    try:
+                        held.append(lsock.accept()[0])  # read nothing, answer nothing
+                    except TimeoutError:
+                        pass
+            finally:
+                for c in held:
+                    c.close()
+                self._hung = None
+                lsock.close()
+                self.start()
+
+        self._timer = threading.Thread(target=hold, daemon=True)
+        self._timer.start()
+
     def wait_up(self) -> None:
         if self._timer is not None:
             self._timer.join()
 
     def close(self) -> None:
-        if self._timer is not None:
+        if isinstance(self._timer, threading.Timer):
             self._timer.cancel()
+        elif self._timer is not None:  # hang(): ends by itself within its seconds
+            self._timer.join()
         self.start()
         self._fs.invalidate_cache()
         self._fs.rm(self.bucket, recursive=True)

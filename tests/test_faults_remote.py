@@ -174,3 +174,42 @@ def test_retry_settings(monkeypatch):
     monkeypatch.setenv("ALPAMAYO_STORE_RETRY", "attempts=x")
     with pytest.raises(ValueError, match="ALPAMAYO_STORE_RETRY"):
         RetryPolicy.resolve()
+
+
+def test_an_endpoint_that_accepts_and_never_answers_is_retried_then_one_line(s3, reference, caplog):
+    """A stuck endpoint (connections accepted, requests never answered): the read timeout turns each try
+    into a transient error, retried; past the budget one line naming the sample, in bounded time (small
+    timeouts here; the defaults are 5 s connect, 30 s read); a hang inside the budget changes nothing."""
+    url = "s3://kvcache/hang"
+    produce(url, 2, 0, 1, storage_options=s3.options)
+
+    def quick(retry):  # botocore: one try, 0.5 s timeouts (a fresh dict: botocore edits its retries entry)
+        return {**s3.options, "retry": retry, "config_kwargs": {
+            "retries": {"total_max_attempts": 1, "mode": "standard"}, "connect_timeout": 0.5, "read_timeout": 0.5}}
+
+    one_retry = {"attempts": 3, "first_delay_s": 0.1, "max_delay_s": 0.2, "budget_s": 1.0}
+    st = Store.open(url, storage_options=quick(one_retry))
+    key = st.keys()[0]
+    caplog.set_level(logging.WARNING, "alpamayo.store")
+    s3.hang(4.0)
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailableError) as e:
+        st.read(key)
+    took = time.monotonic() - t0
+    msg = str(e.value)
+    assert 1.0 <= took < 3.0 and "failed 2 time(s)" in msg, (took, msg)  # 2 x 0.5 s + a wait (s3fs's own 5 tries: 5x)
+    assert "\n" not in msg and f"reading sample {key!r} (kv)" in msg and "the store did not answer" in msg
+    assert "ReadTimeoutError" in msg and not isinstance(e.value, SampleReadError)
+    assert [x for x in retries(caplog) if "ReadTimeoutError" in x and f"GET {url}/samples/" in x]
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailableError, match="the store did not answer"):  # opening, too
+        Store.open(url, storage_options=quick(one_retry))
+    assert time.monotonic() - t0 < 3.0
+    s3.wait_up()
+    st = Store.open(url, storage_options=quick(FAST))
+    s3.hang(1.0)  # inside the budget: the read outlasts it
+    got = st.read(key)
+    s3.wait_up()
+    want = reference.read(key)
+    assert torch.equal(got.k.view(torch.int16), want.k.view(torch.int16))
+    assert torch.equal(got.v.view(torch.int16), want.v.view(torch.int16))

@@ -5,6 +5,7 @@ and retry settings reach them through the environment (AWS_ENDPOINT_URL, ALPAMAY
 
 import json
 import logging
+import time
 
 import pytest
 import torch
@@ -116,3 +117,64 @@ def test_head_eval_past_the_budget_is_one_line_then_evaluates(s3, tmp_path, monk
     assert head_eval.main([*ev, "--out", str(tmp_path / "a.json")]) == 0
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "ref.json"))
     assert a["per_sample"] == b["per_sample"]
+
+
+def test_head_train_with_workers_past_the_budget_stops_in_one_line_and_resumes(s3, reference, tmp_path, monkeypatch,
+                                                                              capsys):
+    """--num-workers 2: the read that meets the outage runs in a worker process. The stop is the one line of
+    workers 0 (torch would re-raise it with the worker's traceback), never a skip under --skip-bad-samples,
+    and the resume with workers is bitwise the run without an outage.
+
+    The endpoint lives in this process: a worker that reaches step 4's first sample waits until steps 1-3
+    are read, asks this process (a watcher thread) to stop the endpoint, then reads into the outage."""
+    import multiprocessing as mp
+    import threading
+
+    from head_trainer import data
+
+    monkeypatch.setenv("ALPAMAYO_STORE_RETRY", SHORT)
+    st = Store.open(URL)
+    per_sample = []
+    real = Store.read_stored
+    monkeypatch.setattr(Store, "read_stored", lambda self, *a, **kw: per_sample.append(1) or real(self, *a, **kw))
+    data.read_raw(st, 0)  # reads of one sample (kv, traj, thumbs, token_ids)
+    sampler = data.StepBatchSampler(data.split_indices(st, "train"), 2, 42, 0, 4)
+    target = st.manifest(sampler.micro_batch(3, 0)[0])["key"]
+    ctx = mp.get_context("fork")  # DataLoader workers are forked: they inherit these and the patch below
+    reads, trigger, down = ctx.Value("i", 0), ctx.Event(), ctx.Event()
+
+    def read_stored(self, i_or_key, *a, **kw):
+        key = self.manifest(i_or_key)["key"]
+        if key == target and not trigger.is_set():
+            deadline = time.monotonic() + 30
+            while reads.value < 3 * 2 * len(per_sample) and time.monotonic() < deadline:  # steps 1-3 read
+                time.sleep(0.01)
+            trigger.set()
+            assert down.wait(30)
+        out = real(self, i_or_key, *a, **kw)
+        with reads.get_lock():  # reads done, not begun
+            reads.value += 1
+        return out
+
+    def watch():
+        if trigger.wait(120):
+            s3.outage(3.0)
+            down.set()
+
+    monkeypatch.setattr(Store, "read_stored", read_stored)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    out = tmp_path / "run"
+    assert head_train.main(args(out, "--num-workers", "2", "--skip-bad-samples")) == 1
+    err = capsys.readouterr().err
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.startswith("head-train:") and "%|" not in x]
+    assert len(lines) == 1 and "Traceback" not in err and "worker" not in err, err[-3000:]
+    assert lines[0].startswith(f"head-train: stopped: before step 3: reading sample '{target}' (")
+    assert "the store did not answer" in lines[0] and "--skip-bad-samples" not in lines[0]
+    assert lines[0].endswith("the run directory is intact: --resume (from step 2)")
+    s3.wait_up()
+    watcher.join(5)
+    assert (out / "checkpoints/step_0000002").is_dir() and not (out / "head.safetensors").exists()
+    monkeypatch.setenv("ALPAMAYO_STORE_RETRY", FAST)
+    assert head_train.main(args(out, "--resume", "--num-workers", "2")) == 0
+    assert_same_head(head(out), reference)

@@ -240,3 +240,46 @@ def test_skip_bad_samples_with_a_damaged_manifest(bad_manifest, tmp_path, capsys
     res = json.loads((tmp_path / "e.json").read_text())
     assert list(res["skipped_samples"]) == [name] and key not in {r["key"] for r in res["per_sample"]}
     assert len(res["per_sample"]) == len(Store.open(str(store), skip_damaged=True)) == 11
+
+
+def stop_lines(err: str) -> list[str]:
+    """The lines head-train printed about a stop or an error (tqdm's bar lines aside)."""
+    return [x for x in err.replace("\r", "\n").splitlines() if x.startswith(("head-train: stopped", "head-train: error"))]
+
+
+def test_damaged_samples_with_dataloader_workers(damaged, tmp_path, capsys):
+    """--num-workers 2: the damaged sample is read in a worker process; torch re-raises a worker's exception
+    with the worker's traceback in its message. The stop must read as with workers 0: one line naming the
+    sample, exit 1, the run directory resumable, and --skip-bad-samples the same run as in-process."""
+    store, train_key, val_key = damaged
+    w2 = ("--num-workers", "2")
+    for ram in ("0", "2"):  # read by the loader's workers / by the tier fill's workers
+        assert head_train.main(args(store, tmp_path / f"refused{ram}", *w2, "--ram-cache-gb", ram)) == 1
+        err = capsys.readouterr().err
+        lines = stop_lines(err)
+        assert len(lines) == 1 and "Traceback" not in err and "worker" not in err, err[-2000:]
+        assert f"sample {train_key!r}" in lines[0] and "checksum mismatch" in lines[0]
+        assert "the run directory is intact: --resume" in lines[0] and lines[0].endswith("add --skip-bad-samples "
+                                                                                          "to leave damaged samples out")
+    runs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"skip{workers}"
+        assert head_train.main(args(store, out, "--skip-bad-samples", "--ram-cache-gb", "0",
+                                    "--num-workers", workers)) == 0
+        assert set(json.loads((out / "summary.json").read_text())["skipped_samples"]) == {train_key, val_key}
+        runs[workers] = load_head_file(out / "head.safetensors")[0]
+    assert all(torch.equal(runs["0"][k], runs["2"][k]) for k in runs["0"])
+    capsys.readouterr()
+    # stopped on the sample (seed 2: in step 4, after the step-2 checkpoint) with the very line of workers 0,
+    # then resumed with workers and the flag: the same run as skipping throughout
+    cut, once = tmp_path / "cut", ("--ram-cache-gb", "0", "--val-every", "0", "--seed", "2", *w2)
+    assert head_train.main(args(store, tmp_path / "cut0", *once[:-2])) == 1
+    want = stop_lines(capsys.readouterr().err)
+    assert head_train.main(args(store, cut, *once)) == 1
+    lines = stop_lines(capsys.readouterr().err)
+    assert lines == want and len(lines) == 1 and f"sample {train_key!r}" in lines[0]
+    assert "--resume (from step 2)" in lines[0] and (cut / "checkpoints/step_0000002").is_dir()
+    assert head_train.main(args(store, tmp_path / "ref", *once[:-2], "--skip-bad-samples")) == 0
+    assert head_train.main(args(store, cut, *once, "--resume", "--skip-bad-samples")) == 0
+    a, b = load_head_file(tmp_path / "ref/head.safetensors")[0], load_head_file(cut / "head.safetensors")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -11,7 +11,7 @@ import fsspec
 import zarr
 
 from shared.store.format import FORMAT_NAME, SUPPORTED_SCHEMA_VERSIONS, StoreError, sample_id, unescape_sid
-from shared.store.retry import RetryingFS, RetryingStore, RetryPolicy, inner_s3_defaults
+from shared.store.retry import RetryingFS, RetryingStore, RetryPolicy, inner_s3_defaults, no_hidden_retries
 
 
 class _Loc:
@@ -28,6 +28,7 @@ class _Loc:
             self._fs_options = inner_s3_defaults(self._fs_options)
         fs, path = fsspec.core.url_to_fs(str(url), **self._fs_options)
         self.local = "file" in _protocols(fs)
+        no_hidden_retries(fs)
         self.fs = fs if self.local else RetryingFS(fs, self.retry)
         self.root = os.path.abspath(path) if self.local else path.rstrip("/")
         self.url = self.root if self.local else fs.unstrip_protocol(self.root)
@@ -40,6 +41,7 @@ class _Loc:
             return zarr.storage.LocalStore(self.path("samples", sid), read_only=read_only)
         url = self.url + "/samples/" + sid
         inner = zarr.storage.FsspecStore.from_url(url, storage_options=self._fs_options or None, read_only=read_only)
+        no_hidden_retries(inner.fs)
         return RetryingStore(inner, self.retry, url)
 
     def put_atomic(self, path: str, data: bytes) -> None:

@@ -203,6 +203,15 @@ class RetryingStore(zarr.storage.WrapperStore):
         return await aretry_call(self.policy, f"HEAD {self.url}/{key}", self._store.exists, key)
 
 
+def no_hidden_retries(fs) -> None:
+    """s3fs retries timeouts and HTTP client errors 5 times itself (a class attribute, no option), silently:
+    around botocore's tries, one attempt of this module against an endpoint that accepts and never answers
+    took 5 x botocore tries x read_timeout (7.5 min with the defaults) before the budget was looked at.
+    One try there: this module's budget and log lines govern."""
+    if hasattr(fs, "retries") and type(fs).__module__.startswith("s3fs"):
+        fs.retries = 1
+
+
 def inner_s3_defaults(options: dict) -> dict:
     """S3 storage options with botocore's own per-request retries and timeouts, unless given: a few quick
     tries (standard mode) inside each of this module's attempts, and no 60 s hang on a dead endpoint."""
