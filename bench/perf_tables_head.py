@@ -1,5 +1,7 @@
-"""The head-train tables of docs/PERFORMANCE.md (bench_head_train*_h200.json, bench_head_step_profile_h200.json,
-bench_head_train_e2e_h200.json, live_eval_h200.json); registered into perf_format.RENDERERS on import."""
+"""The head-train tables of docs/PERFORMANCE.md (bench_head_train*_{h200,h100}.json,
+bench_head_step_profile_{h200,h100}.json, bench_head_train_e2e_{h200,h100}.json, live_eval_h200.json);
+registered into perf_format.RENDERERS on import. One renderer per table kind, registered once per machine's
+bench file (the H200 session of 2026-12-01, the H100 session of 2026-12-07)."""
 
 from __future__ import annotations
 
@@ -60,29 +62,28 @@ def _recompute(r) -> str:
     return "layers" if r.get("checkpoint") else ("attention" if r.get("recompute_attention") else "no")
 
 
-@renderer("head_train_step")
-def step_table() -> str:
+def step_table(name: str = "bench_head_train_step_h200.json", optimizer_column: bool = False) -> str:
     rows = []
-    for r in load("bench_head_train_step_h200.json")["rows"]:
+    for r in load(name)["rows"]:
         cfg = [ENGINE[r["engine"]], _b(r), fmt(r["L"], 0, sep=True), str(r.get("draws", 1)), _recompute(r)]
+        cfg = [r["optimizer"], *cfg] if optimizer_column else cfg
         if "error" in r:
             rows.append(cfg + ["OOM under the 24 GiB cap" if _oom(r) else r["error"][:60], "", "", str(r["run"])])
             continue
         rows.append(cfg + [fmt(r["step_ms"], 1), f"**{fmt(r['ms_per_sample'], 1)}**",
                            f"{fmt(r['peak_gib'], 1)} / {fmt(r['peak_reserved_gib'], 1)}", str(r["run"])])
-    return table(["step", "B", "L", "draws", "recompute", "ms / step", "ms / sample", "peak GiB (alloc / reserved)",
-                  "run"], rows)
+    return table((["optimizer"] if optimizer_column else []) + ["step", "B", "L", "draws", "recompute", "ms / step",
+                  "ms / sample", "peak GiB (alloc / reserved)", "run"], rows)
 
 
-@renderer("head_step_profile")
-def profile_table() -> str:
+def profile_table(name: str = "bench_head_step_profile_h200.json") -> str:
     rows = []
-    for r in load("bench_head_step_profile_h200.json")["rows"]:
+    for r in load(name)["rows"]:
         rows.append([r["optimizer"], str(r["B"]), fmt(r["L"], 0, sep=True), fmt(r["fwd_bwd_graph_ms"], 1),
                      fmt(r["clip_update_graph_ms"], 1), fmt(r["zero_grads_ms"], 1), f"**{fmt(r['step_ms'], 1)}**",
                      fmt(r["step_ms"] / r["B"], 1), fmt(r["peak_gib"], 1)])
     return table(["optimizer", "B", "L", "forward + backward graph ms", "clip + update graph ms", "zero grads ms",
-                  "step ms", "ms / sample", "peak GiB (uncapped)"], rows)
+                  "step ms", "ms / sample", "peak GiB"], rows)
 
 
 @renderer("head_step_kernels")
@@ -114,11 +115,10 @@ def memory_table() -> str:
                   "estimate error", "eager ms / sample"], rows)
 
 
-@renderer("head_train_graph_memory")
-def graph_memory_table() -> str:
+def graph_memory_table(name: str = "bench_head_train_step_h200.json") -> str:
     """Estimate vs peak for the CUDA-graph runs (the engine the presets use)."""
     rows = []
-    for r in load("bench_head_train_step_h200.json")["rows"]:
+    for r in load(name)["rows"]:
         if r.get("engine") != "graphs":
             continue
         if "error" in r:
@@ -137,10 +137,9 @@ def _tail_mean(xs, n=10) -> Decimal:
     return sum(xs[-n:]) / len(xs[-n:])
 
 
-@renderer("head_train_quality")
-def quality_table() -> str:
+def quality_table(name: str = "bench_head_train_quality_h200.json") -> str:
     rows, ref = [], None
-    for r in load("bench_head_train_quality_h200.json")["rows"]:
+    for r in load(name)["rows"]:
         last = _tail_mean(r["loss"])
         ref = last if r["dtype"] == "float32" else ref
         vs = "reference" if r["dtype"] == "float32" else _pct(100 * (last - ref) / ref, 1)
@@ -150,14 +149,12 @@ def quality_table() -> str:
                   "mean loss, last 10 steps", "vs fp32 AdamW", "run"], rows)
 
 
-def _e2e(section: str, run: int | None = None) -> list[dict]:
-    return [r for r in load("bench_head_train_e2e_h200.json")["rows"]
-            if r["section"] == section and (run is None or r["run"] == run)]
+def _e2e(section: str, run: int | None = None, name: str = "bench_head_train_e2e_h200.json") -> list[dict]:
+    return [r for r in load(name)["rows"] if r["section"] == section and (run is None or r["run"] == run)]
 
 
-@renderer("stage2_reference")
-def stage2_table() -> str:
-    (r,) = _e2e("stage2")
+def stage2_table(name: str = "bench_head_train_e2e_h200.json") -> str:
+    (r,) = _e2e("stage2", name=name)
     rows = [[name, fmt(r[f"{c}_prefix_len"], 0, sep=True), fmt(r[f"{c}_prefill_B1_ms"], 0),
              fmt(r[f"{c}_expert_step_B1_ms"], 0), f"**{fmt(r[f'{c}_stage2_ms_per_sample'], 0)}**"]
             for c, name in (("4cam", "4 cameras"), ("front", "front-only"))]
@@ -165,11 +162,10 @@ def stage2_table() -> str:
                   "Stage-2 ms / sample"], rows)
 
 
-@renderer("head_train_stores")
-def stores_table() -> str:
+def stores_table(name: str = "bench_head_train_e2e_h200.json") -> str:
     rows = [[r["name"], str(r["samples"]), fmt(r["L"], 0, sep=True), r["quant"], fmt(1000 * r["GB"] / r["samples"], 0),
              fmt(r["build_s"], 1), f"{fmt(r['read_GBps'], 2)} GB/s" + ("" if r["cache_dropped"] else " (cache warm)"),
-             str(r["run"])] for r in _e2e("store")]
+             str(r["run"])] for r in _e2e("store", name=name)]
     return table(["store", "samples", "L", "K/V", "MB / sample on disk", "write s", "disk read, page cache dropped",
                   "run"], rows)
 
@@ -180,6 +176,45 @@ def loader_table() -> str:
              f"**{fmt(r['ms_per_sample'], 2)}**", fmt(r["tier_fill_s"], 1)] for r in _e2e("loader")]
     return table(["store", "workers", "RAM tier holds the store", "samples / s to the GPU (page cache warm)", "ms / sample",
                   "tier fill s"], rows)
+
+
+_FLAGS = ("--gradient-checkpointing", "--recompute-attention", "--optimizer")
+
+
+def e2e_table(name: str = "bench_head_train_e2e_h100.json") -> str:
+    """head-train end to end per store against the Stage-2 per-sample cost of the same call."""
+    (s2,) = _e2e("stage2", name=name)
+    rows = []
+    for r in _e2e("e2e", name=name):
+        args = r["cmd"].split()
+        flags = [f"{a} {args[i + 1]}" if a == "--optimizer" else a for i, a in enumerate(args) if a in _FLAGS]
+        sm = r.get("summary")
+        if sm is None or r["rc"] != 0:
+            rows.append([r["name"], ", ".join(flags), f"rc {r['rc']}", "", "", "", "", "", ""])
+            continue
+        ref = s2["4cam_stage2_ms_per_sample" if r["name"].startswith("4cam") else "front_stage2_ms_per_sample"]
+        rows.append([r["name"], ", ".join(flags), str(sm["steps"]), fmt(sm["steady_ms_per_sample"], 1),
+                     f"{fmt(100 * sm['gpu_busy_fraction'], 0)} %", f"{fmt(100 * sm['steady_loader_wait_fraction'], 1)} %",
+                     fmt(sm["peak_gpu_gib"], 1), fmt(ref, 0), f"**{fmt(ref / sm['steady_ms_per_sample'], 1)}x**"])
+    return table(["store", "flags (all: bf16, B = 8, --compile --cuda-graphs, 24 GiB budget, RAM tier)", "steps",
+                  "steady ms / sample", "GPU busy", "loader wait", "peak GiB", "Stage-2 ms / sample (same call)",
+                  "ratio"], rows)
+
+
+for _gpu in ("h200", "h100"):  # one region per table and machine
+    renderer(f"head_step_profile{'' if _gpu == 'h200' else '_h100'}")(
+        lambda g=_gpu: profile_table(f"bench_head_step_profile_{g}.json"))
+    renderer(f"head_train_quality{'' if _gpu == 'h200' else '_h100'}")(
+        lambda g=_gpu: quality_table(f"bench_head_train_quality_{g}.json"))
+    renderer(f"stage2_reference{'' if _gpu == 'h200' else '_h100'}")(
+        lambda g=_gpu: stage2_table(f"bench_head_train_e2e_{g}.json"))
+    renderer(f"head_train_stores{'' if _gpu == 'h200' else '_h100'}")(
+        lambda g=_gpu: stores_table(f"bench_head_train_e2e_{g}.json"))
+    renderer(f"head_train_graph_memory{'' if _gpu == 'h200' else '_h100'}")(
+        lambda g=_gpu: graph_memory_table(f"bench_head_train_step_{g}.json"))
+renderer("head_train_step")(step_table)
+renderer("head_train_step_h100")(lambda: step_table("bench_head_train_step_h100.json", optimizer_column=True))
+renderer("head_train_e2e_h100")(e2e_table)
 
 
 @renderer("live_eval_h200")

@@ -1,6 +1,7 @@
-"""Loss curves of the update-quality bench (docs/bench_head_train_quality_h200.json) -> a PNG for the docs.
+"""Loss curves of the update-quality bench (docs/bench_head_train_quality_<gpu>.json) -> a PNG for the docs.
 
     python bench/plot_head_quality.py            # writes docs/head_train_quality_h200.png
+    python bench/plot_head_quality.py --gpu h100 # writes docs/head_train_quality_h100.png
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def main(argv: list[str] | None = None) -> int:
-    src = DOCS / "bench_head_train_quality_h200.json"
-    out = Path(argv[0]) if argv else DOCS / "head_train_quality_h200.png"
-    rows = json.loads(src.read_text())["rows"]
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpu", default="h200", choices=["h200", "h100"], help="whose bench file")
+    ap.add_argument("out", nargs="?", help="PNG path (default docs/head_train_quality_<gpu>.png)")
+    args = ap.parse_args(argv)
+    src = DOCS / f"bench_head_train_quality_{args.gpu}.json"
+    out = Path(args.out) if args.out else DOCS / f"head_train_quality_{args.gpu}.png"
+    doc = json.loads(src.read_text())
+    rows = doc["rows"]
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     for r in rows:
         loss = np.asarray(r["loss"])
@@ -30,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         ax.plot(np.arange(len(smooth)) + 8, smooth, label=f"{r['dtype']} + {r['optimizer']} ({r['engine']})", **style)
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss (8-step mean)")
-    ax.set_title("release-shape head, fixed synthetic target, H200 (random weights)", fontsize=9)
+    ax.set_title(f"release-shape head, fixed synthetic target, {args.gpu.upper()} (random weights), "
+                 f"{len(rows[0]['loss'])} steps", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,12 +1,18 @@
-"""AdamW with block-wise 8-bit states, one fused kernel per parameter (`--optimizer adamw8bit-fused`).
+"""AdamW with block-wise 8-bit states, one compiled function per parameter (`--optimizer adamw8bit-fused`).
 
-Why: torchao's AdamW8bit (`adamw8bit`) was 53 ms of the 97 ms step at B = 8 on the H200
-(docs/PERFORMANCE.md, step profile): its quantisation runs through a tensor subclass, so the update,
-the block absmax and the code search become separate kernels that each read and write fp32 copies.
-Here the state is plain tensors (codes uint8 (n,), scales fp32 (n / 256,)) and one compiled function per
-parameter reads p, g and the codes once, and writes p and the new codes and scales once: about 10 bytes
-per bf16 parameter, the memory-bound floor of an 8-bit Adam. The gradient-clipping factor is an input, so
-clip + update read the gradients once instead of three times (`clip_and_step`).
+Why: torchao's AdamW8bit (`adamw8bit`) was 53 ms of the 97 ms step at B = 8 on the H200, against a
+memory-bound floor of about 5 ms (10 bytes per parameter). Here the state is plain tensors (codes uint8
+(n,), scales fp32 (n / 256,)) and one compiled function per parameter reads p, g and the codes once and
+writes p, codes and scales once; the gradient-clipping factor is an input, so the gradients are never
+rewritten (`clip_and_step`).
+
+Measured, and NOT faster yet (docs/PERFORMANCE.md, "Head training on an H100"): its clip + update graph
+replays in 138.6 ms on an H100 (2.28 B parameters, about 165 GB/s), and the whole B = 8 step is 186 ms
+against torchao's 102 ms in the same call. The generated kernel is bound by the 18 dependent table
+look-ups per element (two dequantisations, two 8-probe code searches), not by memory. No preset uses it;
+it stays because its numbers, clip folding and state handling are tested, for a code search without
+look-ups to replace `quantise`. One static compile per parameter shape: 1.4x faster than automatic dynamic
+shapes (bench/diag_adam8.py).
 
 Same numbers as torchao's AdamW8bit: the same dynamic quantisation maps (bitsandbytes' signed map for
 the first moment, unsigned for the second), block 256, the same branchless binary search and
@@ -109,7 +115,7 @@ class AdamW8bitFused(torch.optim.Optimizer):
         self._qv = torch.tensor(dynamic_map(False), dtype=torch.float32, device=dev)
         self._one = torch.ones((), device=dev)
         fns = (update_q8, update_plain)
-        self._q8, self._plain = (torch.compile(f, fullgraph=True) for f in fns) if self.compile else fns
+        self._q8, self._plain = (torch.compile(f, fullgraph=True, dynamic=False) for f in fns) if self.compile else fns
 
     @staticmethod
     def quantised(p: Tensor) -> bool:

@@ -1,0 +1,76 @@
+"""GPU time of one optimizer step over 24 release-like bf16 tensors (214 M elements), launched eagerly:
+torchao AdamW8bit against adamw8bit-fused compiled with automatic dynamic shapes, with one static compile
+per shape (what adam8.py does), and uncompiled.
+
+    python bench/diag_adam8.py            # on the GPU box (PYTHONPATH with torchao)
+
+Eager launches include the host's per-parameter overhead, which dominates torchao here (its tensor
+subclass dispatch); the CUDA-graph replay in bench/profile_head_step.py is the figure without it.
+Measured 2026-12-07, one H100 (docs/PERFORMANCE.md, "Head training on an H100"), ms per step / warm-up s:
+torchao 17.02 / 24.1; fused automatic-dynamic 13.17 / 10.6; fused static 9.53 / 13.0; fused eager 131.83 / 0.5.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from head_trainer import adam8  # noqa: E402
+
+SHAPES = [(2048, 6144), (6144, 2048), (4096, 2048), (1024, 2048)] * 6
+
+
+def bench(make, n: int = 5) -> tuple[float, float]:
+    """(ms per step over n steps after 3 warm-up steps, warm-up seconds)."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=torch.bfloat16)) for s in SHAPES]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt = make(ps)
+    t0 = time.time()
+    for _ in range(3):
+        opt.step()
+    torch.cuda.synchronize()
+    warm = time.time() - t0
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        opt.step()
+    b.record()
+    b.synchronize()
+    return round(a.elapsed_time(b) / n, 2), round(warm, 1)
+
+
+def fused_with(compile_kw: dict | None):
+    """adamw8bit-fused with torch.compile given `compile_kw` (None: not compiled)."""
+    def make(ps):
+        orig = torch.compile
+        adam8.torch.compile = (lambda f, **kw: orig(f, **{**kw, **compile_kw})) if compile_kw is not None else (lambda f, **kw: f)
+        try:
+            return adam8.AdamW8bitFused(ps, lr=1e-4)
+        finally:
+            adam8.torch.compile = orig
+    return make
+
+
+def main() -> None:
+    from torchao.optim import AdamW8bit
+
+    print(f"{sum(a * b for a, b in SHAPES):,} elements in {len(SHAPES)} tensors")
+    rows = [("torchao AdamW8bit", lambda ps: AdamW8bit(ps, lr=1e-4, bf16_stochastic_round=True), 5),
+            ("fused, automatic dynamic", fused_with({"dynamic": None}), 5),
+            ("fused, static per shape", fused_with({"dynamic": False}), 5),
+            ("fused, not compiled", fused_with(None), 2)]
+    print("| optimizer | ms / step | warm-up s |\n| --- | --- | --- |")
+    for name, make, n in rows:
+        ms, warm = bench(make, n)
+        print(f"| {name} | {ms} | {warm} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
