@@ -5,7 +5,8 @@
 #   bash bench/h200_session.sh e2e     # release-shape stores, head-train CLI end to end, adamwfp8's update cost
 #   bash bench/h200_session.sh rest    # fp8 / offload / trainable-mode memory, 200-step quality, Stage-2 reference
 #   bash bench/h200_session.sh fused   # adamw8bit-fused vs torchao adamw8bit: step split, 24 GB plan rows, 200-step quality
-#   bash bench/h200_session.sh e2ef    # stores, head-train end to end with the fused plan, Stage-2 reference (one run)
+#   bash bench/h200_session.sh e2ef    # stores, head-train end to end (E2E_OPT, default adamw8bit), Stage-2 reference
+#                                        (E2E_OPT=adamw8bit-fused reproduces the H100 run of 2026-12-07)
 #   bash bench/h200_session.sh modes   # memory rows of projections / lora / fp8 / offload
 # Every result lands in $OUT as JSON as soon as it is measured; each part has its own time limit so a
 # hang or crash in one costs only that part.
@@ -70,7 +71,7 @@ fused)
 e2ef)  # the fused plans end to end (4 cameras: the 24gb preset's layer recompute, since two 3.3 GiB KV slots
        # plus attention recompute estimate above 90 % of 24 GiB; front-only: attention recompute); Stage-2 in the same call
   S=${E2E_STORES:-4cam_int8,front_bf16}; N=${E2E_N:-32}
-  A="--dtype bfloat16 --optimizer adamw8bit-fused --gpu-memory-budget 24GiB --compile --cuda-graphs --ram-cache-gb 16 --val-every 0"
+  A="--dtype bfloat16 --optimizer ${E2E_OPT:-adamw8bit} --gpu-memory-budget 24GiB --compile --cuda-graphs --ram-cache-gb 16 --val-every 0"
   e() { part "$1" python3 bench/bench_head_train_e2e.py --json-dir "$OUT" --dir /tmp/stores --stores "$S" --max-samples "$N" \
           --workers 8 --e2e-steps "${E2E_STEPS:-200}" --e2e-timeout "${E2E_RUN_S:-150}" --e2e-args "$4" --sections "$2" ${3:+--stores $3}; }
   e "${STORES_S:-90}" stores "" "$A"

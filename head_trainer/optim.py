@@ -4,8 +4,8 @@
                     update is rounded to nearest, which loses small updates (the 24 GB trap the seed hit)
     adamw8bit       torchao AdamW8bit: block-wise 8-bit states; bf16 weights get stochastic rounding
     adamw8bit-fused the same numbers (bitwise torchao's in fp32) as plain-tensor state, one compiled
-                    function per parameter, the clip folded in (head_trainer/adam8.py); measured 2.7x
-                    SLOWER than adamw8bit on an H100 (update 138.6 ms): no preset uses it
+                    function per parameter, the clip folded in (head_trainer/adam8.py); measured SLOWER
+                    than adamw8bit on an H100 (B = 8 step 186 vs 102 ms): no preset uses it
     adamw4bit       torchao AdamW4bit: 4-bit states; bf16 weights get stochastic rounding
     adamwfp8        torchao AdamWFp8: block-wise float8 (e4m3) states; bf16 weights get stochastic rounding
     adamw-sr        torchao AdamW, states in the parameter dtype; bf16 weights get stochastic rounding
