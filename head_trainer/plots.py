@@ -103,9 +103,10 @@ def plot_comparison(results: list[dict], out_png: str | Path, store_url: str | N
         ax.set_ylabel(FORWARD_LABEL, fontsize=8)
         ax.legend(fontsize=6, loc="best")
         ax.grid(alpha=0.3)
-    fig.suptitle("   ".join(f"{lab}: minADE {r['summary']['min_ade']:.2f} m" for lab, r in zip(labels, results)),
-                 fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    parts = [f"{lab}: minADE {r['summary']['min_ade']:.2f} m" for lab, r in zip(labels, results)]
+    lines = ["   ".join(parts[i:i + 3]) for i in range(0, len(parts), 3)]  # 3 runs a line: never cut at the edges
+    fig.suptitle("\n".join(lines), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.012 * (len(lines) + 1)))
     return _save(fig, out_png)
 
 
