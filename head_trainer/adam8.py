@@ -8,11 +8,12 @@ rewritten (`clip_and_step`).
 
 Measured, and NOT faster yet (docs/PERFORMANCE.md, "Head training on an H100"): its clip + update graph
 replays in 138.6 ms on an H100 (2.28 B parameters, about 165 GB/s), and the whole B = 8 step is 186 ms
-against torchao's 102 ms in the same call. The generated kernel is bound by the 18 dependent table
-look-ups per element (two dequantisations, two 8-probe code searches), not by memory. No preset uses it;
-it stays because its numbers, clip folding and state handling are tested, for a code search without
-look-ups to replace `quantise`. One static compile per parameter shape: 1.4x faster than automatic dynamic
-shapes (bench/diag_adam8.py).
+against torchao's 102 ms in the same call. Why is not known yet: torchao runs the same look-ups (two
+dequantisations, two 8-probe code searches per element) faster, so the generated kernels differ in a way
+no profile has shown (ncu was not run). No preset uses it; it stays because its numbers, clip folding and
+state handling are tested and an ncu profile of its kernel is the next step. One static compile per
+parameter shape: 1.4x faster than automatic dynamic shapes in bench/diag_adam8.py (not yet measured in
+the whole step).
 
 Same numbers as torchao's AdamW8bit: the same dynamic quantisation maps (bitsandbytes' signed map for
 the first moment, unsigned for the second), block 256, the same branchless binary search and
