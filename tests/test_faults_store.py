@@ -112,6 +112,24 @@ def test_flipped_bytes_fail_the_checksum_and_only_full_verify_sees_them(tmp_path
         assert not (torch.equal(x.k, ref.k) and torch.equal(x.v, ref.v))
 
 
+def test_a_layer_subset_read_is_checked_too(tmp_path):
+    """The crc32 covers the whole array: a checked subset read reads it all, so damage in any layer is
+    refused, also for a subset without that layer; checksums=False (the opt-out) reads only its layers."""
+    st = _build(tmp_path / "c", codec="none")
+    key = st.keys()[2]
+    whole = st.read(key, with_hidden=False)
+    sub = st.read(key, layers=[3, 1], with_hidden=False)
+    assert torch.equal(sub.k, whole.k[[3, 1]]) and torch.equal(sub.v, whole.v[[3, 1]]) and sub.layers == (3, 1)
+    _flip(_file(st, key, "kv/c.1.0.0.0.0"))  # layer 1's chunk, same size
+    for layers in ([1], [0, 2]):
+        with pytest.raises(SampleReadError, match="checksum mismatch") as e:
+            st.read(key, layers=layers)
+        assert e.value.key == key and e.value.array == "kv"
+    loose = Store.open(st.url, checksums=False)
+    assert torch.equal(loose.read(key, layers=[0, 2]).k, whole.k[[0, 2]])
+    assert not torch.equal(loose.read(key, layers=[1]).v, whole.v[[1]])  # what the opt-out accepts
+
+
 def test_verify_names_every_damaged_sample_and_drop_then_resume_rebuilds_them(tmp_path):
     st = _build(tmp_path / "c", n=8)
     keys = st.keys()

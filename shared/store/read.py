@@ -139,8 +139,9 @@ class Store:
         """One stored array of a sample, as stored (codes / bf16 bits); `layers` slices axis 0 of kv/q_*.
 
         Checked against the manifest: a missing file, a file of another size than recorded, an undecodable
-        chunk, another shape, or (whole arrays, unless the store was opened with checksums=False) another
-        crc32 raise SampleReadError naming the sample. Layer subsets skip the crc32 (it covers the array).
+        chunk, another shape, or (unless the store was opened with checksums=False) another crc32 raise
+        SampleReadError naming the sample. The crc32 covers the whole array, so a checked layer subset reads
+        the whole array and slices it; with checksums=False a subset reads only its layers' chunks.
         A remote store's reads are retried while its endpoint is away; past the retry budget they raise
         StoreUnavailableError (not a SampleReadError: the sample is not damaged)."""
         m = self.manifest(i_or_key)
@@ -149,9 +150,10 @@ class Store:
         if am is None:
             raise SampleReadError(self.url, key, name, f"no such array (the sample has {sorted(m['arrays'])})")
         zs = _CheckedStore(self._loc.sample_store(m["sid"], read_only=True), expected_files(self.spec, m))
+        whole = layers is None or self.checksums
         try:
             z = zarr.open_array(zs, path=name, mode="r")
-            if layers is None:
+            if whole:
                 a = z[...]
             else:
                 parts = [z[a:b] for a, b in _runs(layers)]
@@ -162,14 +164,14 @@ class Store:
             raise StoreUnavailableError(f"reading sample {key!r} ({name}) of {self.url}: {e}") from None
         except Exception as e:  # noqa: BLE001 - any decode failure of stored bytes is damage to this sample
             raise SampleReadError(self.url, key, name, f"unreadable ({type(e).__name__}: {_first_line(e)})") from e
-        want = list(am["shape"]) if layers is None else [len(layers), *am["shape"][1:]]
+        want = list(am["shape"]) if whole else [len(layers), *am["shape"][1:]]
         if list(a.shape) != want or str(a.dtype) != am["dtype"]:
             raise SampleReadError(self.url, key, name, f"stored {list(a.shape)} {a.dtype}, manifest {want} {am['dtype']}")
-        if layers is None and self.checksums and _crc(a) != am["crc32"]:
+        if self.checksums and _crc(a) != am["crc32"]:
             gone = f"; missing files read as fill values: {zs.missing}" if zs.missing else ""
             raise SampleReadError(self.url, key, name, f"checksum mismatch (crc32 {_crc(a)}, manifest {am['crc32']})"
                                   f"{gone}")
-        return a
+        return a if layers is None or not whole else np.ascontiguousarray(a[list(layers)])
 
     def read(
         self,
