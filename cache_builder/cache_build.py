@@ -491,15 +491,19 @@ def build(cfg: BuildConfig) -> dict:
     mode = "resume" if cfg.resume else ("overwrite" if cfg.overwrite else "new")
     writer = StoreWriter.create(cfg.store_url, prov, spec, mode=mode, writer_id=cfg.shard.replace("/", "of"),
                                 workers=threads, max_pending=threads + cfg.batch_size, processes=procs)
-    vlm = load_vlm(ckpt, torch.float32 if cfg.kv_dtype == "float32" else torch.bfloat16, device, cfg.attn)
-    builder = Builder(cfg, processor, vlm, ckpt.action_space(), nav)
-    stage = builder.stage(DatasetSamples(str(cfg.dataset), clips, cfg.keyframes, cfg.cameras),
-                          done=writer.done_keys(), cots=cots)
-    t0 = time.perf_counter()
-    bar = tqdm(desc=f"cache-build {cfg.shard}", unit="sample", total=cfg.max_samples, dynamic_ncols=True)
-    n_new, rep = builder.run(cpu_stage_loader(stage, workers), writer, cfg.max_samples, bar)
-    writer.close()
-    bar.close()
+    # on success the writer's exit commits what is queued (close); on an error it stops its threads and
+    # processes first, so nothing of it writes (or logs) after the one error line the caller prints
+    with writer:
+        vlm = load_vlm(ckpt, torch.float32 if cfg.kv_dtype == "float32" else torch.bfloat16, device, cfg.attn)
+        builder = Builder(cfg, processor, vlm, ckpt.action_space(), nav)
+        stage = builder.stage(DatasetSamples(str(cfg.dataset), clips, cfg.keyframes, cfg.cameras),
+                              done=writer.done_keys(), cots=cots)
+        t0 = time.perf_counter()
+        bar = tqdm(desc=f"cache-build {cfg.shard}", unit="sample", total=cfg.max_samples, dynamic_ncols=True)
+        try:
+            n_new, rep = builder.run(cpu_stage_loader(stage, workers), writer, cfg.max_samples, bar)
+        finally:
+            bar.close()  # ends the bar's line: an error after it starts a line of its own
     return {"store": writer.url, "written": n_new, "already_done": rep.already_done, "skipped_clips": SkipReport(rep.skipped).counts,
             "skipped_no_reasoning": rep.no_reasoning, "seconds": round(time.perf_counter() - t0, 2),
             "bytes_logical": writer.bytes_logical, "bytes_stored": writer.bytes_stored,

@@ -28,7 +28,7 @@ from shared.store import (  # noqa: E402
     StoreWriter,
     synthetic_sample,  # noqa: E402
 )
-from shared.store.retry import transient  # noqa: E402
+from shared.store.retry import retry_call, transient  # noqa: E402
 
 N = 8
 FAST = {"attempts": 30, "first_delay_s": 0.1, "max_delay_s": 0.4, "budget_s": 15}  # outlasts the 1-2 s outages
@@ -213,3 +213,70 @@ def test_an_endpoint_that_accepts_and_never_answers_is_retried_then_one_line(s3,
     want = reference.read(key)
     assert torch.equal(got.k.view(torch.int16), want.k.view(torch.int16))
     assert torch.equal(got.v.view(torch.int16), want.v.view(torch.int16))
+
+
+def test_errors_s3fs_used_to_retry_are_classified():
+    """s3fs retried some errors itself (its `retries`, now 1: `no_hidden_retries`); each is classified here,
+    built as s3fs hands it over (a ClientError goes through s3fs's translate_boto_error). Damaged in transit
+    (a reply cut or garbled, a payload whose checksum the server or botocore rejects): transient, the same
+    request again goes through. The request itself wrong, a key that is not there, a clock 15 min off, a
+    checksum setting botocore does not know: not transient, refused at once."""
+    from botocore.exceptions import ClientError, FlexibleChecksumError
+    from botocore.parsers import ResponseParserError
+    from s3fs.errors import translate_boto_error
+
+    def client_error(status, code, msg=""):
+        return ClientError({"Error": {"Code": code, "Message": msg}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                           "PutObject")
+
+    transient_ones = {
+        "reply not parseable": ResponseParserError("Unable to parse response (no element found: line 1, column 0)"),
+        "sha256 of the body": client_error(400, "XAmzContentSHA256Mismatch",
+                                           "The provided 'x-amz-content-sha256' header does not match what was "
+                                           "computed."),
+        "md5 / checksum of the body": client_error(400, "BadDigest", "The CRC32 you specified did not match the "
+                                                   "calculated checksum."),
+        "server timed the request out": client_error(400, "RequestTimeout", "Your socket connection to the server "
+                                                     "was not read from or written to within the timeout period."),
+        "throttled with 429": client_error(429, "TooManyRequests"),
+        "reply checksum (botocore)": FlexibleChecksumError(
+            error_msg="Expected checksum AAAA did not match calculated checksum: BBBB"),
+    }
+    permanent = {
+        "missing key": client_error(404, "NoSuchKey"),
+        "missing bucket": client_error(404, "NoSuchBucket"),
+        "clock skew": client_error(403, "RequestTimeTooSkewed", "The difference between the request time and the "
+                                   "current time is too large."),
+        "bad request": client_error(400, "InvalidArgument"),
+        "malformed digest header": client_error(400, "InvalidDigest"),
+        "checksum setting": FlexibleChecksumError(error_msg="Unsupported checksum algorithm: foo"),
+    }
+    for name, e in transient_ones.items():
+        assert transient(e), name
+        if isinstance(e, ClientError):
+            assert transient(translate_boto_error(e)), f"{name}, as s3fs raises it"
+    for name, e in permanent.items():
+        assert not transient(e), name
+        if isinstance(e, ClientError):
+            assert not transient(translate_boto_error(e)), f"{name}, as s3fs raises it"
+
+    # through the retry layer: retried (and logged), then the second try's answer
+    tries = []
+
+    def put_once_mangled():
+        tries.append(1)
+        if len(tries) == 1:
+            raise translate_boto_error(transient_ones["sha256 of the body"])
+        return "ok"
+
+    policy = RetryPolicy(attempts=3, first_delay_s=0, budget_s=5)
+    assert retry_call(policy, "PUT s3://b/k", put_once_mangled) == "ok" and len(tries) == 2
+    tries.clear()
+
+    def missing():
+        tries.append(1)
+        raise translate_boto_error(permanent["missing key"])
+
+    with pytest.raises(FileNotFoundError):
+        retry_call(policy, "GET s3://b/k", missing)
+    assert len(tries) == 1

@@ -3,8 +3,9 @@
 Two layers. botocore retries each S3 request a few times within about a second (`_inner_s3_defaults`:
 connection blips, 5xx, throttling). This layer outlasts an endpoint that is gone for seconds to a
 minute: exponential backoff, bounded attempts and total time, one log line per retry naming the
-operation, the path and the attempt. Only transient errors are retried (no connection, timeouts, 5xx);
-a missing key on a live server, a permission error or a checksum mismatch fail at once. Every retried
+operation, the path and the attempt. Only transient errors are retried (no connection, timeouts, 5xx and
+throttling, a reply or request damaged in transit: see `transient`); a missing key on a live server, a
+permission error or a checksum mismatch of stored data (SampleReadError) fail at once. Every retried
 operation is idempotent: a whole-object GET or PUT (the same bytes again), a listing, a delete.
 
 Configure it with `storage_options={"retry": {...}}` or, for processes started for you (DataLoader
@@ -69,12 +70,22 @@ class RetryPolicy:
         return min(self.max_delay_s, self.first_delay_s * 2 ** (attempt - 1))
 
 
+# S3 error codes of a server that is busy, or of a request damaged on its way (the server's checksum of the
+# body is not the one signed or sent: the same bytes sent again go through). s3fs retried the last two
+# itself. Not here: RequestTimeTooSkewed (the local clock is 15 min off; waiting does not fix it, s3fs
+# makes it a PermissionError), InvalidDigest (a malformed header), NoSuchKey and other 4xx.
 _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
-                    "ThrottlingException"}
-# botocore / aiohttp / fsspec classes (matched by name along the class's bases: none is imported here)
+                    "ThrottlingException", "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded",
+                    "BandwidthLimitExceeded", "PriorRequestNotComplete", "XAmzContentSHA256Mismatch", "BadDigest"}
+# botocore / aiohttp / fsspec classes (matched by name along the class's bases: none is imported here).
+# ResponseParserError: a reply cut or garbled on its way (or a proxy's HTML page while throttling); s3fs
+# retried it. A live server that speaks no S3 at all gives it too: retried to the budget, then one line.
 _TRANSIENT_NAMES = {"ConnectionError", "HTTPClientError", "ReadTimeoutError", "ResponseStreamingError",
                     "IncompleteReadError", "ClientConnectionError", "ClientPayloadError", "ServerTimeoutError",
-                    "FSTimeoutError"}
+                    "FSTimeoutError", "ResponseParserError"}
+# botocore's check of a reply's checksum (FlexibleChecksumError; ChecksumError of the legacy retry handler):
+# a mismatch is damage in transit; the same class also reports a checksum setting it does not know (permanent)
+_CHECKSUM_NAMES = {"FlexibleChecksumError", "ChecksumError"}
 
 
 def transient(exc: BaseException | None) -> bool:
@@ -88,8 +99,9 @@ def transient(exc: BaseException | None) -> bool:
         if type(exc).__name__ == "ClientError" and isinstance(resp, dict):  # botocore: the server answered
             code = str(resp.get("Error", {}).get("Code", ""))
             status = int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            return status >= 500 or code in _TRANSIENT_CODES
-        if _TRANSIENT_NAMES & {c.__name__ for c in type(exc).__mro__}:
+            return status >= 500 or status == 429 or code in _TRANSIENT_CODES
+        names = {c.__name__ for c in type(exc).__mro__}
+        if _TRANSIENT_NAMES & names or (_CHECKSUM_NAMES & names and "did not match" in str(exc)):
             return True
         exc = exc.__cause__
     return False

@@ -230,7 +230,7 @@ class StoreWriter:
             self.close()
         else:  # leave committed samples; do not mask the original error
             self._closed = True
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)  # queued samples never start: a resume redoes them
             self._stop_processes()
             self._unlock()
 
@@ -247,6 +247,8 @@ class StoreWriter:
     # ---------------------------------------------------------------- internals
     def _done(self, fut: Future) -> None:
         self._slots.release()
+        if fut.cancelled():  # dropped by __exit__ on an error before it started
+            return
         e = fut.exception()
         if e is not None:
             with self._lock:
