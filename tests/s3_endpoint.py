@@ -66,6 +66,10 @@ class S3Endpoint:
         self.start()
         import s3fs
 
+        # fsspec caches filesystems by their arguments: one made for an s3:// URL without storage options
+        # (cache-build, head-train: the endpoint comes from the environment) would still reach an earlier
+        # endpoint's port
+        s3fs.S3FileSystem.clear_instance_cache()
         # moto's backends outlive this server (that is what makes a restart lose nothing), so a bucket of an
         # earlier endpoint in this process may still be there: start empty, and leave nothing behind
         self.bucket, self._fs = bucket, s3fs.S3FileSystem(**self.options, skip_instance_cache=True)
@@ -148,6 +152,9 @@ class S3Endpoint:
             self._timer.join()
         self.start()
         self._fs.invalidate_cache()
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
         self._fs.rm(self.bucket, recursive=True)
         self.stop()
 
