@@ -207,6 +207,28 @@ def test_require_names_what_differs(tmp_path):
         st.require({"spec.head_dim": 16})
 
 
+def test_a_root_edited_by_hand_is_refused_and_an_older_root_without_a_digest_opens(tmp_path):
+    st = _build(tmp_path / "c", n=2)
+    root = Path(st.url) / "zarr.json"
+    clean = root.read_text()
+    meta = json.loads(clean)
+    meta["attributes"]["provenance"]["processor"] = "another@2"  # claims other prefixes for the same bytes
+    root.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"zarr.json: its provenance / spec differ from what the build recorded"):
+        Store.open(st.url)
+    with pytest.raises(StoreError, match=r"edited after the build"):
+        StoreWriter.create(st.url, PROV, st.spec, mode="resume")
+    meta = json.loads(clean)
+    meta["attributes"]["spec"]["head_dim"] = 16
+    root.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"edited after the build"):
+        Store.open(st.url)
+    meta = json.loads(clean)
+    del meta["attributes"]["root_sha256"]  # a store written before the digest: opens as before
+    root.write_text(json.dumps(meta))
+    assert Store.open(st.url).keys() == st.keys()
+
+
 def test_a_store_of_another_schema_version_is_refused_naming_both(tmp_path):
     st = _build(tmp_path / "c", n=1)
     root = Path(st.url) / "zarr.json"

@@ -115,9 +115,14 @@ def test_skip_bad_samples_in_head_eval(damaged, clean, tmp_path, capsys):
 
 
 def _edit_provenance(store: Path, **changes) -> None:
+    """Make the store look built with other provenance (its recorded digest too: a consistent root)."""
+    from shared.store.format import root_digest
+
     root = store / "zarr.json"
     doc = json.loads(root.read_text())
-    doc["attributes"]["provenance"].update(changes)
+    attrs = doc["attributes"]
+    attrs["provenance"].update(changes)
+    attrs["root_sha256"] = root_digest(attrs["provenance"], attrs["spec"])
     root.write_text(json.dumps(doc))
 
 

@@ -3,7 +3,7 @@
 One Zarr v3 store per build, local (`cache/<name>/`) or any fsspec URL (`s3://bucket/x`). Layout and
 the measurements behind it are in docs/CACHE_FORMAT.md; in short:
 
-    <root>/zarr.json                      root group; attributes = format, schema_version, provenance, spec
+    <root>/zarr.json                      root group; attributes = format, schema_version, provenance, spec, root_sha256
     <root>/writers/<writer_id>.json       who wrote (one file per writer process, never shared)
     <root>/samples/<sid>/                 one Zarr group per sample (sid = escaped sample key)
         kv        (layers, 2, kv_heads, L, Dc)  uint16 (bf16 bits) | float32 | int8 | uint8 (int4 packed)

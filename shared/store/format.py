@@ -9,6 +9,7 @@ name, how K/V/hidden are stored (bf16 as uint16 bits), the chunking rule and the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -241,8 +242,15 @@ def expected_files(spec: KVSpec, manifest: dict) -> dict[str, int | None]:
     return dict.fromkeys(sample_file_names(spec, manifest["arrays"]))
 
 
+def root_digest(provenance: dict, spec: dict) -> str:
+    """sha256 of the root's provenance and spec as canonical JSON. Written beside them, so a root edited by
+    hand (another checkpoint or processor claimed for the same prefixes) is refused on open, not trusted."""
+    return hashlib.sha256(json.dumps({"provenance": provenance, "spec": spec}, sort_keys=True).encode()).hexdigest()
+
+
 def _root_meta(spec: KVSpec, provenance: dict) -> bytes:
-    attrs = {"format": FORMAT_NAME, "schema_version": spec.schema_version, "provenance": provenance, "spec": spec.to_dict()}
+    attrs = {"format": FORMAT_NAME, "schema_version": spec.schema_version, "provenance": provenance, "spec": spec.to_dict(),
+             "root_sha256": root_digest(provenance, spec.to_dict())}
     return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}, sort_keys=True, indent=2).encode()
 
 

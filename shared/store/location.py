@@ -10,7 +10,14 @@ from collections.abc import Iterable
 import fsspec
 import zarr
 
-from shared.store.format import FORMAT_NAME, SUPPORTED_SCHEMA_VERSIONS, StoreError, sample_id, unescape_sid
+from shared.store.format import (
+    FORMAT_NAME,
+    SUPPORTED_SCHEMA_VERSIONS,
+    StoreError,
+    root_digest,
+    sample_id,
+    unescape_sid,
+)
 from shared.store.retry import RetryingFS, RetryingStore, RetryPolicy, inner_s3_defaults, no_hidden_retries
 
 
@@ -88,6 +95,11 @@ def _read_root(loc: _Loc) -> dict:
             f"{loc.url} has schema_version {ver!r}; this code reads {SUPPORTED_SCHEMA_VERSIONS}: "
             "upgrade alpamayo-headtune or rebuild the cache"
         )
+    want = attrs.get("root_sha256")  # stores written before 2026-12-07 have none
+    if want is not None and root_digest(attrs.get("provenance"), attrs.get("spec")) != want:
+        raise StoreError(f"{p}: its provenance / spec differ from what the build recorded (sha256 "
+                         f"{root_digest(attrs.get('provenance'), attrs.get('spec'))[:12]} vs {want[:12]}): the file was "
+                         "edited after the build; restore it or rebuild the cache")
     return attrs
 
 
