@@ -34,30 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from s3_endpoint import S3Endpoint  # noqa: E402
-from test_store_ops import PROV, SPEC, assert_stores_equal, produce  # noqa: E402
+from test_faults_remote import N, write_with_outage  # noqa: E402
+from test_store_ops import assert_stores_equal, produce  # noqa: E402
 
-from shared.store import Store, StoreError, StoreUnavailableError, StoreWriter, synthetic_sample  # noqa: E402
+from shared.store import Store, StoreError, StoreUnavailableError  # noqa: E402
 
-N = 8
 BUDGET = {"attempts": 30, "first_delay_s": 0.1, "max_delay_s": 0.4, "budget_s": 1.5}
 RESUME = {**BUDGET, "budget_s": 30}
-
-
-def build(url: str, so: dict, outage, after: int, processes: int) -> None:
-    w = StoreWriter.create(url, PROV, SPEC, mode="resume", storage_options=so, processes=processes)
-    try:
-        w.wait_ready()
-        done = w.done_keys()
-        for i in range(N):
-            if i == after and outage is not None:
-                outage()
-            s = synthetic_sample(i, SPEC)
-            if s.key not in done:
-                w.write(s)
-        w.close()
-    finally:
-        if not w._closed:
-            w.__exit__(RuntimeError, None, None)
 
 
 def check(url: str, s3: S3Endpoint, ref: Store, got: dict | None = None) -> str:
@@ -87,12 +70,12 @@ def trial(rng: random.Random, s3: S3Endpoint, ref: Store, n: int) -> dict:
     if kind == "build":
         row["writer_processes"] = rng.choice([0, 1])
         try:
-            build(url, so, lambda: s3.outage(row["outage_s"]), row["at"], row["writer_processes"])
+            write_with_outage(url, so, lambda: s3.outage(row["outage_s"]), row["at"], row["writer_processes"])
         except StoreError as e:
             refused = str(e)
             s3.wait_up()
             row["committed_before_resume"] = len(Store.open(url, storage_options=s3.options))
-            build(url, {**s3.options, "retry": RESUME}, None, N, row["writer_processes"])
+            write_with_outage(url, {**s3.options, "retry": RESUME}, None, N, row["writer_processes"])  # after=N: no outage
     else:
         with contextlib.redirect_stdout(io.StringIO()):
             produce(url, N, 0, 1, storage_options=s3.options)
