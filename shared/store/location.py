@@ -96,10 +96,10 @@ def _read_root(loc: _Loc) -> dict:
             "upgrade alpamayo-headtune or rebuild the cache"
         )
     want = attrs.get("root_sha256")  # stores written before 2026-12-07 have none
-    if want is not None and root_digest(attrs.get("provenance"), attrs.get("spec")) != want:
-        raise StoreError(f"{p}: its provenance / spec differ from what the build recorded (sha256 "
-                         f"{root_digest(attrs.get('provenance'), attrs.get('spec'))[:12]} vs {want[:12]}): the file was "
-                         "edited after the build; restore it or rebuild the cache")
+    have = root_digest(attrs.get("provenance"), attrs.get("spec")) if want is not None else None
+    if have != want:
+        raise StoreError(f"{p}: its provenance / spec differ from what the build recorded (sha256 {have[:12]} vs "
+                         f"{want[:12]}): the file was edited after the build; restore it or rebuild the cache")
     return attrs
 
 

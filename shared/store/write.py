@@ -259,14 +259,15 @@ class StoreWriter:
             e, self._error = self._error, None
         if e is not None:
             what = str(e) if isinstance(e, (OSError, StoreError)) else repr(e)
-            if isinstance(e, StoreUnavailableError) or "StoreUnavailableError: " in what:  # (from a writer process)
-                raise StoreError(f"writing into {self.url} failed: {what}; the samples committed so far are intact: "
-                                 "rerun with --resume once the store answers again") from e
-            if isinstance(e, OSError) or "[Errno " in what:  # disk full, permissions, a vanished mount (here or
-                # in a writer process): say what to do next
-                raise StoreError(f"writing into {self.url} failed: {what}; the samples committed so far are intact: "
-                                 "fix the cause (free space), then rerun with --resume") from e
-            raise StoreError(f"background write failed: {what}") from e
+            # an unreachable endpoint, or disk full / permissions / a vanished mount (here or in a writer
+            # process, whose errors arrive as text): say what to do next
+            if isinstance(e, StoreUnavailableError) or "StoreUnavailableError: " in what:
+                then = "rerun with --resume once the store answers again"
+            elif isinstance(e, OSError) or "[Errno " in what:
+                then = "fix the cause (free space), then rerun with --resume"
+            else:
+                raise StoreError(f"background write failed: {what}") from e
+            raise StoreError(f"writing into {self.url} failed: {what}; the samples committed so far are intact: {then}") from e
 
     def _staging_stream(self, device: torch.device) -> torch.cuda.Stream:
         """One CUDA stream per writer thread (and device): staging never queues behind the prefill."""
