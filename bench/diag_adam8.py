@@ -1,8 +1,11 @@
 """GPU time of one optimizer step over 24 release-like bf16 tensors (214 M elements), launched eagerly:
 torchao AdamW8bit against adamw8bit-fused compiled with automatic dynamic shapes, with one static compile
-per shape (what adam8.py does), and uncompiled.
+per shape, uncompiled, and as the Triton kernel (head_trainer/adam8_triton.py) for a few (blocks per
+program, warps) choices, each also replayed from a CUDA graph (no host time: what head-train's
+--cuda-graphs step sees) with the bandwidth that implies at 10 bytes per element.
 
     python bench/diag_adam8.py            # on the GPU box (PYTHONPATH with torchao)
+    python bench/diag_adam8.py --check    # first: the kernel against the eager torch update on CUDA
 
 Eager launches include the host's per-parameter overhead, which dominates torchao here (its tensor
 subclass dispatch); the CUDA-graph replay in bench/profile_head_step.py is the figure without it.
@@ -25,8 +28,8 @@ from head_trainer import adam8  # noqa: E402
 SHAPES = [(2048, 6144), (6144, 2048), (4096, 2048), (1024, 2048)] * 6
 
 
-def bench(make, n: int = 5) -> tuple[float, float]:
-    """(ms per step over n steps after 3 warm-up steps, warm-up seconds)."""
+def bench(make, n: int = 5, graph: bool = False) -> tuple[float, float]:
+    """(ms per step over n steps after 3 warm-up steps, warm-up seconds); graph: replays of one captured step."""
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=torch.bfloat16)) for s in SHAPES]
     for p in ps:
@@ -37,10 +40,17 @@ def bench(make, n: int = 5) -> tuple[float, float]:
         opt.step()
     torch.cuda.synchronize()
     warm = time.time() - t0
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            opt.step()
+        step = g.replay
+    else:
+        step = opt.step
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
     for _ in range(n):
-        opt.step()
+        step()
     b.record()
     b.synchronize()
     return round(a.elapsed_time(b) / n, 2), round(warm, 1)
@@ -58,7 +68,32 @@ def fused_with(compile_kw: dict | None):
     return make
 
 
+def triton_with(rows: int, warps: int):
+    """adamw8bit-fused's Triton kernel with `rows` 256-element blocks per program and `warps` warps."""
+    from head_trainer import adam8_triton
+
+    def make(ps):
+        adam8_triton.ROWS, adam8_triton.NUM_WARPS = rows, warps
+        return adam8.AdamW8bitFused(ps, lr=1e-4, backend="triton")
+    return make
+
+
+def check() -> None:
+    """tests/adam8_interpreter_check.py's checks with the kernel compiled for CUDA, on CUDA tensors."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import adam8_interpreter_check as c
+
+    c.DEVICE = "cuda"
+    for name in ("check_fp32_equals_eager", "check_bf16_rounds_to_a_neighbour_without_bias",
+                 "check_bf16_draws_repeat_and_differ"):
+        getattr(c, name)()
+        print("ok", name, "(cuda)", flush=True)
+
+
 def main() -> None:
+    if "--check" in sys.argv:
+        check()
+        return
     from torchao.optim import AdamW8bit
 
     print(f"{sum(a * b for a, b in SHAPES):,} elements in {len(SHAPES)} tensors")
@@ -66,10 +101,18 @@ def main() -> None:
             ("fused, automatic dynamic", fused_with({"dynamic": None}), 5),
             ("fused, static per shape", fused_with({"dynamic": False}), 5),
             ("fused, not compiled", fused_with(None), 2)]
-    print("| optimizer | ms / step | warm-up s |\n| --- | --- | --- |")
+    rows = [(f"triton kernel, {r} blocks x {w} warps", triton_with(r, w), 20) for r, w in
+            ((4, 4), (2, 4), (8, 8), (4, 8), (16, 8), (1, 2))] + rows
+    elems = sum(a * b for a, b in SHAPES)
+    print("| optimizer | ms / step | warm-up s | graph-replayed ms | GB/s at 10 B / element |\n| --- | --- | --- | --- | --- |")
     for name, make, n in rows:
         ms, warm = bench(make, n)
-        print(f"| {name} | {ms} | {warm} |", flush=True)
+        try:
+            gms = bench(make, n, graph=True)[0] if "torchao" not in name and "not compiled" not in name else None
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            gms = f"{type(exc).__name__}"
+        bw = round(10 * elems / (gms * 1e-3) / 1e9) if isinstance(gms, float) else ""
+        print(f"| {name} | {ms} | {warm} | {gms} | {bw} |", flush=True)
 
 
 if __name__ == "__main__":

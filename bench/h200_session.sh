@@ -8,6 +8,7 @@
 #   bash bench/h200_session.sh e2ef    # stores, head-train end to end (E2E_OPT, default adamw8bit), Stage-2 reference
 #                                        (E2E_OPT=adamw8bit-fused reproduces the H100 run of 2026-12-07)
 #   bash bench/h200_session.sh modes   # memory rows of projections / lora / fp8 / offload
+#   bash bench/h200_session.sh triton  # adamw8bit-fused's Triton kernel: CUDA check, update microbench, step rows, step split
 # Every result lands in $OUT as JSON as soon as it is measured; each part has its own time limit so a
 # hang or crash in one costs only that part.
 set -u
@@ -67,6 +68,13 @@ fused)
     --configs "${PROF_CONFIGS:-adamw8bit-fused:8:2993:r,adamw8bit:8:2993:r,adamw8bit-fused:8:809:rp}"
   part "${QUAL_S:-200}" python3 bench/bench_head_train.py --sections quality --quality-steps "${QUAL_STEPS:-200}" \
     --quality-plans float32:adamw:eager,bfloat16:adamw8bit-fused:graphs,bfloat16:adamw8bit:graphs --json-dir "$OUT"
+  ;;
+triton)  # the Triton update kernel: correct on CUDA, its bandwidth, then the whole step against torchao's
+  part "${CHECK_S:-60}" python3 bench/diag_adam8.py --check
+  part "${DIAG_S:-120}" python3 bench/diag_adam8.py
+  part "${STEP_S:-240}" python3 bench/bench_head_train.py --sections step --step-set fused --json-dir "$OUT"
+  part "${PROF_S:-150}" python3 bench/profile_head_step.py --memory-cap-gib 24 --json "$OUT/head_step_profile.json" \
+    --configs "${PROF_CONFIGS:-adamw8bit-fused:8:2993:r,adamw8bit-fused:8:809:r,adamw8bit-fused:1:809}"
   ;;
 e2ef)  # the fused plans end to end (4 cameras: the 24gb preset's layer recompute, since two 3.3 GiB KV slots
        # plus attention recompute estimate above 90 % of 24 GiB; front-only: attention recompute); Stage-2 in the same call

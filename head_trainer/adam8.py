@@ -29,6 +29,18 @@ from torch import Tensor
 
 BLOCK = 256
 MIN_QUANTISED = 4096
+BACKENDS = ("triton", "compile", "eager")
+
+
+def default_backend(device: torch.device, compile: bool | None = None) -> str:
+    """triton on CUDA when Triton imports, else inductor on CUDA, eager torch ops on the CPU."""
+    if compile is False or (compile is None and device.type != "cuda"):
+        return "eager"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "compile"
+    return "triton" if device.type == "cuda" else "compile"
 
 
 def dynamic_map(signed: bool) -> list[float]:
@@ -103,11 +115,13 @@ class AdamW8bitFused(torch.optim.Optimizer):
     (lr and step counters live on the parameters' device). `compile=None` compiles on CUDA only."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 bf16_stochastic_round: bool = True, compile: bool | None = None):
+                 bf16_stochastic_round: bool = True, compile: bool | None = None, backend: str | None = None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         first = self.param_groups[0]["params"][0]
         self.sr = bf16_stochastic_round
-        self.compile = first.is_cuda if compile is None else compile
+        self.backend = backend or default_backend(first.device, compile)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         for group in self.param_groups:
             if not torch.is_tensor(group["lr"]):
                 group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=first.device)
@@ -116,7 +130,13 @@ class AdamW8bitFused(torch.optim.Optimizer):
         self._qv = torch.tensor(dynamic_map(False), dtype=torch.float32, device=dev)
         self._one = torch.ones((), device=dev)
         fns = (update_q8, update_plain)
-        self._q8, self._plain = (torch.compile(f, fullgraph=True, dynamic=False) for f in fns) if self.compile else fns
+        compiled = self.backend in ("compile", "triton")  # the few small tensors go through inductor
+        self._q8, self._plain = (torch.compile(f, fullgraph=True, dynamic=False) for f in fns) if compiled else fns
+        if self.backend == "triton":
+            from .adam8_triton import update_q8_triton
+
+            self._q8_triton = update_q8_triton
+        self._salt = {id(p): i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
 
     @staticmethod
     def quantised(p: Tensor) -> bool:
@@ -173,9 +193,16 @@ class AdamW8bitFused(torch.optim.Optimizer):
                 torch._foreach_add_([s["step"] for s in states], 1.0)
                 b1, b2 = group["betas"]
                 hyper = (group["lr"], b1, b2, group["eps"], group["weight_decay"])
-                for p, st in zip(live, states):
+                if self.backend == "triton":
+                    steps = torch.stack([s["step"] for s in states])  # (n_params,): bias corrections once
+                    c1, c2 = 1 - b1**steps, (1 - b2**steps).sqrt()
+                for i, (p, st) in enumerate(zip(live, states)):
                     sr = self.sr and p.dtype == torch.bfloat16
-                    if "m_codes" in st:
+                    if "m_codes" in st and self.backend == "triton":
+                        self._q8_triton(p.detach(), p.grad, coef, group["lr"], c1[i], c2[i], st["step"],
+                                        st["m_codes"], st["m_scale"], st["v_codes"], st["v_scale"], self._qm,
+                                        self._qv, self._salt[id(p)], b1, b2, group["eps"], group["weight_decay"], sr)
+                    elif "m_codes" in st:
                         self._q8(p.detach(), p.grad, coef, st["step"], st["m_codes"], st["m_scale"], st["v_codes"],
                                  st["v_scale"], self._qm, self._qv, *hyper, sr)
                     else:

@@ -1,0 +1,101 @@
+"""The 8-bit AdamW update of one parameter as one Triton kernel (`adamw8bit-fused` on CUDA).
+
+Why: the same update written as torch ops and compiled by inductor (head_trainer/adam8.py) replayed at
+about 165 GB/s on an H100, and torchao's at about 450 GB/s, against a memory-bound floor of 10 bytes per
+parameter (read bf16 weight + gradient + two 8-bit codes, write weight + codes). Here each program owns
+ROWS blocks of 256 elements and does everything in registers in one pass: dequantise both moments
+through the 256-entry maps, AdamW, the block absmax, the nearest-code search, the stochastic rounding of
+the weight, and one store of each output. The clip factor, lr and bias corrections are read from device
+scalars, so the launch is capturable in a CUDA graph and the gradients are never rewritten.
+
+Same numbers as `adam8.update_q8` (and so torchao's AdamW8bit): IEEE division and square root
+(`div_rn`, `sqrt_rn`), the same lerp branch, search and tie rule. The stochastic-rounding bits come from
+Philox keyed by (step, parameter index), so a resumed run draws the same bits without saved RNG state.
+tests/test_adam8.py runs this kernel under the Triton interpreter on the CPU against update_q8.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 256
+ROWS = 4  # blocks per program (bench/diag_adam8.py measured the choice)
+NUM_WARPS = 4
+
+
+@triton.jit
+def _nearest_code(x, q_ptr):
+    """Index of the nearest entry of the sorted 256-entry map at q_ptr (x in its range): 8 probes + tie."""
+    c = tl.where(x >= tl.load(q_ptr + 128), 128, 0)
+    c += tl.where(x >= tl.load(q_ptr + c + 64), 64, 0)
+    c += tl.where(x >= tl.load(q_ptr + c + 32), 32, 0)
+    c += tl.where(x >= tl.load(q_ptr + c + 16), 16, 0)
+    c += tl.where(x >= tl.load(q_ptr + c + 8), 8, 0)
+    c += tl.where(x >= tl.load(q_ptr + c + 4), 4, 0)
+    c += tl.where(x >= tl.load(q_ptr + c + 2), 2, 0)
+    c += tl.where(x >= tl.load(q_ptr + c + 1), 1, 0)
+    up = tl.minimum(c + 1, 255)
+    lo = tl.load(q_ptr + c)
+    hi = tl.load(q_ptr + up)
+    return tl.where(x - lo >= (hi - lo) * 0.5, up, c)
+
+
+@triton.jit
+def _adamw8_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr, coef_ptr, lr_ptr, c1_ptr, c2_ptr,
+                   step_ptr, n_blocks, salt, w1, w2, eps, wd,
+                   SR: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
+    rmask = rows < n_blocks
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (ROWS, BLOCK) element offsets
+    mask = rmask[:, None]
+    coef = tl.load(coef_ptr)
+    lr = tl.load(lr_ptr)
+    c1 = tl.load(c1_ptr)  # 1 - beta1^step
+    c2 = tl.load(c2_ptr)  # sqrt(1 - beta2^step)
+
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * coef
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(qm_ptr + tl.load(mc_ptr + offs, mask=mask, other=0).to(tl.int32))
+    m = m * tl.load(ms_ptr + rows, mask=rmask, other=0.0)[:, None]
+    v = tl.load(qv_ptr + tl.load(vc_ptr + offs, mask=mask, other=0).to(tl.int32))
+    v = v * tl.load(vs_ptr + rows, mask=rmask, other=0.0)[:, None]
+
+    p = p - lr * wd * p
+    m = m + w1 * (g - m)  # torch.lerp(m, g, w1) for w1 < 0.5
+    v = v + w2 * (g * g - v)
+    denom = tl.math.div_rn(tl.math.sqrt_rn(v), c2) + eps
+    p = p - tl.math.div_rn(lr * tl.math.div_rn(m, c1), denom)
+
+    m_absmax = tl.maximum(tl.max(tl.abs(m), axis=1), 1e-12)  # (ROWS,)
+    v_absmax = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-12)
+    m_code = _nearest_code(tl.math.div_rn(m, m_absmax[:, None]), qm_ptr)
+    v_code = _nearest_code(tl.math.div_rn(v, v_absmax[:, None]), qv_ptr)
+    tl.store(mc_ptr + offs, m_code.to(tl.uint8), mask=mask)
+    tl.store(vc_ptr + offs, v_code.to(tl.uint8), mask=mask)
+    tl.store(ms_ptr + rows, m_absmax, mask=rmask)
+    tl.store(vs_ptr + rows, v_absmax, mask=rmask)
+
+    if SR:  # fp32 -> bf16 away from zero with probability (low 16 bits) / 2^16
+        seed = tl.load(step_ptr).to(tl.int64) * 1000003 + salt
+        rand = (tl.randint(seed, offs) & 0xFFFF).to(tl.int32)
+        bits = p.to(tl.int32, bitcast=True)
+        trunc = bits & -65536
+        p = tl.where(rand < (bits & 0xFFFF), trunc + 0x10000, trunc).to(tl.float32, bitcast=True)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+def update_q8_triton(p: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, lr: torch.Tensor, c1: torch.Tensor,
+                     c2: torch.Tensor, step: torch.Tensor, m_codes: torch.Tensor, m_scale: torch.Tensor,
+                     v_codes: torch.Tensor, v_scale: torch.Tensor, qm: torch.Tensor, qv: torch.Tensor, salt: int,
+                     beta1: float, beta2: float, eps: float, wd: float, sr: bool) -> None:
+    """In place: p (n = k * 256 elements, contiguous), codes (n,) uint8, scales (k,) fp32; scalars 0-dim."""
+    if not (p.is_contiguous() and g.is_contiguous()):
+        raise ValueError("adamw8bit-fused needs contiguous parameters and gradients")
+    if p.numel() >= 2**31:  # int32 offsets in the kernel
+        raise ValueError(f"adamw8bit-fused: a parameter of {p.numel():,} elements is over the kernel's 2^31")
+    n_blocks = p.numel() // BLOCK
+    grid = (triton.cdiv(n_blocks, ROWS),)
+    _adamw8_kernel[grid](p, g, m_codes, m_scale, v_codes, v_scale, qm, qv, coef, lr, c1, c2, step, n_blocks, salt,
+                         1 - beta1, 1 - beta2, eps, wd, SR=sr, ROWS=ROWS, BLOCK=BLOCK, num_warps=NUM_WARPS)

@@ -1,0 +1,95 @@
+"""Run by tests/test_adam8.py in a fresh process with TRITON_INTERPRET=1 (Triton reads it when a kernel
+is decorated): the Triton kernel of adamw8bit-fused on CPU tensors against the eager torch path.
+bench/diag_adam8.py --check runs the same checks on CUDA (DEVICE = "cuda")."""
+
+import sys
+
+import torch
+
+from head_trainer.adam8 import AdamW8bitFused
+
+DEVICE = "cpu"
+
+
+def shapes():
+    g = torch.Generator().manual_seed(0)
+    # quantised (a a partial last program: 17 blocks), small (plain moments), not a block multiple
+    return [t.to(DEVICE) for t in (torch.randn(64, 128, generator=g), torch.randn(17, 256, generator=g),
+                                   torch.randn(100, generator=g), torch.randn(4100, generator=g))]
+
+
+def run(backend, dtype, steps, clip=False, start=None):
+    ps = [torch.nn.Parameter((p if start is None else q).clone().to(dtype)) for p, q in zip(shapes(), start or shapes())]
+    opt = AdamW8bitFused(ps, lr=1e-2, weight_decay=0.1, backend=backend)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = (torch.randn(p.shape, generator=g) * (10 if clip else 1)).to(DEVICE, dtype)
+        opt.clip_and_step(1.0) if clip else opt.step()
+    return ps, opt
+
+
+def check_fp32_equals_eager():
+    """fp32 weights (no rounding): 4 steps, weights within 2 ulp (the eager CPU lerp fuses a multiply-add),
+    codes equal but for near-ties (at most 1 in 1000, one code apart), block scales within 1 ulp; the
+    same with the clip folded in."""
+    for clip in (False, True):
+        a, oa = run("eager", torch.float32, 4, clip)
+        b, ob = run("triton", torch.float32, 4, clip)
+        for pa, pb in zip(a, b):
+            torch.testing.assert_close(pb, pa, rtol=3e-7, atol=1e-8)
+        for pa, pb in zip(a[:2], b[:2]):
+            sa, sb = oa.state[pa], ob.state[pb]
+            for k in ("m_codes", "v_codes"):
+                diff = (sa[k].int() - sb[k].int()).abs()
+                assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3, (k, int((diff > 0).sum()))
+            torch.testing.assert_close(sb["m_scale"], sa["m_scale"], rtol=2e-7, atol=0)
+            torch.testing.assert_close(sb["v_scale"], sa["v_scale"], rtol=2e-7, atol=0)
+
+
+def check_bf16_rounds_to_a_neighbour_without_bias():
+    """bf16 weights, one step from the same state: every weight is one of the two bf16 neighbours of the
+    fp32 update (the eager path on the same values in fp32), rounded up as often as its fraction says."""
+    start = [p.to(torch.bfloat16).float() for p in shapes()]
+    ref, _ = run("eager", torch.float32, 1, start=start)
+    out, _ = run("triton", torch.bfloat16, 1, start=start)
+    ups, fracs = [], []
+    for r, o in zip(ref[:2], out[:2]):  # the quantised tensors go through the kernel
+        r = r.detach().reshape(-1)
+        down = r.bfloat16()
+        down = torch.where(down.float().abs() > r.abs(), torch.nextafter(down, torch.zeros_like(down)), down)
+        up = torch.nextafter(down, down * 2 + torch.sign(r).bfloat16())
+        o = o.detach().reshape(-1)
+        assert torch.all((o == down) | (o == up)), "a weight left its two bf16 neighbours"
+        ups.append((o == up).float())
+        fracs.append(((r - down.float()) / (up.float() - down.float())).clamp(0, 1))
+    ups, fracs = torch.cat(ups), torch.cat(fracs)
+    assert abs(ups.mean().item() - fracs.mean().item()) < 0.02, (ups.mean().item(), fracs.mean().item())
+
+
+def check_bf16_draws_repeat_and_differ():
+    """The kernel's tensors come out bitwise the same from the same run twice (draws keyed by step and
+    parameter, no generator state), and two equal tensors in one optimizer get different draws."""
+    torch.manual_seed(0)
+    a, _ = run("triton", torch.bfloat16, 3)
+    torch.manual_seed(1)  # moves only the small tensors' draws (torch's generator)
+    b, _ = run("triton", torch.bfloat16, 3)
+    assert all(torch.equal(x, y) for x, y in zip(a[:2], b[:2]))
+    same = torch.randn(4096, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.bfloat16)
+    ps = [torch.nn.Parameter(same.clone()) for _ in range(2)]
+    opt = AdamW8bitFused(ps, lr=1e-3, backend="triton")
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert not torch.equal(ps[0], ps[1])
+
+
+if __name__ == "__main__":
+    import os
+
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    for name in ("check_fp32_equals_eager", "check_bf16_rounds_to_a_neighbour_without_bias",
+                 "check_bf16_draws_repeat_and_differ"):
+        globals()[name]()
+        print("ok", name, flush=True)
+    sys.exit(0)
