@@ -71,6 +71,7 @@ fused)
   ;;
 triton)  # the Triton update kernel: correct on CUDA, its bandwidth, then the whole step against torchao's
   part "${CHECK_S:-60}" python3 bench/diag_adam8.py --check
+  part "${GCHECK_S:-90}" python3 bench/check_graph_step.py
   part "${DIAG_S:-120}" python3 bench/diag_adam8.py
   part "${STEP_S:-240}" python3 bench/bench_head_train.py --sections step --step-set fused --json-dir "$OUT"
   part "${PROF_S:-150}" python3 bench/profile_head_step.py --memory-cap-gib 24 --json "$OUT/head_step_profile.json" \

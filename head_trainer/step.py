@@ -9,6 +9,12 @@ forward + backward of a micro-batch is captured once per (shape, input buffer) a
 optimiser update once; later steps only copy the small inputs and replay, so the host does the same
 few launches whatever the number of layers, and never waits for the GPU (the loss is read only when
 the caller calls `.item()`).
+
+Gradients in graph mode live in one static buffer per parameter that every captured graph writes.
+Inside a capture each parameter's gradient is a fresh tensor that a post-accumulate hook moves into
+the buffer: with one micro-batch it is copied over the buffer (no zeroing, no read of the old value:
+about 9 GB less traffic per step for the release head than zero + accumulate), with several it is
+added after one zeroing per step.
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ class TrainStep:
         self._pool = None
         self._loss_sum: torch.Tensor | None = None
         self._gnorm: torch.Tensor | None = None
+        self._unwritten: list[torch.Tensor] = []  # static gradients no captured graph writes (zeroed per step)
 
     # -- the pieces ------------------------------------------------------------------------------
     def _slice(self, m: int, bsz: int) -> slice:
@@ -159,12 +166,32 @@ class TrainStep:
         # them back first (on the H200 this changed no peak: B=8, L=2,993 still did not fit 24 GiB, since
         # in graph mode the gradients stay allocated beside the activations; docs/PERFORMANCE.md)
         torch.cuda.empty_cache()
+        static = [p.grad for p in self.params]  # the buffers the optimiser graph reads
+        overwrite = self.cfg.grad_accum == 1
+        written: set[int] = set()
+
+        def sink(p: torch.Tensor, buf: torch.Tensor, i: int) -> None:
+            buf.copy_(p.grad) if overwrite else buf.add_(p.grad)
+            p.grad = None
+            written.add(i)
+
+        hooks = [p.register_post_accumulate_grad_hook(lambda p, b=b, i=i: sink(p, b, i))
+                 for i, (p, b) in enumerate(zip(self.params, static))]
+        for p in self.params:
+            p.grad = None
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
-            mask = action_mask(prefix, k, self.head.dtype, self.head.causal)
-            loss = flow_loss(self.fast, st["action"], prefix, st["t"], st["eps"], mask)
-            (loss * st["scale"]).backward()
-            self._loss_sum += loss.detach() * st["scale"]
+        try:
+            with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+                mask = action_mask(prefix, k, self.head.dtype, self.head.causal)
+                loss = flow_loss(self.fast, st["action"], prefix, st["t"], st["eps"], mask)
+                (loss * st["scale"]).backward()
+                self._loss_sum += loss.detach() * st["scale"]
+        finally:
+            for h in hooks:
+                h.remove()
+            for p, b in zip(self.params, static):
+                p.grad = b
+        self._unwritten = [b for i, b in enumerate(static) if i not in written] if overwrite else []
         self._pool = g.pool()
         return g, st
 
@@ -187,7 +214,9 @@ class TrainStep:
                 if len(self._fb) >= 16:
                     raise RuntimeError("more than 16 distinct batch shapes/buffers: use bucketed loader slots")
                 self._fb[self._key(b)] = self._capture_fb(b)
-        torch._foreach_zero_([p.grad for p in self.params])
+        zero = self._unwritten if self.cfg.grad_accum == 1 else [p.grad for p in self.params]
+        if zero:
+            torch._foreach_zero_(zero)
         self._loss_sum.zero_()
         for m, b in enumerate(micro):
             g, st = self._fb[self._key(b)]
