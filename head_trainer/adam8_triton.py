@@ -9,8 +9,10 @@ the weight, and one store of each output. The clip factor, lr and bias correctio
 scalars, so the launch is capturable in a CUDA graph and the gradients are never rewritten.
 
 Same numbers as `adam8.update_q8` (and so torchao's AdamW8bit): IEEE division and square root
-(`div_rn`, `sqrt_rn`), the same lerp branch, search and tie rule. The stochastic-rounding bits come from
-Philox keyed by (step, parameter index), so a resumed run draws the same bits without saved RNG state.
+(`div_rn`, `sqrt_rn`), the same lerp branch, search and tie rule. The stochastic-rounding bits are a hash
+of (step, parameter index, element): murmur3's finaliser, about 8 integer operations an element where
+Philox (torch's and Triton's generator) takes about 100, and a resumed run draws the same bits without
+saved RNG state.
 tests/test_adam8.py runs this kernel under the Triton interpreter on the CPU against update_q8.
 """
 
@@ -43,6 +45,17 @@ def _nearest_code(x, q_ptr):
 
 
 @triton.jit
+def _fmix32(h):
+    """murmur3's 32-bit finaliser: a bijection of uint32 whose every output bit depends on every input bit."""
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit(do_not_specialize=["salt"])
 def _adamw8_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr, coef_ptr, lr_ptr, c1_ptr, c2_ptr,
                    step_ptr, n_blocks, salt, w1, w2, eps, wd,
                    SR: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -78,8 +91,8 @@ def _adamw8_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr,
     tl.store(vs_ptr + rows, v_absmax, mask=rmask)
 
     if SR:  # fp32 -> bf16 away from zero with probability (low 16 bits) / 2^16
-        seed = tl.load(step_ptr).to(tl.int64) * 1000003 + salt
-        rand = (tl.randint(seed, offs) & 0xFFFF).to(tl.int32)
+        seed = _fmix32((tl.load(step_ptr).to(tl.uint32) * 1000003 + salt).to(tl.uint32))
+        rand = (_fmix32(offs.to(tl.uint32) * 0x9E3779B1 + seed) >> 16).to(tl.int32)  # 16 uniform bits
         bits = p.to(tl.int32, bitcast=True)
         trunc = bits & -65536
         p = tl.where(rand < (bits & 0xFFFF), trunc + 0x10000, trunc).to(tl.float32, bitcast=True)
