@@ -73,9 +73,10 @@ triton)  # the Triton update kernel: correct on CUDA, its bandwidth, then the wh
   part "${CHECK_S:-60}" python3 bench/diag_adam8.py --check
   part "${GCHECK_S:-90}" python3 bench/check_graph_step.py
   part "${DIAG_S:-120}" python3 bench/diag_adam8.py
-  part "${STEP_S:-240}" python3 bench/bench_head_train.py --sections step --step-set fused --json-dir "$OUT"
   part "${PROF_S:-150}" python3 bench/profile_head_step.py --memory-cap-gib 24 --json "$OUT/head_step_profile.json" \
     --configs "${PROF_CONFIGS:-adamw8bit-fused:8:2993:r,adamw8bit-fused:8:809:r,adamw8bit-fused:1:809}"
+  [ "${STEP_S:-240}" -gt 0 ] && part "${STEP_S:-240}" python3 bench/bench_head_train.py --sections step --step-set fused \
+    --step-optimizers adamw8bit-fused --json-dir "$OUT"
   ;;
 e2ef)  # the fused plans end to end (4 cameras: the 24gb preset's layer recompute, since two 3.3 GiB KV slots
        # plus attention recompute estimate above 90 % of 24 GiB; front-only: attention recompute); Stage-2 in the same call
