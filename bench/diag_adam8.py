@@ -68,12 +68,13 @@ def fused_with(compile_kw: dict | None):
     return make
 
 
-def triton_with(rows: int, warps: int):
-    """adamw8bit-fused's Triton kernel with `rows` 256-element blocks per program and `warps` warps."""
+def triton_with(rows: int, warps: int, search: int = 1):
+    """adamw8bit-fused's Triton kernel with `rows` 256-element blocks per program, `warps` warps and
+    code search `search` (0: binary search in the map, 1: arithmetic guess + bounds)."""
     from head_trainer import adam8_triton
 
     def make(ps):
-        adam8_triton.ROWS, adam8_triton.NUM_WARPS = rows, warps
+        adam8_triton.ROWS, adam8_triton.NUM_WARPS, adam8_triton.SEARCH = rows, warps, search
         return adam8.AdamW8bitFused(ps, lr=1e-4, backend="triton")
     return make
 
@@ -84,7 +85,7 @@ def check() -> None:
     import adam8_interpreter_check as c
 
     c.DEVICE = "cuda"
-    for name in ("check_fp32_equals_eager", "check_bf16_rounds_to_a_neighbour_without_bias",
+    for name in ("check_both_searches_are_quantise", "check_fp32_equals_eager", "check_bf16_rounds_to_a_neighbour_without_bias",
                  "check_bf16_draws_repeat_and_differ"):
         getattr(c, name)()
         print("ok", name, "(cuda)", flush=True)
@@ -100,8 +101,8 @@ def main() -> None:
     rows = [("torchao AdamW8bit", lambda ps: AdamW8bit(ps, lr=1e-4, bf16_stochastic_round=True), 5),
             ("fused, automatic dynamic", fused_with({"dynamic": None}), 5),
             ("fused, static per shape", fused_with({"dynamic": False}), 5)]
-    rows = [(f"triton kernel, {r} blocks x {w} warps", triton_with(r, w), 20) for r, w in
-            ((4, 4), (2, 4), (8, 8), (1, 2))] + rows
+    rows = [(f"triton kernel, {'guess + bounds' if s else 'binary search'}, {r} blocks x {w} warps",
+             triton_with(r, w, s), 20) for r, w, s in ((4, 4, 1), (4, 4, 0), (2, 4, 1), (8, 8, 1), (1, 2, 1))] + rows
     elems = sum(a * b for a, b in SHAPES)
     print("| optimizer | ms / step | warm-up s | graph-replayed ms | GB/s at 10 B / element |\n| --- | --- | --- | --- | --- |")
     for name, make, n in rows:

@@ -133,9 +133,10 @@ class AdamW8bitFused(torch.optim.Optimizer):
         compiled = self.backend in ("compile", "triton")  # the few small tensors go through inductor
         self._q8, self._plain = (torch.compile(f, fullgraph=True, dynamic=False) for f in fns) if compiled else fns
         if self.backend == "triton":
-            from .adam8_triton import update_q8_triton
+            from .adam8_triton import code_bounds, update_q8_triton
 
             self._q8_triton = update_q8_triton
+            self._bm, self._bv = code_bounds(self._qm), code_bounds(self._qv)
         self._salt = {id(p): i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
 
     @staticmethod
@@ -201,7 +202,8 @@ class AdamW8bitFused(torch.optim.Optimizer):
                     if "m_codes" in st and self.backend == "triton":
                         self._q8_triton(p.detach(), p.grad, coef, group["lr"], c1[i], c2[i], st["step"],
                                         st["m_codes"], st["m_scale"], st["v_codes"], st["v_scale"], self._qm,
-                                        self._qv, self._salt[id(p)], b1, b2, group["eps"], group["weight_decay"], sr)
+                                        self._qv, self._bm, self._bv, self._salt[id(p)], b1, b2, group["eps"],
+                                        group["weight_decay"], sr)
                     elif "m_codes" in st:
                         self._q8(p.detach(), p.grad, coef, st["step"], st["m_codes"], st["m_scale"], st["v_codes"],
                                  st["v_scale"], self._qm, self._qv, *hyper, sr)

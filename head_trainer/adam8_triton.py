@@ -25,6 +25,32 @@ import triton.language as tl
 BLOCK = 256
 ROWS = 4  # blocks per program (bench/diag_adam8.py measured the choice)
 NUM_WARPS = 4
+SEARCH = 1  # 0: 8-probe binary search in the map; 1: arithmetic guess + 2 probes of the code bounds
+
+
+def code_bounds(qmap: torch.Tensor) -> torch.Tensor:
+    """(256,) fp32: entry j < 255 is the smallest fp32 x whose nearest code (adam8.quantise, its tie rule
+    included) is above j; entry 255 is +inf. So the nearest code of x is the number of entries <= x, and
+    a guess g within one of it is corrected by two comparisons. Bisection over the ordered fp32 bit
+    patterns of each interval (q[j], q[j + 1]], on the CPU."""
+    from .adam8 import quantise
+
+    q = qmap.detach().float().cpu()
+
+    def key(x):  # fp32 -> int64 in the same order
+        b = x.view(torch.int32).long()
+        return torch.where(b >= 0, b, -(b & 0x7FFFFFFF))
+
+    def value(k):
+        b = torch.where(k >= 0, k, (-k) | 0x80000000)
+        return torch.where(b >= 2**31, b - 2**32, b).to(torch.int32).view(torch.float32)
+
+    lo, hi, j = key(q[:-1]), key(q[1:]), torch.arange(255)
+    while bool((hi - lo > 1).any()):
+        mid = (lo + hi) // 2
+        up = quantise(value(mid), q).long() > j
+        hi, lo = torch.where(up, mid, hi), torch.where(up, lo, mid)
+    return torch.cat([value(hi), torch.tensor([float("inf")])]).to(qmap.device)
 
 
 @triton.jit
@@ -45,6 +71,47 @@ def _nearest_code(x, q_ptr):
 
 
 @triton.jit
+def _guess_code(x, SIGNED: tl.constexpr):
+    """The nearest code of x in bitsandbytes' dynamic map, to within one, by arithmetic: the decade from
+    log10 |x|, then the position among that decade's evenly spaced values (2^i signed, 2^(i+1) unsigned
+    in decade i = 0..6, midpoints of linspace(0.1, 1) x 10^(i-6)). Off-by-one decades land within one."""
+    a = tl.abs(x)
+    i = tl.minimum(tl.maximum(tl.floor(tl.log2(tl.maximum(a, 1e-30)) * 0.30102999566398120) + 7.0, 0.0), 6.0)
+    per = tl.exp2(i + (0.0 if SIGNED else 1.0))  # values in this decade
+    kf = (a / tl.exp2((i - 6.0) * 3.321928094887362) - 0.1) * per / 0.9 - 0.5
+    k = tl.minimum(tl.maximum(tl.floor(kf + 0.5), -1.0), per - 1.0)
+    if SIGNED:  # positives from 128 (0 at 127, 1.0 at 255), negatives mirrored about 127
+        pos = 128.0 + per - 1.0 + k
+        return tl.where(x < 0, 254.0 - pos, pos).to(tl.int32)
+    else:  # 0 at 0, 1.0 at 255
+        return (1.0 + per - 2.0 + k).to(tl.int32)
+
+
+@triton.jit
+def _nearest_code_bounds(x, b_ptr, SIGNED: tl.constexpr):
+    """Nearest code by the bounds table (code_bounds): the guess, corrected by two comparisons."""
+    g = tl.minimum(tl.maximum(_guess_code(x, SIGNED), 1), 254)
+    return g - 1 + (x >= tl.load(b_ptr + g - 1)).to(tl.int32) + (x >= tl.load(b_ptr + g)).to(tl.int32)
+
+
+@triton.jit
+def _encode_kernel(x_ptr, q_ptr, b_ptr, out_ptr, n, SIGNED: tl.constexpr, SEARCH: tl.constexpr, BLOCK: tl.constexpr):
+    """Codes of x (already in the map's range) by either search: what the checks compare with quantise."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    c = _nearest_code_bounds(x, b_ptr, SIGNED) if SEARCH == 1 else _nearest_code(x, q_ptr)
+    tl.store(out_ptr + offs, c.to(tl.uint8), mask=offs < n)
+
+
+def encode(x: torch.Tensor, qmap: torch.Tensor, bounds: torch.Tensor, signed: bool, search: int = SEARCH) -> torch.Tensor:
+    """uint8 codes of a 1-D fp32 tensor through the kernel's search (for checks)."""
+    out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    _encode_kernel[(triton.cdiv(x.numel(), 1024),)](x, qmap, bounds, out, x.numel(), SIGNED=signed, SEARCH=search,
+                                                     BLOCK=1024)
+    return out
+
+
+@triton.jit
 def _fmix32(h):
     """murmur3's 32-bit finaliser: a bijection of uint32 whose every output bit depends on every input bit."""
     h ^= h >> 16
@@ -56,9 +123,9 @@ def _fmix32(h):
 
 
 @triton.jit(do_not_specialize=["salt"])
-def _adamw8_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr, coef_ptr, lr_ptr, c1_ptr, c2_ptr,
-                   step_ptr, n_blocks, salt, w1, w2, eps, wd,
-                   SR: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _adamw8_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr, bm_ptr, bv_ptr, coef_ptr, lr_ptr,
+                   c1_ptr, c2_ptr, step_ptr, n_blocks, salt, w1, w2, eps, wd,
+                   SR: tl.constexpr, SEARCH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
     rmask = rows < n_blocks
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (ROWS, BLOCK) element offsets
@@ -83,8 +150,12 @@ def _adamw8_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr,
 
     m_absmax = tl.maximum(tl.max(tl.abs(m), axis=1), 1e-12)  # (ROWS,)
     v_absmax = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-12)
-    m_code = _nearest_code(tl.math.div_rn(m, m_absmax[:, None]), qm_ptr)
-    v_code = _nearest_code(tl.math.div_rn(v, v_absmax[:, None]), qv_ptr)
+    if SEARCH == 1:
+        m_code = _nearest_code_bounds(tl.math.div_rn(m, m_absmax[:, None]), bm_ptr, True)
+        v_code = _nearest_code_bounds(tl.math.div_rn(v, v_absmax[:, None]), bv_ptr, False)
+    else:
+        m_code = _nearest_code(tl.math.div_rn(m, m_absmax[:, None]), qm_ptr)
+        v_code = _nearest_code(tl.math.div_rn(v, v_absmax[:, None]), qv_ptr)
     tl.store(mc_ptr + offs, m_code.to(tl.uint8), mask=mask)
     tl.store(vc_ptr + offs, v_code.to(tl.uint8), mask=mask)
     tl.store(ms_ptr + rows, m_absmax, mask=rmask)
@@ -101,14 +172,16 @@ def _adamw8_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr,
 
 def update_q8_triton(p: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, lr: torch.Tensor, c1: torch.Tensor,
                      c2: torch.Tensor, step: torch.Tensor, m_codes: torch.Tensor, m_scale: torch.Tensor,
-                     v_codes: torch.Tensor, v_scale: torch.Tensor, qm: torch.Tensor, qv: torch.Tensor, salt: int,
-                     beta1: float, beta2: float, eps: float, wd: float, sr: bool) -> None:
-    """In place: p (n = k * 256 elements, contiguous), codes (n,) uint8, scales (k,) fp32; scalars 0-dim."""
+                     v_codes: torch.Tensor, v_scale: torch.Tensor, qm: torch.Tensor, qv: torch.Tensor, bm: torch.Tensor,
+                     bv: torch.Tensor, salt: int, beta1: float, beta2: float, eps: float, wd: float, sr: bool) -> None:
+    """In place: p (n = k * 256 elements, contiguous), codes (n,) uint8, scales (k,) fp32; scalars 0-dim;
+    bm, bv: code_bounds of the maps qm, qv."""
     if not (p.is_contiguous() and g.is_contiguous()):
         raise ValueError("adamw8bit-fused needs contiguous parameters and gradients")
     if p.numel() >= 2**31:  # int32 offsets in the kernel
         raise ValueError(f"adamw8bit-fused: a parameter of {p.numel():,} elements is over the kernel's 2^31")
     n_blocks = p.numel() // BLOCK
     grid = (triton.cdiv(n_blocks, ROWS),)
-    _adamw8_kernel[grid](p, g, m_codes, m_scale, v_codes, v_scale, qm, qv, coef, lr, c1, c2, step, n_blocks, salt,
-                         1 - beta1, 1 - beta2, eps, wd, SR=sr, ROWS=ROWS, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _adamw8_kernel[grid](p, g, m_codes, m_scale, v_codes, v_scale, qm, qv, bm, bv, coef, lr, c1, c2, step, n_blocks,
+                         salt, 1 - beta1, 1 - beta2, eps, wd, SR=sr, SEARCH=SEARCH, ROWS=ROWS, BLOCK=BLOCK,
+                         num_warps=NUM_WARPS)

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from head_trainer.adam8 import AdamW8bitFused
+from head_trainer.adam8 import AdamW8bitFused, dynamic_map, quantise
 
 DEVICE = "cpu"
 
@@ -27,6 +27,27 @@ def run(backend, dtype, steps, clip=False, start=None):
             p.grad = (torch.randn(p.shape, generator=g) * (10 if clip else 1)).to(DEVICE, dtype)
         opt.clip_and_step(1.0) if clip else opt.step()
     return ps, opt
+
+
+def check_both_searches_are_quantise():
+    """The kernel's code search, both variants, equals adam8.quantise exactly: on random values over the
+    range (uniform and log-uniform), every map entry, every bound and the fp32 neighbours of both."""
+    from head_trainer.adam8_triton import code_bounds, encode
+
+    g = torch.Generator().manual_seed(3)
+    n = 200_000 if DEVICE == "cpu" else 20_000_000
+    for signed in (True, False):
+        q = torch.tensor(dynamic_map(signed))
+        b = code_bounds(q)
+        lo = -1.0 if signed else 0.0
+        sign = (torch.randint(0, 2, (n,), generator=g) * 2 - 1) if signed else 1
+        x = torch.cat([torch.rand(n, generator=g) * (1 - lo) + lo, (torch.rand(n, generator=g) * -24).exp2() * sign,
+                       q, b[:-1], torch.nextafter(b[:-1], torch.tensor(-2.0)), torch.nextafter(q, torch.tensor(2.0)),
+                       torch.nextafter(q, torch.tensor(-2.0)), torch.tensor([0.0, 1.0, lo])]).clamp(lo, 1.0)
+        ref = quantise(x, q)
+        for search in (0, 1):
+            got = encode(x.to(DEVICE), q.to(DEVICE), b.to(DEVICE), signed, search).cpu()
+            assert torch.equal(got, ref), (signed, search, int((got != ref).sum()))
 
 
 def check_fp32_equals_eager():
@@ -88,7 +109,7 @@ if __name__ == "__main__":
     import os
 
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    for name in ("check_fp32_equals_eager", "check_bf16_rounds_to_a_neighbour_without_bias",
+    for name in ("check_both_searches_are_quantise", "check_fp32_equals_eager", "check_bf16_rounds_to_a_neighbour_without_bias",
                  "check_bf16_draws_repeat_and_differ"):
         globals()[name]()
         print("ok", name, flush=True)
