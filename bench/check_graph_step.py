@@ -24,11 +24,12 @@ from bench_head_train import build_head, head_config, random_batch  # noqa: E402
 
 from head_trainer.optim import build_optimizer  # noqa: E402
 from head_trainer.step import StepConfig, TrainStep  # noqa: E402
+from head_trainer.trainable import apply_trainable  # noqa: E402
 
 
-def run(head, graphs: bool, accum: int, compile: bool, batches) -> tuple[torch.nn.Module, list[float]]:
+def run(head, graphs: bool, accum: int, compile: bool, batches, mode: str = "all") -> tuple[torch.nn.Module, list[float]]:
     head = copy.deepcopy(head)
-    params = [p for p in head.parameters() if p.requires_grad]
+    params = apply_trainable(head, mode)
     opt = build_optimizer(params, "adamw", 1e-3, capturable=graphs)
     ts = TrainStep(head, params, opt, StepConfig(seed=3, grad_accum=accum, compile=compile, cuda_graphs=graphs))
     losses = []
@@ -41,18 +42,26 @@ def main() -> int:
     cfg = head_config(True)
     head = build_head(cfg, torch.device("cuda"), torch.float32)
     bad = 0
-    print("| grad accum | compile | max |param diff| | max |loss diff| |\n| --- | --- | --- | --- |")
-    for accum in (1, 2):
-        for compile in (False, True):
-            # two prefix lengths alternate: two fb graphs write the same gradient buffers
-            batches = [[random_batch(cfg, 2, 24 if (s + m) % 2 else 40, "cuda", seed=10 * s + m, dtype=torch.float32)
-                        for m in range(accum)] for s in range(6)]
-            a, la = run(head, False, accum, compile, batches)
-            b, lb = run(head, True, accum, compile, batches)
-            dp = max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
-            dl = max(abs(x - y) for x, y in zip(la, lb))
-            bad += dp > 1e-5 or dl > 1e-5
-            print(f"| {accum} | {compile} | {dp:.2e} | {dl:.2e} |", flush=True)
+    print("| trainable | grad accum | compile | max |param diff| | max |loss diff| |\n| --- | --- | --- | --- | --- |")
+    for mode, accum, compile in [("all", a, c) for a in (1, 2) for c in (False, True)] + [
+            ("lora", 1, False), ("lora", 1, True)]:
+        # two prefix lengths alternate: two fb graphs write the same gradient buffers
+        batches = [[random_batch(cfg, 2, 24 if (s + m) % 2 else 40, "cuda", seed=10 * s + m, dtype=torch.float32)
+                    for m in range(accum)] for s in range(6)]
+        try:
+            a, la = run(head, False, accum, compile, batches, mode)
+            b, lb = run(head, True, accum, compile, batches, mode)
+        except Exception as exc:  # noqa: BLE001 - report the row and go on
+            import traceback
+
+            traceback.print_exc()
+            print(f"| {mode} | {accum} | {compile} | {type(exc).__name__}: {str(exc)[:80]} | |", flush=True)
+            bad += 1
+            continue
+        dp = max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+        dl = max(abs(x - y) for x, y in zip(la, lb))
+        bad += dp > 1e-5 or dl > 1e-5
+        print(f"| {mode} | {accum} | {compile} | {dp:.2e} | {dl:.2e} |", flush=True)
     return 1 if bad else 0
 
 

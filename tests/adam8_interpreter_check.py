@@ -51,14 +51,15 @@ def check_both_searches_are_quantise():
 
 
 def check_fp32_equals_eager():
-    """fp32 weights (no rounding): 4 steps, weights within 2 ulp (the eager CPU lerp fuses a multiply-add),
+    """fp32 weights (no rounding): 4 steps, weights within 2 ulp or 1e-6 (the eager CPU lerp fuses a
+    multiply-add; on CUDA the small tensors' compiled update differs from eager by up to 6e-7),
     codes equal but for near-ties (at most 1 in 1000, one code apart), block scales within 1 ulp; the
     same with the clip folded in."""
     for clip in (False, True):
         a, oa = run("eager", torch.float32, 4, clip)
         b, ob = run("triton", torch.float32, 4, clip)
         for pa, pb in zip(a, b):
-            torch.testing.assert_close(pb, pa, rtol=3e-7, atol=1e-8)
+            torch.testing.assert_close(pb, pa, rtol=3e-7, atol=1e-6)
         for pa, pb in zip(a[:2], b[:2]):
             sa, sb = oa.state[pa], ob.state[pb]
             for k in ("m_codes", "v_codes"):
