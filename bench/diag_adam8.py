@@ -62,7 +62,7 @@ def fused_with(compile_kw: dict | None):
         orig = torch.compile
         adam8.torch.compile = (lambda f, **kw: orig(f, **{**kw, **compile_kw})) if compile_kw is not None else (lambda f, **kw: f)
         try:
-            return adam8.AdamW8bitFused(ps, lr=1e-4)
+            return adam8.AdamW8bitFused(ps, lr=1e-4, backend="compile")
         finally:
             adam8.torch.compile = orig
     return make

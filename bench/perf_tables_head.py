@@ -77,13 +77,13 @@ def step_table(name: str = "bench_head_train_step_h200.json", optimizer_column: 
 
 
 def profile_table(name: str = "bench_head_step_profile_h200.json") -> str:
-    rows = []
+    rows, runs = [], all("run" in r for r in load(name)["rows"])
     for r in load(name)["rows"]:
-        rows.append([r["optimizer"], str(r["B"]), fmt(r["L"], 0, sep=True), fmt(r["fwd_bwd_graph_ms"], 1),
+        rows.append([r["optimizer"], str(r["B"]), fmt(r["L"], 0, sep=True), _recompute(r), fmt(r["fwd_bwd_graph_ms"], 1),
                      fmt(r["clip_update_graph_ms"], 1), fmt(r["zero_grads_ms"], 1), f"**{fmt(r['step_ms'], 1)}**",
-                     fmt(r["step_ms"] / r["B"], 1), fmt(r["peak_gib"], 1)])
-    return table(["optimizer", "B", "L", "forward + backward graph ms", "clip + update graph ms", "zero grads ms",
-                  "step ms", "ms / sample", "peak GiB"], rows)
+                     fmt(r["step_ms"] / r["B"], 1), fmt(r["peak_gib"], 1)] + ([str(r["run"])] if runs else []))
+    return table(["optimizer", "B", "L", "recompute", "forward + backward graph ms", "clip + update graph ms",
+                  "zero grads ms", "step ms", "ms / sample", "peak GiB"] + (["run"] if runs else []), rows)
 
 
 @renderer("head_step_kernels")
@@ -98,11 +98,13 @@ def kernels_table() -> str:
     return head + "\n" + table(["kernel", "calls", "ms", "share"], rows)
 
 
-@renderer("head_train_memory")
-def memory_table() -> str:
+def memory_table(name: str = "bench_head_train_memory_h200.json") -> str:
     rows = []
-    for r in load("bench_head_train_memory_h200.json")["rows"]:
-        cfg = [r["optimizer"], r.get("trainable", "all"), _b(r), fmt(r["L"], 0, sep=True), _recompute(r)]
+    for r in load(name)["rows"]:
+        cfg = [r["optimizer"], r.get("trainable", r.get("mode", "all")), _b(r), fmt(r["L"], 0, sep=True), _recompute(r)]
+        if "error" in r and r.get("engine") == "graphs":  # no estimate: the eager columns do not apply
+            rows.append(cfg + ["", f"graphs: {r['error'].splitlines()[0][:70]}", "", ""])
+            continue
         if "error" in r:
             rows.append(cfg + [fmt(estimate_now(r), 1), "OOM under the 24 GiB cap" if _oom(r) else r["error"][:60],
                                "", ""])
@@ -154,12 +156,11 @@ def _e2e(section: str, run: int | None = None, name: str = "bench_head_train_e2e
 
 
 def stage2_table(name: str = "bench_head_train_e2e_h200.json") -> str:
-    (r,) = _e2e("stage2", name=name)
     rows = [[name, fmt(r[f"{c}_prefix_len"], 0, sep=True), fmt(r[f"{c}_prefill_B1_ms"], 0),
-             fmt(r[f"{c}_expert_step_B1_ms"], 0), f"**{fmt(r[f'{c}_stage2_ms_per_sample'], 0)}**"]
-            for c, name in (("4cam", "4 cameras"), ("front", "front-only"))]
+             fmt(r[f"{c}_expert_step_B1_ms"], 0), f"**{fmt(r[f'{c}_stage2_ms_per_sample'], 0)}**", str(r["run"])]
+            for r in _e2e("stage2", name=name) for c, name in (("4cam", "4 cameras"), ("front", "front-only"))]
     return table(["prefix", "L", "VLM prefill B=1 ms", "expert step B=1 ms (transformers, AdamW)",
-                  "Stage-2 ms / sample"], rows)
+                  "Stage-2 ms / sample", "run"], rows)
 
 
 def stores_table(name: str = "bench_head_train_e2e_h200.json") -> str:
@@ -183,22 +184,35 @@ _FLAGS = ("--gradient-checkpointing", "--recompute-attention", "--optimizer")
 
 def e2e_table(name: str = "bench_head_train_e2e_h100.json") -> str:
     """head-train end to end per store against the Stage-2 per-sample cost of the same call."""
-    (s2,) = _e2e("stage2", name=name)
     rows = []
     for r in _e2e("e2e", name=name):
+        (s2,) = _e2e("stage2", run=r["run"], name=name)
         args = r["cmd"].split()
         flags = [f"{a} {args[i + 1]}" if a == "--optimizer" else a for i, a in enumerate(args) if a in _FLAGS]
         sm = r.get("summary")
         if sm is None or r["rc"] != 0:
-            rows.append([r["name"], ", ".join(flags), f"rc {r['rc']}", "", "", "", "", "", ""])
+            rows.append([r["name"], ", ".join(flags), f"rc {r['rc']}", "", "", "", "", "", "", str(r["run"])])
             continue
         ref = s2["4cam_stage2_ms_per_sample" if r["name"].startswith("4cam") else "front_stage2_ms_per_sample"]
         rows.append([r["name"], ", ".join(flags), str(sm["steps"]), fmt(sm["steady_ms_per_sample"], 1),
                      f"{fmt(100 * sm['gpu_busy_fraction'], 0)} %", f"{fmt(100 * sm['steady_loader_wait_fraction'], 1)} %",
-                     fmt(sm["peak_gpu_gib"], 1), fmt(ref, 0), f"**{fmt(ref / sm['steady_ms_per_sample'], 1)}x**"])
+                     fmt(sm["peak_gpu_gib"], 1), fmt(ref, 0), f"**{fmt(ref / sm['steady_ms_per_sample'], 1)}x**",
+                     str(r["run"])])
     return table(["store", "flags (all: bf16, B = 8, --compile --cuda-graphs, 24 GiB budget, RAM tier)", "steps",
                   "steady ms / sample", "GPU busy", "loader wait", "peak GiB", "Stage-2 ms / sample (same call)",
-                  "ratio"], rows)
+                  "ratio", "run"], rows)
+
+
+def adam8_update_table(name: str = "bench_adam8_update_h100.json") -> str:
+    """bench/diag_adam8.py: one update of 214 M bf16 elements, eager launches and graph-replayed."""
+    rows = []
+    for r in load(name)["rows"]:
+        g = r["graph_ms"]
+        bw = fmt(10 * r["elements"] / (g * Decimal("1e-3")) / Decimal("1e9"), 0) if g is not None else ""
+        rows.append([r["optimizer"], fmt(r["ms_per_step_eager"], 2), fmt(r["warmup_s"], 1),
+                     fmt(g, 2) if g is not None else "not captured", bw])
+    return table(["update", "ms / step (eager launches)", "warm-up s", "ms / step (graph replay)",
+                  "GB/s at 10 B / element"], rows)
 
 
 for _gpu in ("h200", "h100"):  # one region per table and machine
@@ -213,6 +227,9 @@ for _gpu in ("h200", "h100"):  # one region per table and machine
     renderer(f"head_train_graph_memory{'' if _gpu == 'h200' else '_h100'}")(
         lambda g=_gpu: graph_memory_table(f"bench_head_train_step_{g}.json"))
 renderer("head_train_step")(step_table)
+renderer("head_train_memory")(memory_table)
+renderer("head_train_memory_h100")(lambda: memory_table("bench_head_train_memory_h100.json"))
+renderer("adam8_update_h100")(adam8_update_table)
 renderer("head_train_step_h100")(lambda: step_table("bench_head_train_step_h100.json", optimizer_column=True))
 renderer("head_train_e2e_h100")(e2e_table)
 

@@ -1,25 +1,23 @@
-"""AdamW with block-wise 8-bit states, one compiled function per parameter (`--optimizer adamw8bit-fused`).
+"""AdamW with block-wise 8-bit states as plain tensors (`--optimizer adamw8bit-fused`).
 
 Why: torchao's AdamW8bit (`adamw8bit`) was 53 ms of the 97 ms step at B = 8 on the H200, against a
 memory-bound floor of about 5 ms (10 bytes per parameter). Here the state is plain tensors (codes uint8
-(n,), scales fp32 (n / 256,)) and one compiled function per parameter reads p, g and the codes once and
-writes p, codes and scales once; the gradient-clipping factor is an input, so the gradients are never
-rewritten (`clip_and_step`).
+(n,), scales fp32 (n / 256,)) and each parameter's update reads p, g and the codes once and writes p,
+codes and scales once; the gradient-clipping factor is an input, so the gradients are never rewritten
+(`clip_and_step`).
 
-Measured, and NOT faster yet (docs/PERFORMANCE.md, "Head training on an H100"): its clip + update graph
-replays in 138.6 ms on an H100 (2.28 B parameters, about 165 GB/s), and the whole B = 8 step is 186 ms
-against torchao's 102 ms in the same call. Why is not known yet: torchao runs the same look-ups (two
-dequantisations, two 8-probe code searches per element) faster, so the generated kernels differ in a way
-no profile has shown (ncu was not run). No preset uses it; it stays because its numbers, clip folding and
-state handling are tested and an ncu profile of its kernel is the next step. One static compile per
-parameter shape: 1.4x faster than automatic dynamic shapes in bench/diag_adam8.py (not yet measured in
-the whole step).
+Backends: `triton` (CUDA default) runs head_trainer/adam8_triton.py, one kernel per parameter: the whole
+head's update in 33 ms on an H100 (B = 8 step 77.8 ms against torchao's 102.5); `compile` runs the torch
+functions below through inductor (138.6 ms on an H100: its kernels were the slow part, why was never
+profiled); `eager` (the CPU default) runs them as they are. Tensors under 4096 elements go through the
+compiled torch function in every CUDA backend.
 
 Same numbers as torchao's AdamW8bit: the same dynamic quantisation maps (bitsandbytes' signed map for
-the first moment, unsigned for the second), block 256, the same branchless binary search and
-round-to-nearest rule, the same AdamW order of operations, and bf16 stochastic rounding of the weights
-by the same bit trick. Tensors under 4096 elements, or not a multiple of the block, keep their moments
-in the parameter dtype, as torchao does. tests/test_adam8.py holds it equal to torchao in fp32.
+the first moment, unsigned for the second), block 256, the same nearest-code rule, the same AdamW order
+of operations, and bf16 stochastic rounding of the weights by the same bit trick. Tensors under 4096
+elements, or not a multiple of the block, keep their moments in the parameter dtype, as torchao does.
+tests/test_adam8.py holds the torch path equal to torchao in fp32, and the Triton kernel (under Triton's
+CPU interpreter) equal to the torch path.
 """
 
 from __future__ import annotations

@@ -23,9 +23,11 @@ import triton
 import triton.language as tl
 
 BLOCK = 256
-ROWS = 4  # blocks per program (bench/diag_adam8.py measured the choice)
-NUM_WARPS = 4
-SEARCH = 1  # 0: 8-probe binary search in the map; 1: arithmetic guess + 2 probes of the code bounds
+# blocks per program and warps: bench/diag_adam8.py on an H100 (docs/bench_adam8_update_h100.json), 214 M
+# elements graph-replayed: 1 x 2 2.46 ms, 2 x 4 2.50, 4 x 4 2.87, 8 x 8 3.15
+ROWS = 1
+NUM_WARPS = 2
+SEARCH = 1  # 0: 8-probe binary search in the map; 1: arithmetic guess + 2 probes of the bounds (3.33 -> 2.87 ms)
 
 
 def code_bounds(qmap: torch.Tensor) -> torch.Tensor:

@@ -169,6 +169,8 @@ def test_resume_refuses_config_changes_and_bad_warmup(store, tmp_path, capsys):
     assert "--warmup-steps 5 is not shorter than the run" in capsys.readouterr().err
     assert head_train.main(_args(store, tmp_path / "m", "--gpu-memory-budget", "1MiB")) == 2  # before any model
     assert "of --gpu-memory-budget" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert head_train.main(_args(store, tmp_path / "g", "--trainable", "lora", "--cuda-graphs")) == 2
+    assert "--trainable lora with --cuda-graphs" in capsys.readouterr().err and not (tmp_path / "g").exists()
 
 
 def test_nan_in_a_batch_stops_with_the_sample_key(tiny_checkpoint, tmp_path, capsys):
