@@ -49,11 +49,13 @@ def estimate_now(r: dict) -> Decimal:
     from bench_head_train import head_config
 
     from head_trainer.memory import estimate, grads_persist
-    n, n_train = _params(r.get("trainable", "all"))
+    trainable = r.get("trainable", r.get("mode", "all"))
+    n, n_train = _params(trainable)
     est = estimate(head_config(False), n, n_train, r.get("dtype", "bfloat16"), r["optimizer"], _b_int(r),
                    int(r["L"]), int(r.get("draws", 1)), kv_slots=1, checkpoint=bool(r.get("checkpoint")),
                    recompute_attention=bool(r.get("recompute_attention")),
-                   grads_persist=grads_persist(r.get("engine") == "graphs", int(r.get("accum", 1))))
+                   grads_persist=grads_persist(r.get("engine") == "graphs", int(r.get("accum", 1))),
+                   trainable=trainable)
     return Decimal(str(round(est.total / 2**30, 3)))
 
 

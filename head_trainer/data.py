@@ -335,7 +335,7 @@ def train_ram_plan(cfg, store: Store, indices: list[int], head_cfg, device: torc
     n, n_train = count_params(head_cfg, cfg.trainable, cfg.lora_rank, cfg.lora_targets)
     max_len = bucket_len(max(store.manifest(i % len(store))["prefix_len"] for i in indices))
     est = estimate(head_cfg, n, n_train, name, cfg.optimizer, cfg.batch_size, max_len, cfg.draws, kv_slots=0,
-                   checkpoint=cfg.gradient_checkpointing)
+                   checkpoint=cfg.gradient_checkpointing, trainable=cfg.trainable)
     plan["checkpoint copy"] = est.weights + est.optimizer
     if device.type == "cpu":
         plan["training on the CPU"] = est.weights + est.gradients + est.optimizer + est.activations

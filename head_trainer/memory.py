@@ -62,8 +62,11 @@ def state_bytes_per_param(optimizer: str, param_bytes: int) -> float:
 
 
 def activation_bytes(cfg: HeadConfig, batch: int, draws: int, max_len: int, act_bytes: int,
-                     checkpoint: bool, recompute_attention: bool = False) -> float:
-    """Saved tensors of the backward pass for B prefixes x K draws of 64 tokens."""
+                     checkpoint: bool, recompute_attention: bool = False, frozen_expert: bool = False) -> float:
+    """Saved tensors of the backward pass for B prefixes x K draws of 64 tokens. frozen_expert
+    (`--trainable projections`): the expert's linear layers need no weight gradient, so autograd does not
+    keep their inputs that nothing else reads (both normed layer inputs and the MLP product; the attention
+    output stays, flash attention's backward reads it)."""
     e = cfg.expert
     hidden, inter = int(e["hidden_size"]), int(e["intermediate_size"])
     q_dim = int(e["num_attention_heads"]) * cfg.head_dim
@@ -72,6 +75,8 @@ def activation_bytes(cfg: HeadConfig, batch: int, draws: int, max_len: int, act_
     # per token per layer: norms (fp32 inside), q/k/v and their normed/rotated forms, attention output,
     # residuals, and the MLP's gate / up / activation / product
     per_token = act_bytes * (8 * hidden + 4 * q_dim + 6 * kv_dim + 4 * inter) + 4 * (2 * hidden + q_dim + kv_dim)
+    if frozen_expert:
+        per_token -= act_bytes * (2 * hidden + inter)
     prefix_copy = batch * 2 * kv_dim * (max_len + draws * N_ACTION) * act_bytes  # [prefix; action] K and V
     per_layer = tokens * per_token + prefix_copy
     layers = cfg.num_layers
@@ -91,7 +96,7 @@ def grads_persist(cuda_graphs: bool, grad_accum: int) -> bool:
 def estimate(cfg: HeadConfig, n_params: int, n_trainable: int, dtype: str, optimizer: str, batch: int,
              max_len: int, draws: int = 1, kv_slots: int = 2, checkpoint: bool = False,
              kv_dtype: str = "bfloat16", recompute_attention: bool = False,
-             grads_persist: bool = True) -> MemoryEstimate:
+             grads_persist: bool = True, trainable: str = "all") -> MemoryEstimate:
     pb = DTYPE_BYTES[dtype]
     kv_batch = cfg.num_layers * 2 * batch * cfg.num_kv_heads * max_len * cfg.head_dim * DTYPE_BYTES[kv_dtype]
     return MemoryEstimate(
@@ -99,7 +104,8 @@ def estimate(cfg: HeadConfig, n_params: int, n_trainable: int, dtype: str, optim
         gradients=n_trainable * pb,
         optimizer=n_trainable * state_bytes_per_param(optimizer, pb),
         kv_inputs=kv_slots * kv_batch,
-        activations=activation_bytes(cfg, batch, draws, max_len, pb, checkpoint, recompute_attention),
+        activations=activation_bytes(cfg, batch, draws, max_len, pb, checkpoint, recompute_attention,
+                                     frozen_expert=trainable == "projections"),
         grads_persist=grads_persist,
     )
 
@@ -163,7 +169,8 @@ def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str
     est = estimate(head_cfg, n, n_train, dtype, train_cfg.optimizer, train_cfg.batch_size, bucket_len(max_len),
                    train_cfg.draws, kv_slots=2 * train_cfg.grad_accum, checkpoint=train_cfg.gradient_checkpointing,
                    recompute_attention=train_cfg.recompute_attention,
-                   grads_persist=grads_persist(train_cfg.cuda_graphs, train_cfg.grad_accum))
+                   grads_persist=grads_persist(train_cfg.cuda_graphs, train_cfg.grad_accum),
+                   trainable=train_cfg.trainable)
     check_budget(est, parse_bytes(train_cfg.gpu_memory_budget), train_cfg.batch_size,
                  train_cfg.gradient_checkpointing, train_cfg.optimizer, train_cfg.recompute_attention)
     return est

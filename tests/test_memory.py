@@ -26,6 +26,10 @@ def test_terms_by_hand(tiny_head_cfg):
     copy = 3 * 2 * 32 * (128 + 64) * 2  # one layer's [prefix; action] K/V: kept by one layer at a time
     ra = estimate(cfg, 1000, 600, "bfloat16", "adamw8bit", 3, 128, kv_slots=2, recompute_attention=True)
     assert ra.activations == 2 * tokens * per_token + copy
+    # --trainable projections: the frozen linears' inputs (two normed hidden states, the MLP product) go
+    fr = estimate(cfg, 1000, 600, "bfloat16", "adamw8bit", 3, 128, kv_slots=2, trainable="projections")
+    assert fr.activations == est.activations - 2 * tokens * 2 * (2 * 32 + 96)
+    assert estimate(cfg, 1000, 600, "bfloat16", "adamw8bit", 3, 128, kv_slots=2, trainable="lora") == est
 
 
 def test_release_plan_terms(tiny_head_cfg):
