@@ -9,8 +9,10 @@ program, warps) choices, each also replayed from a CUDA graph (no host time: wha
 
 Eager launches include the host's per-parameter overhead, which dominates torchao here (its tensor
 subclass dispatch); the CUDA-graph replay in bench/profile_head_step.py is the figure without it.
-Measured 2026-12-07, one H100 (docs/PERFORMANCE.md, "Head training on an H100"), ms per step / warm-up s:
-torchao 17.02 / 24.1; fused automatic-dynamic 13.17 / 10.6; fused static 9.53 / 13.0; fused eager 131.83 / 0.5.
+Measured 2026-12-07 on H100s (docs/PERFORMANCE.md, "Head training on an H100"): run 1, ms per step /
+warm-up s: torchao 17.02 / 24.1; inductor automatic-dynamic 13.17 / 10.6; static 9.53 / 13.0; eager 131.83;
+run 2 (docs/bench_adam8_update_h100.json): the Triton kernel 2.46 ms graph-replayed (1 block x 2 warps),
+torchao 20.29 ms eager.
 """
 
 from __future__ import annotations
@@ -99,8 +101,8 @@ def main() -> None:
 
     print(f"{sum(a * b for a, b in SHAPES):,} elements in {len(SHAPES)} tensors")
     rows = [("torchao AdamW8bit", lambda ps: AdamW8bit(ps, lr=1e-4, bf16_stochastic_round=True), 5),
-            ("fused, automatic dynamic", fused_with({"dynamic": None}), 5),
-            ("fused, static per shape", fused_with({"dynamic": False}), 5)]
+            ("fused torch ops via inductor, automatic dynamic", fused_with({"dynamic": None}), 5),
+            ("fused torch ops via inductor, static per shape", fused_with({"dynamic": False}), 5)]
     rows = [(f"triton kernel, {'guess + bounds' if s else 'binary search'}, {r} blocks x {w} warps",
              triton_with(r, w, s), 20) for r, w, s in ((4, 4, 1), (4, 4, 0), (2, 4, 1), (8, 8, 1), (1, 2, 1))] + rows
     elems = sum(a * b for a, b in SHAPES)
