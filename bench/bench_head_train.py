@@ -238,6 +238,9 @@ def main() -> None:
     ap.add_argument("--quality-plans", default="float32:adamw:eager,bfloat16:adamw8bit:graphs,bfloat16:adamw:graphs,"
                     "bfloat16:adamw4bit:graphs,bfloat16:adamw-sr:graphs", help="dtype:optimizer:engine, ...")
     ap.add_argument("--optimizers", default="adamw8bit,adamw,adamw4bit,adamw-sr,adamw-offload")
+    ap.add_argument("--memory-lengths", default="", help="L values of the memory section for every optimizer and "
+                    "trainable mode (default: both for adamw8bit, the long one for the rest)")
+    ap.add_argument("--no-modes", action="store_true", help="memory section: skip the projections / LoRA rows")
     args = ap.parse_args()
     out = Path(args.json_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -271,6 +274,7 @@ def main() -> None:
         guarded(run_config, path, **kw, bsz=8, L=long_l, engine="graphs", recompute_attention=True, draws=2)
         guarded(run_config, path, **kw, bsz=16, L=long_l, engine="graphs", checkpoint=True)
         guarded(run_config, path, **kw, bsz=8, L=long_l, engine="graphs", recompute_attention=True, accum=4, timed=5)
+        guarded(run_config, path, **kw, bsz=8, L=long_l, engine="graphs", checkpoint=True, accum=8, timed=3)
     elif "step" in sections:  # most important first: a timeout keeps what was measured
         path = out / "head_train_step.json"
         kw = dict(head=head, cfg=cfg, device=device, optimizer="adamw8bit")
@@ -300,19 +304,22 @@ def main() -> None:
                 guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=4, L=long_l, optimizer=opt_name,
                         engine="eager", warm=1, timed=2)
                 continue
-            for L in (long_l, short_l) if opt_name == "adamw8bit" else (long_l,):
+            lengths = [int(x) for x in args.memory_lengths.split(",") if x] or (
+                [long_l, short_l] if opt_name == "adamw8bit" else [long_l])
+            for L in lengths:
                 for bsz in (1, 4, 8):
                     for ckpt in (False, True) if opt_name == "adamw8bit" else (False,):
                         guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=bsz, L=L, optimizer=opt_name,
                                 engine="eager", checkpoint=ckpt, warm=2, timed=2)
-        for bsz in (1, 4, 8):
-            guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=bsz, L=long_l, optimizer="adamw",
-                    mode="projections", engine="eager", warm=2, timed=2)
-        for bsz in (1, 4, 8):  # last: the adapters stay in the head (rank 16 on every linear, fp32)
-            guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=bsz, L=long_l, optimizer="adamw",
-                    mode="lora", engine="eager", warm=2, timed=2)
-        guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=8, L=long_l, optimizer="adamw",
-                mode="lora", engine="graphs")
+        mode_lengths = [] if args.no_modes else ([int(x) for x in args.memory_lengths.split(",") if x] or [long_l])
+        for mode in ("projections", "lora"):  # lora last: the adapters stay in the head (rank 16, fp32)
+            for L in mode_lengths:
+                for bsz in (1, 4, 8):
+                    guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=bsz, L=L, optimizer="adamw",
+                            mode=mode, engine="eager", warm=2, timed=2)
+        if mode_lengths:  # fails on CUDA so far ('capturing stream has unjoined work'): recorded as a row
+            guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=8, L=long_l, optimizer="adamw",
+                    mode="lora", engine="graphs")
 
     if "quality" in sections:  # uncapped: fp32 AdamW is the reference and needs ~40 GB
         del head

@@ -9,6 +9,8 @@
 #                                        (E2E_OPT=adamw8bit-fused reproduces the H100 run of 2026-12-07)
 #   bash bench/h200_session.sh modes   # memory rows of projections / lora / fp8 / offload
 #   bash bench/h200_session.sh triton  # adamw8bit-fused's Triton kernel: CUDA check, update microbench, step rows, step split
+#   bash bench/h200_session.sh next    # what the last session left: the kernel's CUDA checks and 200-step curve, its
+#                                        step rows (grad-accum 4 and 8), L = 809 memory rows of every optimizer / mode
 # Every result lands in $OUT as JSON as soon as it is measured; each part has its own time limit so a
 # hang or crash in one costs only that part.
 set -u
@@ -77,6 +79,16 @@ triton)  # the Triton update kernel: correct on CUDA, its bandwidth, then the wh
     --configs "${PROF_CONFIGS:-adamw8bit-fused:8:2993:r,adamw8bit-fused:8:809:r,adamw8bit-fused:1:809}"
   [ "${STEP_S:-240}" -gt 0 ] && part "${STEP_S:-240}" python3 bench/bench_head_train.py --sections step --step-set fused \
     --step-optimizers adamw8bit-fused --json-dir "$OUT"
+  ;;
+next)
+  part "${CHECK_S:-60}" python3 bench/diag_adam8.py --check
+  part "${GCHECK_S:-90}" python3 bench/check_graph_step.py
+  part "${QUAL_S:-200}" python3 bench/bench_head_train.py --sections quality --quality-steps "${QUAL_STEPS:-200}" \
+    --quality-plans float32:adamw:eager,bfloat16:adamw8bit-fused:graphs --json-dir "$OUT"
+  part "${STEP_S:-200}" python3 bench/bench_head_train.py --sections step --step-set fused --step-optimizers adamw8bit-fused \
+    --json-dir "$OUT"
+  [ "${MEM_S:-0}" -gt 0 ] && part "$MEM_S" python3 bench/bench_head_train.py --sections memory --memory-lengths 809 \
+    --optimizers adamw8bit-fused,adamwfp8,adamw4bit,adamw --json-dir "$OUT"
   ;;
 e2ef)  # the fused plans end to end (4 cameras: the 24gb preset's layer recompute, since two 3.3 GiB KV slots
        # plus attention recompute estimate above 90 % of 24 GiB; front-only: attention recompute); Stage-2 in the same call
