@@ -70,13 +70,14 @@ def fused_with(compile_kw: dict | None):
     return make
 
 
-def triton_with(rows: int, warps: int, search: int = 1):
-    """adamw8bit-fused's Triton kernel with `rows` 256-element blocks per program, `warps` warps and
-    code search `search` (0: binary search in the map, 1: arithmetic guess + bounds)."""
+def triton_with(rows: int, warps: int, search: int = 1, fast: int = 0):
+    """adamw8bit-fused's Triton kernel with `rows` 256-element blocks per program, `warps` warps, code
+    search `search` (0: binary search in the map, 1: arithmetic guess + bounds) and `fast` (1: reciprocals
+    and approximate division / square root instead of torchao's IEEE ones)."""
     from head_trainer import adam8_triton
 
     def make(ps):
-        adam8_triton.ROWS, adam8_triton.NUM_WARPS, adam8_triton.SEARCH = rows, warps, search
+        adam8_triton.ROWS, adam8_triton.NUM_WARPS, adam8_triton.SEARCH, adam8_triton.FAST = rows, warps, search, fast
         return adam8.AdamW8bitFused(ps, lr=1e-4, backend="triton")
     return make
 
@@ -87,7 +88,7 @@ def check() -> None:
     import adam8_interpreter_check as c
 
     c.DEVICE = "cuda"
-    for name in ("check_both_searches_are_quantise", "check_fp32_equals_eager", "check_bf16_rounds_to_a_neighbour_without_bias",
+    for name in ("check_both_searches_are_quantise", "check_fp32_equals_eager", "check_fast_variant_is_close", "check_bf16_rounds_to_a_neighbour_without_bias",
                  "check_bf16_draws_repeat_and_differ"):
         getattr(c, name)()
         print("ok", name, "(cuda)", flush=True)
@@ -103,8 +104,9 @@ def main() -> None:
     rows = [("torchao AdamW8bit", lambda ps: AdamW8bit(ps, lr=1e-4, bf16_stochastic_round=True), 5),
             ("fused torch ops via inductor, automatic dynamic", fused_with({"dynamic": None}), 5),
             ("fused torch ops via inductor, static per shape", fused_with({"dynamic": False}), 5)]
-    rows = [(f"triton kernel, {'guess + bounds' if s else 'binary search'}, {r} blocks x {w} warps",
-             triton_with(r, w, s), 20) for r, w, s in ((4, 4, 1), (4, 4, 0), (2, 4, 1), (8, 8, 1), (1, 2, 1))] + rows
+    rows = [(f"triton kernel, {'guess + bounds' if s else 'binary search'}{', fast math' if f else ''}, {r} blocks x "
+             f"{w} warps", triton_with(r, w, s, f), 20)
+            for r, w, s, f in ((1, 2, 1, 0), (1, 2, 1, 1), (2, 4, 1, 1), (1, 2, 0, 1), (1, 4, 1, 1), (4, 4, 1, 0))] + rows
     elems = sum(a * b for a, b in SHAPES)
     print("| optimizer | ms / step | warm-up s | graph-replayed ms | GB/s at 10 B / element |\n| --- | --- | --- | --- | --- |")
     for name, make, n in rows:

@@ -9,7 +9,7 @@
 #                                        (E2E_OPT=adamw8bit-fused reproduces the H100 run of 2026-12-07)
 #   bash bench/h200_session.sh modes   # memory rows of projections / lora / fp8 / offload
 #   bash bench/h200_session.sh triton  # adamw8bit-fused's Triton kernel: CUDA check, update microbench, step rows, step split
-#   bash bench/h200_session.sh next    # what the last session left: the kernel's CUDA checks and 200-step curve, its
+#   bash bench/h200_session.sh next    # what the last session left: the kernel's CUDA checks, its fast-math variant, its 200-step curve, its
 #                                        step rows (grad-accum 4 and 8), L = 809 memory rows of every optimizer / mode
 # Every result lands in $OUT as JSON as soon as it is measured; each part has its own time limit so a
 # hang or crash in one costs only that part.
@@ -82,6 +82,7 @@ triton)  # the Triton update kernel: correct on CUDA, its bandwidth, then the wh
   ;;
 next)
   part "${CHECK_S:-60}" python3 bench/diag_adam8.py --check
+  part "${DIAG_S:-100}" python3 bench/diag_adam8.py
   part "${GCHECK_S:-90}" python3 bench/check_graph_step.py
   part "${QUAL_S:-200}" python3 bench/bench_head_train.py --sections quality --quality-steps "${QUAL_STEPS:-200}" \
     --quality-plans float32:adamw:eager,bfloat16:adamw8bit-fused:graphs --json-dir "$OUT"
