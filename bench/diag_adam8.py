@@ -87,11 +87,7 @@ def check() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import adam8_interpreter_check as c
 
-    c.DEVICE = "cuda"
-    for name in ("check_both_searches_are_quantise", "check_fp32_equals_eager", "check_fast_variant_is_close", "check_bf16_rounds_to_a_neighbour_without_bias",
-                 "check_bf16_draws_repeat_and_differ"):
-        getattr(c, name)()
-        print("ok", name, "(cuda)", flush=True)
+    c.run_checks("cuda")
 
 
 def main() -> None:

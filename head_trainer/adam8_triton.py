@@ -98,12 +98,20 @@ def _nearest_code_bounds(x, b_ptr, SIGNED: tl.constexpr):
 
 
 @triton.jit
+def _code(x, q_ptr, b_ptr, SIGNED: tl.constexpr, SEARCH: tl.constexpr):
+    """The nearest code of x (already in the map's range) by the search SEARCH picks."""
+    if SEARCH == 1:
+        return _nearest_code_bounds(x, b_ptr, SIGNED)
+    else:
+        return _nearest_code(x, q_ptr)
+
+
+@triton.jit
 def _encode_kernel(x_ptr, q_ptr, b_ptr, out_ptr, n, SIGNED: tl.constexpr, SEARCH: tl.constexpr, BLOCK: tl.constexpr):
-    """Codes of x (already in the map's range) by either search: what the checks compare with quantise."""
+    """Codes of x by either search: what the checks compare with quantise."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
-    c = _nearest_code_bounds(x, b_ptr, SIGNED) if SEARCH == 1 else _nearest_code(x, q_ptr)
-    tl.store(out_ptr + offs, c.to(tl.uint8), mask=offs < n)
+    tl.store(out_ptr + offs, _code(x, q_ptr, b_ptr, SIGNED, SEARCH).to(tl.uint8), mask=offs < n)
 
 
 def encode(x: torch.Tensor, qmap: torch.Tensor, bounds: torch.Tensor, signed: bool, search: int = SEARCH) -> torch.Tensor:
@@ -160,14 +168,8 @@ def _adamw8_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr,
         p = p - tl.math.div_rn(lr * tl.math.div_rn(m, c1), denom)
         xm = tl.math.div_rn(m, m_absmax[:, None])
         xv = tl.math.div_rn(v, v_absmax[:, None])
-    if SEARCH == 1:
-        m_code = _nearest_code_bounds(xm, bm_ptr, True)
-        v_code = _nearest_code_bounds(xv, bv_ptr, False)
-    else:
-        m_code = _nearest_code(xm, qm_ptr)
-        v_code = _nearest_code(xv, qv_ptr)
-    tl.store(mc_ptr + offs, m_code.to(tl.uint8), mask=mask)
-    tl.store(vc_ptr + offs, v_code.to(tl.uint8), mask=mask)
+    tl.store(mc_ptr + offs, _code(xm, qm_ptr, bm_ptr, True, SEARCH).to(tl.uint8), mask=mask)
+    tl.store(vc_ptr + offs, _code(xv, qv_ptr, bv_ptr, False, SEARCH).to(tl.uint8), mask=mask)
     tl.store(ms_ptr + rows, m_absmax, mask=rmask)
     tl.store(vs_ptr + rows, v_absmax, mask=rmask)
 

@@ -92,7 +92,8 @@ class TrainStep:
         self._pool = None
         self._loss_sum: torch.Tensor | None = None
         self._gnorm: torch.Tensor | None = None
-        self._unwritten: list[torch.Tensor] = []  # static gradients no captured graph writes (zeroed per step)
+        self._unwritten: set[int] = set()  # params whose static gradient some captured graph does not write
+        self._zero: list[torch.Tensor] = []  # gradients zeroed before each step's replays
 
     # -- the pieces ------------------------------------------------------------------------------
     def _slice(self, m: int, bsz: int) -> slice:
@@ -191,7 +192,8 @@ class TrainStep:
                 h.remove()
             for p, b in zip(self.params, static):
                 p.grad = b
-        self._unwritten = [b for i, b in enumerate(static) if i not in written] if overwrite else []
+        self._unwritten |= set(range(len(static))) - written
+        self._zero = [b for i, b in enumerate(static) if not overwrite or i in self._unwritten]
         self._pool = g.pool()
         return g, st
 
@@ -214,9 +216,8 @@ class TrainStep:
                 if len(self._fb) >= 16:
                     raise RuntimeError("more than 16 distinct batch shapes/buffers: use bucketed loader slots")
                 self._fb[self._key(b)] = self._capture_fb(b)
-        zero = self._unwritten if self.cfg.grad_accum == 1 else [p.grad for p in self.params]
-        if zero:
-            torch._foreach_zero_(zero)
+        if self._zero:
+            torch._foreach_zero_(self._zero)
         self._loss_sum.zero_()
         for m, b in enumerate(micro):
             g, st = self._fb[self._key(b)]
