@@ -110,12 +110,23 @@ class Timer:
         return out
 
 
+def adam8_fast() -> int | None:
+    """adamw8bit-fused's kernel variant in use (head_trainer/adam8_triton.FAST), None without Triton."""
+    try:
+        from head_trainer import adam8_triton
+    except ImportError:
+        return None
+    return adam8_triton.FAST
+
+
 def run_config(head, cfg, device, *, bsz, L, optimizer, mode="all", engine="graphs", checkpoint=False, draws=1,
-               warm=3, timed=10, accum=1, recompute_attention=False) -> dict:
+               warm=3, timed=10, accum=1, recompute_attention=False, attention="sdpa") -> dict:
     """One configuration: steps with the chosen engine, returning times and memory."""
     rec = {"B": bsz, "L": L, "optimizer": optimizer, "trainable": mode, "engine": engine,
            "checkpoint": checkpoint, "draws": draws, "dtype": str(head.dtype).removeprefix("torch."),
-           "recompute_attention": recompute_attention, "accum": accum}
+           "recompute_attention": recompute_attention, "accum": accum, "attention": attention}
+    if attention == "split":
+        rec["adam8_fast"] = adam8_fast()
     if is_lora(head) and mode != "lora":  # LoRA injects adapters into the head every configuration here shares
         raise ValueError("LoRA configurations must come last: the adapters stay in the shared head")
     params = apply_trainable(head, mode)  # a head with adapters keeps them
@@ -123,7 +134,7 @@ def run_config(head, cfg, device, *, bsz, L, optimizer, mode="all", engine="grap
     n_train = sum(p.numel() for p in params)
     est = estimate(cfg, n_params, n_train, rec["dtype"], optimizer, bsz, L, draws, kv_slots=1, checkpoint=checkpoint,
                    recompute_attention=recompute_attention, grads_persist=grads_persist(engine == "graphs", accum),
-                   trainable=mode)
+                   trainable=mode, attention=attention)
     rec["estimate_gib"] = round(est.total / 2**30, 2)
     rec["estimate_terms_gib"] = {k: round(v / 2**30, 2) for k, v in vars(est).items() if k != "grads_persist"}
     free(device)
@@ -131,7 +142,8 @@ def run_config(head, cfg, device, *, bsz, L, optimizer, mode="all", engine="grap
     batch = random_batch(cfg, bsz, L, device, dtype=head.dtype)
     opt = build_optimizer(params, optimizer, 1e-5, capturable=engine == "graphs")
     step_cfg = StepConfig(seed=1, draws=draws, grad_accum=accum, compile=engine in ("compiled", "graphs"),
-                          cuda_graphs=engine == "graphs", checkpoint=checkpoint, recompute_attention=recompute_attention)
+                          cuda_graphs=engine == "graphs", checkpoint=checkpoint, recompute_attention=recompute_attention,
+                          attention=attention)
     counter = [0]
     if engine == "transformers":
         def one(s=counter):
@@ -189,7 +201,7 @@ def guarded(fn, path: Path, **kw) -> None:
     record(path, rec)
 
 
-def quality(cfg, device, out: Path, steps: int, L: int, bsz: int, plans: list[tuple[str, str, str]]) -> None:
+def quality(cfg, device, out: Path, steps: int, L: int, bsz: int, plans: list[tuple[str, ...]]) -> None:
     """Fixed synthetic regression: 16 fixed prefixes -> fixed actions; loss per step of each plan."""
     gen = torch.Generator(device=device).manual_seed(123)
     n = 16
@@ -198,14 +210,20 @@ def quality(cfg, device, out: Path, steps: int, L: int, bsz: int, plans: list[tu
     for b in data:  # targets: a fixed function of the prefix (+ fixed noise), so there is something to learn
         pooled = 4 * b.prefix.keys[0][:, 0, :, :2].float().mean(1).view(-1, 1, 2)
         b.action = torch.tanh(pooled * ramp) + 0.1 * torch.randn(b.action.shape, generator=gen, device=device)
-    for dtype, opt_name, engine in plans:
+    for dtype, opt_name, engine, *rest in plans:  # dtype:optimizer:engine[:attention]
+        attention = rest[0] if rest else "sdpa"
         free(device)
         rec = {"dtype": dtype, "optimizer": opt_name, "engine": engine, "steps": steps, "L": L, "B": bsz}
+        if attention != "sdpa":
+            rec["attention"] = attention
+        if opt_name == "adamw8bit-fused":
+            rec["adam8_fast"] = adam8_fast()
         try:
             head = build_head(cfg, device, getattr(torch, dtype))
             params = [p for p in head.parameters() if p.requires_grad]
             opt = build_optimizer(params, opt_name, 1e-4, capturable=engine == "graphs")
-            ts = TrainStep(head, params, opt, StepConfig(seed=7, compile=engine != "eager", cuda_graphs=engine == "graphs"))
+            ts = TrainStep(head, params, opt, StepConfig(seed=7, compile=engine != "eager", cuda_graphs=engine == "graphs",
+                                                         attention=attention))
             losses = []
             t0 = time.perf_counter()
             for s in range(steps):
@@ -232,11 +250,14 @@ def main() -> None:
     ap.add_argument("--memory-cap-gib", type=float, default=24.0)
     ap.add_argument("--quality-steps", type=int, default=200)
     ap.add_argument("--batches", default="1,4,8,16")
-    ap.add_argument("--step-set", default="all", choices=["all", "graphs", "fused"],
+    ap.add_argument("--step-set", default="all", choices=["all", "graphs", "fused", "split"],
                     help="graphs: CUDA-graph configs only; fused: --step-optimizers side by side at the 24 GB plans")
+    ap.add_argument("--step-rows", type=int, default=0, help="only the first N rows of --step-set split (0: all)")
+    ap.add_argument("--adam8-fast", action="store_true",
+                    help="adamw8bit-fused's fast-math kernel (head_trainer/adam8_triton.FAST = 1) for every row")
     ap.add_argument("--step-optimizers", default="adamw8bit-fused,adamw8bit", help="optimizers of --step-set fused")
     ap.add_argument("--quality-plans", default="float32:adamw:eager,bfloat16:adamw8bit:graphs,bfloat16:adamw:graphs,"
-                    "bfloat16:adamw4bit:graphs,bfloat16:adamw-sr:graphs", help="dtype:optimizer:engine, ...")
+                    "bfloat16:adamw4bit:graphs,bfloat16:adamw-sr:graphs", help="dtype:optimizer:engine[:attention], ...")
     ap.add_argument("--optimizers", default="adamw8bit,adamw,adamw4bit,adamw-sr,adamw-offload")
     ap.add_argument("--memory-lengths", default="", help="L values of the memory section for every optimizer and "
                     "trainable mode (default: both for adamw8bit, the long one for the rest)")
@@ -248,6 +269,10 @@ def main() -> None:
     cfg = head_config(args.tiny)
     long_l, short_l = (40, 12) if args.tiny else (2993, 809)
     batches = [int(b) for b in args.batches.split(",")]
+    if args.adam8_fast:
+        from head_trainer import adam8_triton
+
+        adam8_triton.FAST = 1
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "cap_gib": args.memory_cap_gib, "tiny": args.tiny}
     (out / "head_train_env.json").write_text(json.dumps(env) + "\n")
@@ -260,7 +285,20 @@ def main() -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
     head = build_head(cfg, device, torch.bfloat16) if {"step", "memory"} & set(sections) else None
 
-    if "step" in sections and args.step_set == "fused":  # the update kernels compared at the 24 GB plans
+    if "step" in sections and args.step_set == "split":  # --attention split at the 24 GB plans, sdpa beside it
+        path = out / "head_train_step.json"
+        kw = dict(head=head, cfg=cfg, device=device, optimizer=args.step_optimizers.split(",")[0], engine="graphs")
+        rows = [dict(bsz=8, L=long_l, attention="split"),
+                dict(bsz=8, L=long_l, recompute_attention=True),  # the sdpa plan, same call
+                dict(bsz=8, L=long_l, attention="split", accum=8, timed=3),
+                dict(bsz=8, L=short_l, attention="split"),
+                dict(bsz=16, L=long_l, attention="split"),
+                dict(bsz=4, L=long_l, attention="split"),
+                dict(bsz=8, L=long_l, attention="split", draws=2),
+                dict(bsz=1, L=long_l, attention="split")]
+        for row in rows[:args.step_rows or None]:
+            guarded(run_config, path, **kw, **row)
+    elif "step" in sections and args.step_set == "fused":  # the update kernels compared at the 24 GB plans
         path = out / "head_train_step.json"
         names = args.step_optimizers.split(",")
         for name in names:  # the headline first, for each optimizer: a timeout keeps what was measured

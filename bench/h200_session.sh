@@ -9,6 +9,7 @@
 #                                        (E2E_OPT=adamw8bit-fused reproduces the H100 run of 2026-12-07)
 #   bash bench/h200_session.sh modes   # memory rows of projections / lora / fp8 / offload
 #   bash bench/h200_session.sh triton  # adamw8bit-fused's Triton kernel: CUDA check, update microbench, step rows, step split
+#   bash bench/h200_session.sh split   # --attention split: kernel checks + tiles, step split, step rows, quality
 #   bash bench/h200_session.sh next    # what the last session left: the kernel's CUDA checks, its fast-math variant, its 200-step curve, its
 #                                        step rows (grad-accum 4 and 8), L = 809 memory rows of every optimizer / mode
 # Every result lands in $OUT as JSON as soon as it is measured; each part has its own time limit so a
@@ -23,7 +24,7 @@ else
 fi
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv > "$OUT/log_main.txt" 2>&1
-part() { local t=$1; shift; echo "== $(date +%T) [$t s] $*" >> "$OUT/log_main.txt"; timeout -k 5 "$t" "$@" >> "$OUT/log_main.txt" 2>&1; echo "== rc=$? $(date +%T)" >> "$OUT/log_main.txt"; }
+part() { local t=$1; shift; [ "$t" -gt 0 ] || return 0; echo "== $(date +%T) [$t s] $*" >> "$OUT/log_main.txt"; timeout -k 5 "$t" "$@" >> "$OUT/log_main.txt" 2>&1; echo "== rc=$? $(date +%T)" >> "$OUT/log_main.txt"; }
 case "${1:-train}" in
 train)
   # tiny-checkpoint checks in the background, overlapping memory + quality (not timed); step runs alone
@@ -88,6 +89,8 @@ next)
     --quality-plans float32:adamw:eager,bfloat16:adamw8bit-fused:graphs --json-dir "$OUT"
   part "${STEP_S:-200}" python3 bench/bench_head_train.py --sections step --step-set fused --step-optimizers adamw8bit-fused \
     --json-dir "$OUT"
+  [ "${PROF_S:-0}" -gt 0 ] && part "$PROF_S" python3 bench/profile_head_step.py --memory-cap-gib 24 --json "$OUT/prof.json" \
+    --configs "${PROF_CONFIGS:-adamw8bit-fused:8:2993:rp}"
   [ "${MEM_S:-0}" -gt 0 ] && part "$MEM_S" python3 bench/bench_head_train.py --sections memory --memory-lengths 809 \
     --optimizers adamw8bit-fused,adamwfp8,adamw4bit,adamw --json-dir "$OUT"
   ;;
@@ -98,9 +101,20 @@ e2ef)  # the fused plans end to end (4 cameras: the 24gb preset's layer recomput
   e() { part "$1" python3 bench/bench_head_train_e2e.py --json-dir "$OUT" --dir /tmp/stores --stores "$S" --max-samples "$N" \
           --workers 8 --e2e-steps "${E2E_STEPS:-200}" --e2e-timeout "${E2E_RUN_S:-150}" --e2e-args "$4" --sections "$2" ${3:+--stores $3}; }
   e "${STORES_S:-90}" stores "" "$A"
-  e "${E2E1_S:-165}" e2e 4cam_int8 "$A --gradient-checkpointing"
-  e "${E2E2_S:-150}" e2e front_bf16 "$A --recompute-attention"
+  e "${E2E1_S:-165}" e2e 4cam_int8 "$A ${E2E1_X:---gradient-checkpointing}"
+  e "${E2E2_S:-150}" e2e front_bf16 "$A ${E2E2_X:---recompute-attention}"
   part "${STAGE2_S:-150}" python3 bench/bench_head_train_e2e.py --json-dir "$OUT" --dir /tmp/stores --sections stage2
+  ;;
+split)  # --attention split (shared/prefix_attention.py): CUDA checks, step rows at the 24 GB plans (sdpa beside),
+        # step split + kernels, tile sweep vs SDPA, 200-step quality of split + the fast-math update
+  part "${CHECK_S:-60}" python3 bench/bench_prefix_attention.py --check
+  part "${STEP_S:-0}" python3 bench/bench_head_train.py --sections step --step-set split --step-optimizers adamw8bit-fused \
+    ${STEP_FAST:+--adam8-fast} --step-rows "${STEP_ROWS:-0}" --json-dir "$OUT"
+  part "${PROF_S:-120}" python3 bench/profile_head_step.py --memory-cap-gib 24 --json "$OUT/prof.json" \
+    --configs "${PROF_CONFIGS:-adamw8bit-fused:8:2993:sp}"
+  part "${SWEEP_S:-150}" python3 bench/bench_prefix_attention.py --json "$OUT/prefix_attention.json" --tiles "${TILES:-10}"
+  part "${QUAL_S:-0}" python3 bench/bench_head_train.py --sections quality --quality-steps "${QUAL_STEPS:-200}" --adam8-fast \
+    --quality-plans bfloat16:adamw8bit-fused:graphs:split --json-dir "$OUT"
   ;;
 modes)
   part "${MEM_S:-200}" python3 bench/bench_head_train.py --sections memory --optimizers adamwfp8,adamw-offload --json-dir "$OUT"

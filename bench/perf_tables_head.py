@@ -212,9 +212,42 @@ def adam8_update_table(name: str = "bench_adam8_update_h100.json") -> str:
         g = r["graph_ms"]
         bw = fmt(10 * r["elements"] / (g * Decimal("1e-3")) / Decimal("1e9"), 0) if g is not None else ""
         rows.append([r["optimizer"], fmt(r["ms_per_step_eager"], 2), fmt(r["warmup_s"], 1),
-                     fmt(g, 2) if g is not None else "not captured", bw])
+                     fmt(g, 2) if g is not None else "not captured", bw, str(r.get("run", 1))])
     return table(["update", "ms / step (eager launches)", "warm-up s", "ms / step (graph replay)",
-                  "GB/s at 10 B / element"], rows)
+                  "GB/s at 10 B / element", "run"], rows)
+
+
+KERNEL_GROUPS = (  # (group, substrings of the kernel name), first match wins
+    ("attention over [prefix; action] (cuDNN SDPA)", ("sdpa",)),
+    ("attention over the prefix (shared/prefix_attention.py)", ("_fwd_kernel", "_bwd_kernel")),
+    ("kernels with a cat: the [prefix; action] copies (RoPE fused in)", ("_cat_",)),
+    ("matrix multiplies (cuBLAS)", ("nvjet", "gemm", "cutlass")),
+    ("optimizer update + clip", ("_adamw8_kernel", "multi_tensor_apply", "randint")),
+)
+
+
+def kernel_groups_table(name: str) -> str:
+    """The eager step's kernel time (torch.profiler, profile_head_step.py's p flag) by group; 'other' is
+    the profile's total less the listed top kernels' groups (norms, activations, residual adds, copies)."""
+    rows = []
+    for r in load(name)["rows"]:
+        if "eager_kernels" not in r:
+            continue
+        total, *ks = r["eager_kernels"]
+        sums = {g: Decimal(0) for g, _ in KERNEL_GROUPS}
+        for k in ks:
+            for g, keys in KERNEL_GROUPS:
+                if any(x in k["name"] for x in keys):
+                    sums[g] += Decimal(str(k["ms"]))
+                    break
+        other = Decimal(str(total["total_ms"])) - sum(sums.values())
+        label = f"B = {r['B']}, L = {r['L']:,}" + (", attention recompute" if r.get("recompute_attention") else "") + \
+            (f", attention {r['attention']}" if r.get("attention") else "")
+        for g, v in [*sums.items(), ("other kernels", other)]:
+            if v:
+                rows.append([label, g, fmt(v, 2), str(r.get("run", 1))])
+        rows.append([label, "**all kernels (eager step)**", fmt(total["total_ms"], 2), str(r.get("run", 1))])
+    return table(["step", "kernels", "GPU ms", "run"], rows)
 
 
 for _gpu in ("h200", "h100"):  # one region per table and machine
@@ -232,6 +265,7 @@ renderer("head_train_step")(step_table)
 renderer("head_train_memory")(memory_table)
 renderer("head_train_memory_h100")(lambda: memory_table("bench_head_train_memory_h100.json"))
 renderer("adam8_update_h100")(adam8_update_table)
+renderer("head_step_kernels_h100")(lambda: kernel_groups_table("bench_head_step_profile_h100.json"))
 renderer("head_train_step_h100")(lambda: step_table("bench_head_train_step_h100.json", optimizer_column=True))
 renderer("head_train_e2e_h100")(e2e_table)
 

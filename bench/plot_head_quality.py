@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         loss = np.asarray(r["loss"])
         smooth = np.convolve(loss, np.ones(8) / 8, mode="valid")  # 8-step moving mean: 4 prefixes x 4 batches
         style = dict(color="black", lw=2.2) if r["dtype"] == "float32" else dict(lw=1.2)
-        ax.plot(np.arange(len(smooth)) + 8, smooth, label=f"{r['dtype']} + {r['optimizer']} ({r['engine']})", **style)
+        if r["dtype"] == "float32" and r.get("run", 1) > 1:
+            style = dict(color="gray", lw=1.6, ls="--")
+        runs = f", run {r['run']}" if len({x.get("run", 1) for x in rows}) > 1 else ""
+        what = r["optimizer"] + (" fast math" if r.get("adam8_fast") else "") + \
+            (f", {r['attention']} attention" if r.get("attention") else "")
+        ax.plot(np.arange(len(smooth)) + 8, smooth, label=f"{r['dtype']} + {what} ({r['engine']}{runs})", **style)
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss (8-step mean)")
     ax.set_title(f"release-shape head, fixed synthetic target, {args.gpu.upper()} (random weights), "

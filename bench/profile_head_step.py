@@ -49,14 +49,21 @@ def top_kernels(fn, k: int = 20) -> list[dict]:
 
 
 def one(head, cfg, bsz: int, L: int, optimizer: str, draws: int, checkpoint: bool, profile: bool,
-        recompute_attention: bool = False) -> dict:
+        recompute_attention: bool = False, attention: str = "sdpa") -> dict:
     rec = {"B": bsz, "L": L, "optimizer": optimizer, "draws": draws, "checkpoint": checkpoint,
            "recompute_attention": recompute_attention}
+    if attention != "sdpa":
+        rec["attention"] = attention
+    if optimizer == "adamw8bit-fused":
+        from head_trainer import adam8_triton
+
+        rec["adam8_fast"] = adam8_triton.FAST
     params = [p for p in head.parameters() if p.requires_grad]
     batch = random_batch(cfg, bsz, L, "cuda")
     opt = build_optimizer(params, optimizer, 1e-5, capturable=True)
     ts = TrainStep(head, params, opt, StepConfig(seed=1, draws=draws, compile=True, cuda_graphs=True,
-                                                   checkpoint=checkpoint, recompute_attention=recompute_attention))
+                                                   checkpoint=checkpoint, recompute_attention=recompute_attention,
+                                                   attention=attention))
     s = [0]
 
     def step():
@@ -78,7 +85,7 @@ def one(head, cfg, bsz: int, L: int, optimizer: str, draws: int, checkpoint: boo
     rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if profile:  # an eager step with the same compiled layer: kernel time without the graph
         eager = TrainStep(head, params, opt, StepConfig(seed=1, draws=draws, compile=True, checkpoint=checkpoint,
-                                                        recompute_attention=recompute_attention))
+                                                        recompute_attention=recompute_attention, attention=attention))
         eager([batch], 1e-5, 0)
         rec["eager_step_ms"] = cuda_ms(lambda: eager([batch], 1e-5, 1), 3)
         rec["eager_kernels"] = top_kernels(lambda: eager([batch], 1e-5, 2))
@@ -92,7 +99,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", required=True)
     ap.add_argument("--configs", default="adamw8bit:8:809:p,adamw:8:809,adamw4bit:8:809,adamw8bit:1:809,adamw8bit:8:2993",
-                    help="optimizer:B:L[:flags] (flags: p = also profile an eager step, r = --recompute-attention)")
+                    help="optimizer:B:L[:flags] (flags: p = also profile an eager step, r = --recompute-attention, "
+                    "s = --attention split)")
+    ap.add_argument("--adam8-fast", action="store_true", help="adamw8bit-fused's fast-math kernel variant")
     ap.add_argument("--memory-cap-gib", type=float, default=0)
     ap.add_argument("--memory-snapshot", default=None,
                     help="write torch.cuda.memory's allocation history (a pickle for pytorch.org/memory_viz) here")
@@ -103,6 +112,10 @@ def main() -> None:
     if args.memory_cap_gib:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
+    if args.adam8_fast:
+        from head_trainer import adam8_triton
+
+        adam8_triton.FAST = 1
     cfg = head_config(False)
     head = build_head(cfg, "cuda", torch.bfloat16)
     out = []
@@ -110,7 +123,8 @@ def main() -> None:
         opt, b, L, *flag = c.split(":")
         flags = flag[0] if flag else ""
         try:
-            out.append(one(head, cfg, int(b), int(L), opt, 1, False, "p" in flags, "r" in flags))
+            out.append(one(head, cfg, int(b), int(L), opt, 1, False, "p" in flags, "r" in flags,
+                           "split" if "s" in flags else "sdpa"))
         except Exception as exc:
             out.append({"config": c, "error": f"{type(exc).__name__}: {exc}"[:300], "trace": traceback.format_exc()[-1200:]})
             print(out[-1], flush=True)

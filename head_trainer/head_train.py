@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from shared.checkpoint import AlpamayoCheckpoint, check_head_file, head_from_state, load_head_file
 from shared.cli import check_device, config_from_args, parser_for, user_errors
+from shared.fast_expert import ATTENTION
 from shared.store import Store, StoreError
 
 from . import distributed, run_dir
@@ -66,6 +67,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max grad norm (0 = off)
     gradient_checkpointing: bool = False  # recompute expert layers in backward (less activation memory)
     recompute_attention: bool = False  # recompute only attention in backward: no per-layer prefix copy kept
+    attention: str = "sdpa"  # sdpa over [prefix; action] copies | split: prefix read in place, no copy, no recompute
     compile: bool = False  # torch.compile one expert layer (reused by all layers)
     cuda_graphs: bool = False  # capture the step as CUDA graphs (CUDA; shapes repeat through length buckets)
     gpu_memory_budget: str | None = None  # e.g. 24GiB: refuse before loading when the estimated peak exceeds it
@@ -121,9 +123,8 @@ class TrainConfig:
             raise ValueError("--ema-device: same | cpu; --ema-dtype: float32 | bfloat16")
         if not self.lora_alpha > 0 or not [t for t in self.lora_targets.split(",") if t.strip()]:
             raise ValueError("--lora-alpha must be > 0 and --lora-targets name at least one module")
-        if self.trainable == "lora" and self.cuda_graphs:  # measured, not yet understood: refuse, don't crash later
-            raise ValueError("--trainable lora with --cuda-graphs: capturing the LoRA step fails on CUDA ('capturing "
-                             "stream has unjoined work', H100 and H200; docs/PERFORMANCE.md); drop --cuda-graphs")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"--attention {self.attention!r}: use one of {', '.join(ATTENTION)}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         if self.allow_config_change and not self.resume:
@@ -268,7 +269,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
     world = World(launch.rank, launch.size, distributed.all_reduce_mean if launch.size > 1 else None)
     step_cfg = StepConfig(seed=cfg.seed, draws=cfg.draws, grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum,
                           compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, checkpoint=cfg.gradient_checkpointing,
-                          recompute_attention=cfg.recompute_attention)
+                          recompute_attention=cfg.recompute_attention, attention=cfg.attention)
     train_step = TrainStep(head, params, opt, step_cfg, world)
 
     def heads() -> dict:

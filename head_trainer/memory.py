@@ -62,11 +62,13 @@ def state_bytes_per_param(optimizer: str, param_bytes: int) -> float:
 
 
 def activation_bytes(cfg: HeadConfig, batch: int, draws: int, max_len: int, act_bytes: int,
-                     checkpoint: bool, recompute_attention: bool = False, frozen_expert: bool = False) -> float:
+                     checkpoint: bool, recompute_attention: bool = False, frozen_expert: bool = False,
+                     split_attention: bool = False) -> float:
     """Saved tensors of the backward pass for B prefixes x K draws of 64 tokens. frozen_expert
     (`--trainable projections`): the expert's linear layers need no weight gradient, so autograd does not
     keep their inputs that nothing else reads (both normed layer inputs and the MLP product; the attention
-    output stays, flash attention's backward reads it)."""
+    output stays, flash attention's backward reads it). split_attention (`--attention split`): the prefix
+    is read in place, so no layer copies it (the action block's fp32 scores are counted per token)."""
     e = cfg.expert
     hidden, inter = int(e["hidden_size"]), int(e["intermediate_size"])
     q_dim = int(e["num_attention_heads"]) * cfg.head_dim
@@ -78,6 +80,9 @@ def activation_bytes(cfg: HeadConfig, batch: int, draws: int, max_len: int, act_
     if frozen_expert:
         per_token -= act_bytes * (2 * hidden + inter)
     prefix_copy = batch * 2 * kv_dim * (max_len + draws * N_ACTION) * act_bytes  # [prefix; action] K and V
+    if split_attention:  # no copy; per token: fp32 output + lse of the prefix part, the action block's scores
+        prefix_copy = 0
+        per_token += 4 * (q_dim + int(e["num_attention_heads"]) * (1 + draws * N_ACTION))
     per_layer = tokens * per_token + prefix_copy
     layers = cfg.num_layers
     if checkpoint:  # only each layer's input is kept; one layer's tensors live during its recompute
@@ -96,7 +101,7 @@ def grads_persist(cuda_graphs: bool, grad_accum: int) -> bool:
 def estimate(cfg: HeadConfig, n_params: int, n_trainable: int, dtype: str, optimizer: str, batch: int,
              max_len: int, draws: int = 1, kv_slots: int = 2, checkpoint: bool = False,
              kv_dtype: str = "bfloat16", recompute_attention: bool = False,
-             grads_persist: bool = True, trainable: str = "all") -> MemoryEstimate:
+             grads_persist: bool = True, trainable: str = "all", attention: str = "sdpa") -> MemoryEstimate:
     pb = DTYPE_BYTES[dtype]
     kv_batch = cfg.num_layers * 2 * batch * cfg.num_kv_heads * max_len * cfg.head_dim * DTYPE_BYTES[kv_dtype]
     return MemoryEstimate(
@@ -105,7 +110,7 @@ def estimate(cfg: HeadConfig, n_params: int, n_trainable: int, dtype: str, optim
         optimizer=n_trainable * state_bytes_per_param(optimizer, pb),
         kv_inputs=kv_slots * kv_batch,
         activations=activation_bytes(cfg, batch, draws, max_len, pb, checkpoint, recompute_attention,
-                                     frozen_expert=trainable == "projections"),
+                                     frozen_expert=trainable == "projections", split_attention=attention == "split"),
         grads_persist=grads_persist,
     )
 
@@ -120,13 +125,15 @@ def parse_bytes(text: str) -> float:
 
 
 def check_budget(est: MemoryEstimate, budget: float, batch: int, checkpoint: bool, optimizer: str,
-                 recompute_attention: bool = False) -> None:
+                 recompute_attention: bool = False, attention: str = "sdpa") -> None:
     """Refuse a plan whose estimated peak exceeds BUDGET_FRACTION of the budget, in one line that names
     what to change."""
     if est.total <= BUDGET_FRACTION * budget:
         return
     hints = []
-    if not checkpoint and not recompute_attention:
+    if not checkpoint and attention != "split":
+        hints.append("--attention split")
+    if not checkpoint and not recompute_attention and attention != "split":
         hints.append("--recompute-attention")
     if not checkpoint:
         hints.append("--gradient-checkpointing")
@@ -170,7 +177,8 @@ def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str
                    train_cfg.draws, kv_slots=2 * train_cfg.grad_accum, checkpoint=train_cfg.gradient_checkpointing,
                    recompute_attention=train_cfg.recompute_attention,
                    grads_persist=grads_persist(train_cfg.cuda_graphs, train_cfg.grad_accum),
-                   trainable=train_cfg.trainable)
+                   trainable=train_cfg.trainable, attention=train_cfg.attention)
     check_budget(est, parse_bytes(train_cfg.gpu_memory_budget), train_cfg.batch_size,
-                 train_cfg.gradient_checkpointing, train_cfg.optimizer, train_cfg.recompute_attention)
+                 train_cfg.gradient_checkpointing, train_cfg.optimizer, train_cfg.recompute_attention,
+                 train_cfg.attention)
     return est

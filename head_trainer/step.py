@@ -51,6 +51,7 @@ class StepConfig:
     cuda_graphs: bool = False  # capture forward+backward and the update as CUDA graphs (CUDA only)
     checkpoint: bool = False  # recompute expert layers in backward (activation memory)
     recompute_attention: bool = False  # recompute only the attention core (no saved prefix copy per layer)
+    attention: str = "sdpa"  # sdpa over [prefix; action] | split: the prefix read in place (shared/prefix_attention.py)
     warmup: int = 2  # eager steps before capture (CUDA graphs)
 
 
@@ -83,13 +84,14 @@ class TrainStep:
         self.head, self.params, self.opt, self.cfg = head, params, opt, cfg
         self.world = world or World()
         self.fast = FastExpert(head, compile=cfg.compile, checkpoint=cfg.checkpoint,
-                               recompute_attention=cfg.recompute_attention)
+                               recompute_attention=cfg.recompute_attention, attention=cfg.attention)
         self.device = params[0].device
         self.graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self._eager_steps = 0
         self._fb: dict[tuple, tuple[torch.cuda.CUDAGraph, dict]] = {}  # per (shape, KV buffer)
         self._opt_graph: torch.cuda.CUDAGraph | None = None
         self._pool = None
+        self._stream: torch.cuda.Stream | None = None
         self._loss_sum: torch.Tensor | None = None
         self._gnorm: torch.Tensor | None = None
         self._unwritten: set[int] = set()  # params whose static gradient some captured graph does not write
@@ -143,6 +145,35 @@ class TrainStep:
         return StepStats(total, gnorm)
 
     # -- CUDA graphs -----------------------------------------------------------------------------
+    def _capture_stream(self) -> torch.cuda.Stream:
+        """One stream for the warm-up passes and every capture.
+
+        Autograd runs a leaf's AccumulateGrad on the stream it was created on; a node kept alive from a
+        warm-up pass on some other stream (peft's LoRA adapters keep theirs) then launches work the capture
+        never joins ("capturing stream has unjoined work"). Warming up on the capture stream itself keeps
+        that stream inside the capture."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    @staticmethod
+    def _no_stale_streams():
+        """Newer torch can also re-point a stale node at the capturing stream; a no-op where it cannot."""
+        import contextlib
+
+        fn = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+        if fn is None:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def override():
+            fn(True)
+            try:
+                yield
+            finally:
+                fn(False)
+        return override()
+
     def _capture_fb(self, b) -> tuple[torch.cuda.CUDAGraph, dict]:
         """Capture loss + backward for this batch's shapes, reading its KV tensors in place.
 
@@ -156,7 +187,7 @@ class TrainStep:
         prefix = KVPrefix(b.prefix.keys, b.prefix.values, st["lengths"], st["deltas"])
         if self._loss_sum is None:
             self._loss_sum = torch.zeros((), device=dev)
-        side = torch.cuda.Stream()
+        side = self._capture_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # one warm-up pass of this shape outside capture (lazy initialisations)
             mask = action_mask(prefix, k, self.head.dtype, self.head.causal)
@@ -182,7 +213,8 @@ class TrainStep:
             p.grad = None
         g = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+            with self._no_stale_streams(), torch.cuda.graph(g, pool=self._pool, stream=side,
+                                                             capture_error_mode="thread_local"):
                 mask = action_mask(prefix, k, self.head.dtype, self.head.causal)
                 loss = flow_loss(self.fast, st["action"], prefix, st["t"], st["eps"], mask)
                 (loss * st["scale"]).backward()
@@ -200,7 +232,8 @@ class TrainStep:
     def _capture_opt(self) -> None:
         """Capture clip + update (the eager steps before it ran the same code, so nothing initialises lazily)."""
         self._opt_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._opt_graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self._opt_graph, pool=self._pool, stream=self._capture_stream(),
+                              capture_error_mode="thread_local"):
             self._gnorm = self._clip_and_update()
         self._pool = self._opt_graph.pool()
 

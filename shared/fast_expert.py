@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .head import N_ACTION, AlpamayoHead, KVPrefix
+from .prefix_attention import prefix_attention
 
 
 def action_mask(prefix: KVPrefix, draws: int, dtype: torch.dtype, causal: bool, n_action: int = N_ACTION
@@ -64,9 +65,21 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.T
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
+def _attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor,
+                     lengths: torch.Tensor, act_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The same attention as `_attention` without the concatenation: the prefix part by
+    shared/prefix_attention.py (reads the cache in place, no key / value gradients), the action block
+    (B, kv, g*T, T) in fp32 here, merged by log-sum-exp. act_mask: the last T columns of the mask."""
+    o_pre, lse_pre = prefix_attention(q, k_pre, v_pre, lengths, scale)  # (B, kv, g*T, D), (B, kv, g*T) fp32
+    s_act = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + act_mask  # (B, kv, g*T, T)
+    lse = torch.logaddexp(lse_pre, torch.logsumexp(s_act, -1))
+    o = o_pre * torch.exp(lse_pre - lse)[..., None] + torch.matmul(torch.exp(s_act - lse[..., None]), v.float())
+    return o.to(q.dtype)
+
+
 def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                  recompute_attention: bool = False) -> torch.Tensor:
+                  recompute_attention: bool = False, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """One Qwen3-VL text decoder layer over [prefix; action tokens].
 
     h: (B, T, hidden); k_pre, v_pre: (B, kv_heads, L_max, D) post-RoPE keys / raw values of the prefix;
@@ -75,7 +88,9 @@ def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre:
     `recompute_attention`: SDPA saves its keys and values for the backward pass, i.e. a copy of the
     whole prefix per layer (3.4 GiB at B = 8, L = 2,993 over 36 layers); recomputing the concatenation
     and the attention in the backward keeps only references to the cached prefix (one layer's copy at
-    a time) for about one extra attention forward."""
+    a time) for about one extra attention forward.
+    `lengths` (B,) given: the split attention (`_attention_split`), which keeps no copy at all; `mask`
+    is then only read in its last T columns."""
     attn = layer.self_attn
     bsz, t, _ = h.shape
     d = attn.head_dim
@@ -89,7 +104,9 @@ def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre:
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
     q = q.reshape(bsz, n_kv, group * t, d)  # heads j*group..j*group+group-1 share KV head j
-    if recompute_attention and torch.is_grad_enabled():
+    if lengths is not None:
+        o = _attention_split(q, k, v, k_pre, v_pre, lengths, mask[..., -k.shape[2]:], attn.scaling)
+    elif recompute_attention and torch.is_grad_enabled():
         o = torch.utils.checkpoint.checkpoint(_attention, q, k, v, k_pre, v_pre, mask, attn.scaling,
                                               use_reentrant=False)
     else:
@@ -99,18 +116,26 @@ def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre:
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+ATTENTION = ("sdpa", "split")
+
+
 class FastExpert:
     """velocity(x_t, t, prefix) for K draws per prefix, optionally with a compiled decoder layer.
 
     x_t: (B, K, 64, 2); t: (B, K) -> (B, K, 64, 2) fp32 velocity. `compile` = torch.compile the layer
     once (shapes static per bucket); `checkpoint` = recompute each layer in the backward pass;
-    `recompute_attention` = recompute only the attention core (see decoder_layer)."""
+    `recompute_attention` = recompute only the attention core (see decoder_layer); `attention`: "sdpa"
+    over the concatenated [prefix; action] or "split" (prefix read in place, see `_attention_split`)."""
 
     def __init__(self, head: AlpamayoHead, compile: bool = False, checkpoint: bool = False,
-                 recompute_attention: bool = False):
+                 recompute_attention: bool = False, attention: str = "sdpa"):
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         self.head = head
         self.checkpoint = checkpoint
-        self.recompute_attention = recompute_attention and not checkpoint  # layer recompute covers it
+        self.split = attention == "split"
+        # layer recompute covers it; the split attention keeps no prefix copy to drop
+        self.recompute_attention = recompute_attention and not checkpoint and not self.split
         if compile:  # one graph per batch shape, reused by every layer; allow many bucket shapes
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             # compiled kernels persist across runs (a second run of the same shapes skips the compile)
@@ -129,7 +154,8 @@ class FastExpert:
         group = head.expert.layers[0].self_attn.num_key_value_groups
         mask = mask.repeat(1, 1, group, 1)  # (B, 1, g*K*64, L_max + K*64): once per pass, not per layer
         for i, layer in enumerate(head.expert.layers):
-            args = (layer, h, prefix.keys[i], prefix.values[i], cos, sin, mask, self.recompute_attention)
+            args = (layer, h, prefix.keys[i], prefix.values[i], cos, sin, mask, self.recompute_attention,
+                    prefix.lengths if self.split else None)
             if self.checkpoint and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(self.layer_fn, *args, use_reentrant=False)
             else:

@@ -2,9 +2,8 @@
 is decorated): the Triton kernel of adamw8bit-fused on CPU tensors against the eager torch path.
 bench/diag_adam8.py --check runs the same checks on CUDA (DEVICE = "cuda")."""
 
-import sys
-
 import torch
+from triton_interpret import main, run_each
 
 from head_trainer.adam8 import AdamW8bitFused, dynamic_map, quantise
 
@@ -132,14 +131,8 @@ def run_checks(device: str) -> None:
     """Every check on `device` ("cpu" under TRITON_INTERPRET=1, or "cuda"), one line per check passed."""
     global DEVICE
     DEVICE = device
-    for name in CHECKS:
-        globals()[name]()
-        print("ok", name, f"({device})", flush=True)
+    run_each(globals(), CHECKS, device)
 
 
 if __name__ == "__main__":
-    import os
-
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    run_checks("cpu")
-    sys.exit(0)
+    main(run_checks)

@@ -137,3 +137,46 @@ def test_attention_recompute_equals_and_keeps_no_prefix_copy(gqa_head, compile):
     if not compile:  # compiled graphs save their own choice of tensors; the eager count is exact
         assert runs[False][1] - runs[True][1] >= copy
     assert runs[True][1] < runs[False][1]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("compile", [False, True])
+def test_split_attention_equals_sdpa_path_values_and_gradients(gqa_head, causal, compile):
+    """attention="split" (prefix attention read in place + the action block, merged by log-sum-exp):
+    the velocity and every parameter gradient of the SDPA path, with padding (unequal lengths), 2 draws
+    (block-diagonal action blocks) and the causal variant; compiled too."""
+    head = gqa_head
+    head.causal = causal
+    try:
+        prefix = _prefix(head.cfg, [37, 90, 5], [0, 2, -1], seed=10)
+        g = torch.Generator().manual_seed(11)
+        x, t = torch.randn(3, 2, 64, 2, generator=g), torch.rand(3, 2, generator=g)
+        params = [p for p in head.parameters() if p.requires_grad]
+        out = {}
+        for attention in ("sdpa", "split"):
+            v = FastExpert(head, compile=compile, attention=attention).velocity(x, t, prefix)
+            out[attention] = (v, torch.autograd.grad(v.square().sum(), params))
+        torch.testing.assert_close(out["split"][0], out["sdpa"][0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(out["split"][1], out["sdpa"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    finally:
+        head.causal = not head.cfg.expert_non_causal_attention
+
+
+def test_split_attention_keeps_no_prefix_copy(gqa_head):
+    """What autograd saves with attention="split" is independent of the prefix length (no copy of it)."""
+    head = gqa_head
+    g = torch.Generator().manual_seed(12)
+    x, t = torch.randn(2, 1, 64, 2, generator=g), torch.rand(2, 1, generator=g)
+    saved = []
+    for L in (64, 512):
+        prefix = _prefix(head.cfg, [L, L], [0, 0], seed=13)
+        _, n = _saved_bytes(lambda p=prefix: FastExpert(head, attention="split").velocity(x, t, p),
+                            prefix.keys + prefix.values)
+        saved.append(n)
+    assert saved[0] == saved[1] > 0
+
+
+def test_unknown_attention_is_refused(gqa_head):
+    with pytest.raises(ValueError, match="attention must be one of"):
+        FastExpert(gqa_head, attention="flash")

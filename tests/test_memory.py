@@ -30,6 +30,11 @@ def test_terms_by_hand(tiny_head_cfg):
     fr = estimate(cfg, 1000, 600, "bfloat16", "adamw8bit", 3, 128, kv_slots=2, trainable="projections")
     assert fr.activations == est.activations - 2 * tokens * 2 * (2 * 32 + 96)
     assert estimate(cfg, 1000, 600, "bfloat16", "adamw8bit", 3, 128, kv_slots=2, trainable="lora") == est
+    # --attention split: no prefix copy at all; fp32 prefix output + lse and the action block's scores per token
+    sp = estimate(cfg, 1000, 600, "bfloat16", "adamw8bit", 3, 128, kv_slots=2, attention="split")
+    assert sp.activations == 2 * tokens * (per_token + 4 * (32 + 2 * (1 + 64)))
+    sp2 = estimate(cfg, 1000, 600, "bfloat16", "adamw8bit", 3, 4096, kv_slots=2, attention="split")
+    assert sp2.activations == sp.activations  # independent of the prefix length
 
 
 def test_release_plan_terms(tiny_head_cfg):
@@ -49,12 +54,15 @@ def test_budget_refusal_names_what_to_change(tiny_head_cfg):
         check_budget(est, 24 * 2**30, batch=8, checkpoint=False, optimizer="adamw")
     msg = str(exc.value)
     assert msg.startswith("estimated peak") and "\n" not in msg
-    for hint in ("--recompute-attention", "--gradient-checkpointing", "--optimizer adamw8bit",
+    for hint in ("--attention split", "--recompute-attention", "--gradient-checkpointing", "--optimizer adamw8bit",
                  "--batch-size 4 with --grad-accum 2"):
         assert hint in msg
     with pytest.raises(ValueError) as exc:  # a flag already given is not suggested again
         check_budget(est, 24 * 2**30, batch=8, checkpoint=False, optimizer="adamw", recompute_attention=True)
     assert "--recompute-attention" not in str(exc.value)
+    with pytest.raises(ValueError) as exc:  # split attention keeps no copy: neither attention hint applies
+        check_budget(est, 24 * 2**30, batch=8, checkpoint=False, optimizer="adamw", attention="split")
+    assert "--recompute-attention" not in str(exc.value) and "--attention split" not in str(exc.value)
     check_budget(est, est.total / 0.9 + 1, batch=8, checkpoint=False, optimizer="adamw")  # fits: no error
     with pytest.raises(ValueError, match="exceeds 90 % of --gpu-memory-budget"):  # the allocator's headroom
         check_budget(est, est.total + 1, batch=8, checkpoint=False, optimizer="adamw")

@@ -54,6 +54,7 @@ def _read_fails_at(n):
     ("all", ["--dtype", "bfloat16", "--optimizer", "adamw8bit-fused"]),  # 8-bit states + the folded clip resume
     ("projections", []),
     ("lora", ["--lora-rank", "4", "--lora-alpha", "8", "--ema-decay", "0.9"]),
+    ("all", ["--dtype", "bfloat16", "--attention", "split"]),  # the prefix read in place (shared/prefix_attention.py)
 ])
 def test_kill_resume_bitwise_and_what_each_mode_trains(store, tiny_checkpoint, tmp_path, monkeypatch, capsys,
                                                        mode, extra):
@@ -169,8 +170,8 @@ def test_resume_refuses_config_changes_and_bad_warmup(store, tmp_path, capsys):
     assert "--warmup-steps 5 is not shorter than the run" in capsys.readouterr().err
     assert head_train.main(_args(store, tmp_path / "m", "--gpu-memory-budget", "1MiB")) == 2  # before any model
     assert "of --gpu-memory-budget" in capsys.readouterr().err and not (tmp_path / "m").exists()
-    assert head_train.main(_args(store, tmp_path / "g", "--trainable", "lora", "--cuda-graphs")) == 2
-    assert "--trainable lora with --cuda-graphs" in capsys.readouterr().err and not (tmp_path / "g").exists()
+    assert head_train.main(_args(store, tmp_path / "a", "--attention", "flash")) == 2
+    assert "--attention 'flash': use one of sdpa, split" in capsys.readouterr().err and not (tmp_path / "a").exists()
 
 
 def test_nan_in_a_batch_stops_with_the_sample_key(tiny_checkpoint, tmp_path, capsys):

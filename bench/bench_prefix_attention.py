@@ -1,0 +1,167 @@
+"""The expert's attention over a cached prefix at release shapes (GPU): SDPA over [prefix; action] copies
+against the split attention (shared/prefix_attention.py + the action block), and the kernels' tiles.
+
+    python bench/bench_prefix_attention.py --check                 # the interpreter checks, on CUDA
+    python bench/bench_prefix_attention.py --json $OUT/prefix_attention.json
+
+One layer's attention core (B = 8, 8 KV heads x 2 query heads x 64 action tokens, head_dim 128, bf16)
+as the step runs it (torch.compile'd, graph-replayed, CUDA-event median): forward alone, and forward +
+backward to q / k / v (what the step needs); SDPA with and without the attention recompute. Errors are
+against the same attention in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import shared.prefix_attention as pa  # noqa: E402
+from shared.fast_expert import _attention, _attention_split  # noqa: E402
+
+B, H, G, T, D = 8, 8, 2, 64, 128
+# (CHUNK, BLOCK_M, BLOCK_N, warps, stages): the default first
+TILES = [(256, 64, 64, 4, 2), (512, 64, 64, 4, 2), (128, 64, 64, 4, 2), (256, 128, 64, 8, 2), (256, 64, 32, 4, 2),
+         (256, 64, 64, 4, 3), (512, 128, 64, 8, 3), (256, 128, 32, 4, 2), (1024, 64, 64, 4, 2), (256, 64, 128, 8, 2)]
+
+
+def inputs(L: int, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    lmax = -(-L // 64) * 64  # the loader's bucket
+    q = torch.randn(B, H, G * T, D, device="cuda", generator=g, dtype=dtype)
+    k, v = (torch.randn(B, H, T, D, device="cuda", generator=g, dtype=dtype) for _ in range(2))
+    kp, vp = (torch.randn(B, H, lmax, D, device="cuda", generator=g, dtype=dtype) for _ in range(2))
+    lengths = torch.full((B,), L, device="cuda")
+    lengths[1::2] = L - 200  # padding in every other sample
+    keep = torch.arange(lmax, device="cuda").view(1, -1) < lengths.view(-1, 1)
+    mask = torch.zeros(B, 1, G * T, lmax + T, device="cuda", dtype=dtype)
+    mask[..., :lmax].masked_fill_(~keep.view(B, 1, 1, lmax), torch.finfo(dtype).min)
+    go = torch.randn(B, H, G * T, D, device="cuda", generator=g, dtype=dtype)
+    return q, k, v, kp, vp, lengths, mask, go
+
+
+_MADE: dict = {}
+
+
+def make(kind: str, L: int, backward: bool):
+    """fwd (+ bwd) of one path on fixed inputs; compiled once per (path, L), so a tile sweep only re-captures
+    (the op reads its tile constants at launch)."""
+    if (kind, L) not in _MADE:
+        q, k, v, kp, vp, lengths, mask, go = inputs(L)
+        scale = D ** -0.5
+        if kind == "split":
+            f = torch.compile(lambda a, b, c: _attention_split(a, b, c, kp, vp, lengths, mask[..., -T:], scale))
+        elif kind == "sdpa":
+            f = torch.compile(lambda a, b, c: _attention(a, b, c, kp, vp, mask, scale))
+        else:  # sdpa with the attention recompute (decoder_layer's recompute_attention)
+            def f(a, b, c):
+                return torch.utils.checkpoint.checkpoint(_attention, a, b, c, kp, vp, mask, scale, use_reentrant=False)
+        _MADE[kind, L] = (f, [x.requires_grad_() for x in (q, k, v)], go)
+    f, leaves, go = _MADE[kind, L]
+
+    def run():
+        o = f(*leaves)
+        if backward:
+            return torch.autograd.grad(o, leaves, go)
+        return o
+    return run
+
+
+def graph_ms(run, n: int = 20) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=side):
+        run()
+    times = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return round(statistics.median(times), 4)
+
+
+def errors(L: int) -> dict:
+    """Max |error| of the output and of dq / dk / dv against the fp32 computation, per path."""
+    q, k, v, kp, vp, lengths, mask, go = inputs(L, seed=1)
+    scale = D ** -0.5
+
+    def grads(fn, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        o = fn(*leaves, kp.to(dtype), vp.to(dtype), dtype)
+        return [o.float(), *(x.float() for x in torch.autograd.grad(o, leaves, go.to(dtype)))]
+
+    def split(a, b, c, kp_, vp_, dtype):
+        return _attention_split(a, b, c, kp_, vp_, lengths, mask[..., -T:].to(dtype), scale)
+
+    def sdpa(a, b, c, kp_, vp_, dtype):
+        return _attention(a, b, c, kp_, vp_, mask.to(dtype), scale)
+
+    ref = grads(sdpa, torch.float32)
+    out = {}
+    for name, fn in (("split", split), ("sdpa", sdpa)):
+        got = grads(fn, torch.bfloat16)
+        out[name] = {k: float((a - r).abs().max()) for k, a, r in zip(("o", "dq", "dk", "dv"), got, ref)}
+    got32 = grads(split, torch.float32)
+    out["split_fp32"] = {k: float((a - r).abs().max()) for k, a, r in zip(("o", "dq", "dk", "dv"), got32, ref)}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--lengths", default="2993,809")
+    ap.add_argument("--tiles", type=int, default=len(TILES), help="how many of TILES to sweep at the first length")
+    args = ap.parse_args()
+    if args.check:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import prefix_attention_check as c
+
+        c.run_checks("cuda")
+        return 0
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rows = []
+
+    def save(rec):
+        rows.append(rec)
+        print(json.dumps(rec), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                                   "rows": rows}, indent=1) + "\n")
+
+    default = (pa.CHUNK, pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES)
+    for i, L in enumerate(int(x) for x in args.lengths.split(",")):
+        for kind in ("sdpa", "sdpa_recompute", "split"):
+            for tile in (TILES[:args.tiles] if kind == "split" and i == 0 else [default]):
+                pa.CHUNK, pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES = tile
+                rec = {"L": L, "B": B, "path": kind, **({"tile": list(tile)} if kind == "split" else {})}
+                try:
+                    if kind != "sdpa_recompute":
+                        rec["fwd_ms"] = graph_ms(make(kind, L, False))
+                    rec["fwd_bwd_ms"] = graph_ms(make(kind, L, True))
+                except Exception as exc:  # noqa: BLE001 - a tile that does not compile is a row, not the end
+                    rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    traceback.print_exc()
+                save(rec)
+        pa.CHUNK, pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES = default
+        save({"L": L, "B": B, "path": "errors vs fp32", **errors(L)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Attention of the action queries over the frozen cached prefix, without copying the prefix.
+
+Why: SDPA over [prefix; action] needs one (B, kv, L + T, D) key and value tensor per layer, so every
+layer copies the whole cached prefix (3.4 GiB at B = 8, L = 2,993 over 36 layers), keeps that copy for
+the backward pass (or recomputes it), and the backward pass writes key / value gradients for all L
+prefix positions that nobody reads: the prefix is the frozen VLM's cache. With 128 queries per KV head
+(2 query heads x 64 action tokens) the work is shaped like decoding, not like training attention.
+
+So the prefix part is its own op, `prefix_attention(q, k_pre, v_pre, lengths) -> (o, lse)`: the
+softmax-normalised output over the valid prefix keys and its log-sum-exp, differentiable in q only.
+The caller merges it with the small action-block attention by log-sum-exp (shared/fast_expert.py), in
+plain torch that torch.compile fuses. On CUDA the op is two Triton kernels that split the keys into
+chunks (all SMs busy with 64 (batch, kv head) pairs) and read each prefix key and value once per pass:
+a forward with an online softmax per chunk, then a log-sum-exp merge of the chunks; a backward that
+computes only dq (ds = p * (dp - delta + dlse), dq = scale * ds @ k), per chunk, summed in a fixed
+order (deterministic). Elsewhere (CPU) the same math runs as torch ops.
+tests/test_prefix_attention.py holds both against SDPA over the concatenation, the kernels under
+Triton's CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without triton use the torch path
+    triton = None
+
+LOG2E = 1.4426950408889634
+CHUNK = 256  # keys per program; bench/bench_prefix_attention.py measures the choices
+BLOCK_M = 64  # query rows per program (of the 128 a KV head has at --draws 1)
+BLOCK_N = 64  # keys per inner step
+NUM_WARPS = 4
+NUM_STAGES = 2
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """The kernels run on CUDA, and on the CPU only under Triton's interpreter (the tests); fp64 never."""
+    return (triton is not None and t.dtype != torch.float64
+            and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+# -- the torch path (CPU; the reference the kernels are tested against) -----------------------------
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / output dtype: fp32, or fp64 for fp64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, H, M, L) scaled scores in _acc, -inf beyond each row's prefix length."""
+    a = _acc(q.dtype)
+    s = torch.matmul(q.to(a), k.to(a).transpose(-1, -2)) * scale
+    keep = torch.arange(k.shape[2], device=k.device).view(1, 1, 1, -1) < lengths.view(-1, 1, 1, 1)
+    return s.masked_fill(~keep, float("-inf"))
+
+
+def _fwd_torch(q, k, v, lengths, scale):
+    s = _scores(q, k, lengths, scale)
+    lse = torch.logsumexp(s, -1)
+    o = torch.matmul(torch.exp(s - lse[..., None]), v.to(s.dtype))
+    return o, lse
+
+
+def _bwd_torch(q, k, v, lengths, do, lse, dm, scale):
+    p = torch.exp(_scores(q, k, lengths, scale) - lse[..., None])
+    ds = p * (torch.matmul(do.to(p.dtype), v.to(p.dtype).transpose(-1, -2)) - dm[..., None])
+    return torch.matmul(ds, k.to(p.dtype)) * scale
+
+
+# -- the Triton kernels ------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, LEN, OUT, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+                    H, M, n_split, chunk, scale2,
+                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+        """One (batch x head, query block, key chunk): normalised partial output and log2-sum-exp2."""
+        bh, pm, ps = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, h = bh // H, bh % H
+        rows = pm * BM + tl.arange(0, BM)
+        cols = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + cols[None, :], mask=rows[:, None] < M, other=0.0)
+        start = ps * chunk
+        end = tl.minimum(start + chunk, tl.load(LEN + b))
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        for n0 in range(start, end, BN):
+            keys = n0 + tl.arange(0, BN)
+            valid = keys < end
+            k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale2
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale2
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + cols[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        has = l_i > 0
+        o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+        lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        part = bh * n_split + ps
+        tl.store(OUT + (part * M + rows[:, None]) * D + cols[None, :], o, mask=rows[:, None] < M)
+        tl.store(LSE + part * M + rows, lse2, mask=rows < M)
+
+    @triton.jit
+    def _bwd_kernel(Q, K, V, LEN, DO, LSE2, DM, DQ, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+                    H, M, n_split, chunk, scale2,
+                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+        """One (batch x head, query block, key chunk): the chunk's share of dq / scale (fp32).
+
+        DO is contiguous (B*H, M, D) in q's dtype, LSE2 the merged log2-sum-exp2, DM = delta - dlse."""
+        bh, pm, ps = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, h = bh // H, bh % H
+        rows = pm * BM + tl.arange(0, BM)
+        cols = tl.arange(0, D)
+        rmask = rows < M
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + cols[None, :], mask=rmask[:, None], other=0.0)
+        do = tl.load(DO + (bh * M + rows[:, None]) * D + cols[None, :], mask=rmask[:, None], other=0.0)
+        lse2 = tl.load(LSE2 + bh * M + rows, mask=rmask, other=0.0)
+        dm = tl.load(DM + bh * M + rows, mask=rmask, other=0.0)
+        start = ps * chunk
+        end = tl.minimum(start + chunk, tl.load(LEN + b))
+        acc = tl.zeros([BM, D], tl.float32)
+        for n0 in range(start, end, BN):
+            keys = n0 + tl.arange(0, BN)
+            valid = keys < end
+            k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + cols[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale2
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale2
+                dp = tl.dot(do, tl.trans(v))
+            p = tl.where(valid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+            ds = p * (dp - dm[:, None])
+            if IEEE:
+                acc += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+            else:
+                acc += tl.dot(ds.to(k.dtype), k)
+        part = bh * n_split + ps
+        tl.store(DQ + (part * M + rows[:, None]) * D + cols[None, :], acc, mask=rmask[:, None])
+
+
+def _launch_args(q, k, v):
+    B, H, M, D = q.shape
+    for name, t in (("q", q), ("k_pre", k), ("v_pre", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"prefix_attention: {name} must have a contiguous last dim, got strides {t.stride()}")
+    n_split = triton.cdiv(k.shape[2], CHUNK)
+    grid = (B * H, triton.cdiv(M, BLOCK_M), n_split)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    return B, H, M, D, n_split, grid, strides
+
+
+def _fwd_triton(q, k, v, lengths, scale):
+    B, H, M, D, n_split, grid, strides = _launch_args(q, k, v)
+    o = torch.empty(B * H, n_split, M, D, device=q.device, dtype=torch.float32)
+    lse2 = torch.empty(B * H, n_split, M, device=q.device, dtype=torch.float32)
+    _fwd_kernel[grid](q, k, v, lengths, o, lse2, *strides, H, M, n_split, CHUNK, scale * LOG2E,
+                      D=D, BM=BLOCK_M, BN=BLOCK_N, IEEE=q.dtype == torch.float32,
+                      num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    lse2_all = torch.logsumexp(lse2 * math.log(2), dim=1)  # (B*H, M) natural log-sum-exp over chunks
+    w = torch.exp(lse2 * math.log(2) - lse2_all[:, None])  # empty chunks: exp(-inf) = 0
+    out = (w[..., None] * o).sum(1)
+    return out.view(B, H, M, D), lse2_all.view(B, H, M)
+
+
+def _bwd_triton(q, k, v, lengths, do, lse, dm, scale):
+    B, H, M, D, n_split, grid, strides = _launch_args(q, k, v)
+    dq = torch.empty(B * H, n_split, M, D, device=q.device, dtype=torch.float32)
+    _bwd_kernel[grid](q, k, v, lengths, do.to(q.dtype).contiguous(), (lse * LOG2E).contiguous(),
+                      dm.float().contiguous(), dq, *strides, H, M, n_split, CHUNK, scale * LOG2E,
+                      D=D, BM=BLOCK_M, BN=BLOCK_N, IEEE=q.dtype == torch.float32,
+                      num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return (dq.sum(1) * scale).view(B, H, M, D)
+
+
+# -- the op ------------------------------------------------------------------------------------------
+@torch.library.custom_op("alpamayo_headtune::prefix_attention", mutates_args=())
+def _prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = _fwd_triton if use_triton(q) else _fwd_torch
+    return fn(q, k, v, lengths, scale)
+
+
+@_prefix_attention.register_fake
+def _(q, k, v, lengths, scale):
+    return q.new_empty(q.shape, dtype=_acc(q.dtype)), q.new_empty(q.shape[:3], dtype=_acc(q.dtype))
+
+
+@torch.library.custom_op("alpamayo_headtune::prefix_attention_dq", mutates_args=())
+def _prefix_attention_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                         do: torch.Tensor, lse: torch.Tensor, dm: torch.Tensor, scale: float) -> torch.Tensor:
+    fn = _bwd_triton if use_triton(q) else _bwd_torch
+    return fn(q, k, v, lengths, do, lse, dm, scale)
+
+
+@_prefix_attention_dq.register_fake
+def _(q, k, v, lengths, do, lse, dm, scale):
+    return q.new_empty(q.shape, dtype=_acc(q.dtype))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, lengths, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, lengths, o, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, lengths, o, lse = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
+    dm = (do * o).sum(-1)  # delta: the softmax's own term
+    if dlse is not None:
+        dm = dm - dlse  # d lse / d s_ij = p_ij
+    dq = _prefix_attention_dq(q, k, v, lengths, do, lse, dm, ctx.scale)
+    return dq.to(q.dtype), None, None, None, None
+
+
+_prefix_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def prefix_attention(q: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor, lengths: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q over each sample's first `lengths[b]` prefix keys.
+
+    q (B, H, M, D); k_pre, v_pre (B, H, L_max, D), no gradient (the frozen cache); lengths (B,) int, >= 1
+    -> o (B, H, M, D), lse (B, H, M) (natural log), both fp32 (fp64 for fp64 q). Differentiable in q, o and lse both."""
+    if k_pre.requires_grad or v_pre.requires_grad:
+        raise ValueError("prefix_attention: the cached prefix is frozen; its keys / values must not require grad")
+    if k_pre.dtype != q.dtype:  # a store kept in another dtype than the head's (a copy; rare)
+        k_pre, v_pre = k_pre.to(q.dtype), v_pre.to(q.dtype)
+    return _prefix_attention(q, k_pre, v_pre, lengths.to(torch.int32), float(scale))

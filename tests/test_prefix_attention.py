@@ -1,0 +1,50 @@
+"""shared/prefix_attention.py: the torch path (CPU) and the Triton kernels (under the interpreter) against
+an fp64 softmax and against SDPA over the concatenated prefix."""
+
+import pytest
+import torch
+
+from shared.prefix_attention import _bwd_torch, _fwd_torch, prefix_attention
+
+
+def test_torch_path_equals_softmax_over_the_valid_keys():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    lengths = torch.tensor([5, 2])
+    o, lse = _fwd_torch(q, k, v, lengths, 0.3)
+    for b, n in enumerate(lengths.tolist()):
+        s = q[b] @ k[b, :, :n].transpose(-1, -2) * 0.3
+        torch.testing.assert_close(o[b], torch.softmax(s, -1) @ v[b, :, :n].double())
+        torch.testing.assert_close(lse[b], torch.logsumexp(s, -1))
+
+
+def test_dq_is_the_autograd_gradient_through_both_outputs():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2, 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    lengths = torch.tensor([9, 4])
+    go, gl = torch.randn(2, 2, 6, 8, generator=g, dtype=torch.float64), torch.randn(2, 2, 6, generator=g,
+                                                                                   dtype=torch.float64)
+    o, lse = _fwd_torch(q, k, v, lengths, 0.3)
+    (dq,) = torch.autograd.grad((o * go).sum() + (lse * gl).sum(), q)
+    dm = (go * o.detach()).sum(-1) - gl
+    torch.testing.assert_close(_bwd_torch(q.detach(), k, v, lengths, go, lse.detach(), dm, 0.3), dq)
+    o2, lse2 = prefix_attention(q, k, v, lengths, 0.3)  # the op's autograd = the same
+    (dq2,) = torch.autograd.grad((o2 * go).sum() + (lse2 * gl).sum(), q)
+    torch.testing.assert_close(dq2, dq)
+
+
+def test_a_prefix_that_requires_grad_is_refused():
+    q, k = torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 3, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="frozen"):
+        prefix_attention(q, k, k.detach(), torch.tensor([3]), 1.0)
+
+
+def test_triton_kernels_under_the_interpreter():
+    """The CUDA kernels run by Triton's CPU interpreter in a fresh process (Triton reads TRITON_INTERPRET
+    when a kernel is decorated): tests/prefix_attention_check.py, small tiles so several chunks, empty
+    chunks and partial blocks all run."""
+    pytest.importorskip("triton")
+    from triton_interpret import run_script
+
+    assert run_script("prefix_attention_check.py").count("ok ") == 2
