@@ -27,23 +27,24 @@ import shared.prefix_attention as pa  # noqa: E402
 from shared.fast_expert import _attention, _attention_split  # noqa: E402
 
 B, H, G, T, D = 8, 8, 2, 64, 128
+DEV = "cuda"  # --device cpu: a smoke run of this script (tiny L, no graphs, perf_counter times)
 # (CHUNK, BLOCK_M, BLOCK_N, warps, stages): the default first
 TILES = [(256, 64, 64, 4, 2), (512, 64, 64, 4, 2), (128, 64, 64, 4, 2), (256, 128, 64, 8, 2), (256, 64, 32, 4, 2),
          (256, 64, 64, 4, 3), (512, 128, 64, 8, 3), (256, 128, 32, 4, 2), (1024, 64, 64, 4, 2), (256, 64, 128, 8, 2)]
 
 
 def inputs(L: int, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEV).manual_seed(seed)
     lmax = -(-L // 64) * 64  # the loader's bucket
-    q = torch.randn(B, H, G * T, D, device="cuda", generator=g, dtype=dtype)
-    k, v = (torch.randn(B, H, T, D, device="cuda", generator=g, dtype=dtype) for _ in range(2))
-    kp, vp = (torch.randn(B, H, lmax, D, device="cuda", generator=g, dtype=dtype) for _ in range(2))
-    lengths = torch.full((B,), L, device="cuda")
-    lengths[1::2] = L - 200  # padding in every other sample
-    keep = torch.arange(lmax, device="cuda").view(1, -1) < lengths.view(-1, 1)
-    mask = torch.zeros(B, 1, G * T, lmax + T, device="cuda", dtype=dtype)
+    q = torch.randn(B, H, G * T, D, device=DEV, generator=g, dtype=dtype)
+    k, v = (torch.randn(B, H, T, D, device=DEV, generator=g, dtype=dtype) for _ in range(2))
+    kp, vp = (torch.randn(B, H, lmax, D, device=DEV, generator=g, dtype=dtype) for _ in range(2))
+    lengths = torch.full((B,), L, device=DEV)
+    lengths[1::2] = max(1, L - 200)  # padding in every other sample
+    keep = torch.arange(lmax, device=DEV).view(1, -1) < lengths.view(-1, 1)
+    mask = torch.zeros(B, 1, G * T, lmax + T, device=DEV, dtype=dtype)
     mask[..., :lmax].masked_fill_(~keep.view(B, 1, 1, lmax), torch.finfo(dtype).min)
-    go = torch.randn(B, H, G * T, D, device="cuda", generator=g, dtype=dtype)
+    go = torch.randn(B, H, G * T, D, device=DEV, generator=g, dtype=dtype)
     return q, k, v, kp, vp, lengths, mask, go
 
 
@@ -75,6 +76,13 @@ def make(kind: str, L: int, backward: bool):
 
 
 def graph_ms(run, n: int = 20) -> float:
+    if DEV == "cpu":
+        import time
+
+        run()
+        t0 = time.perf_counter()
+        run()
+        return round(1e3 * (time.perf_counter() - t0), 4)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -103,7 +111,7 @@ def errors(L: int) -> dict:
     def grads(fn, dtype):
         leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
         o = fn(*leaves, kp.to(dtype), vp.to(dtype), dtype)
-        return [o.float(), *(x.float() for x in torch.autograd.grad(o, leaves, go.to(dtype)))]
+        return [o.detach().float(), *(x.float() for x in torch.autograd.grad(o, leaves, go.to(dtype)))]
 
     def split(a, b, c, kp_, vp_, dtype):
         return _attention_split(a, b, c, kp_, vp_, lengths, mask[..., -T:].to(dtype), scale)
@@ -127,7 +135,10 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--lengths", default="2993,809")
     ap.add_argument("--tiles", type=int, default=len(TILES), help="how many of TILES to sweep at the first length")
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
+    global DEV
+    DEV = args.device
     if args.check:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         import prefix_attention_check as c
@@ -141,7 +152,8 @@ def main() -> int:
         rows.append(rec)
         print(json.dumps(rec), flush=True)
         if args.json:
-            Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            name = torch.cuda.get_device_name() if DEV == "cuda" else DEV
+            Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__,
                                                    "rows": rows}, indent=1) + "\n")
 
     default = (pa.CHUNK, pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES)

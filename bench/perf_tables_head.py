@@ -64,11 +64,20 @@ def _recompute(r) -> str:
     return "layers" if r.get("checkpoint") else ("attention" if r.get("recompute_attention") else "no")
 
 
+def _opt(r) -> str:
+    """The optimizer, with adamw8bit-fused's fast-math kernel named where a row used it."""
+    return r["optimizer"] + (" (fast math)" if r.get("adam8_fast") else "")
+
+
+def _engine(r) -> str:
+    return ENGINE[r["engine"]] + (", split attention" if r.get("attention") == "split" else "")
+
+
 def step_table(name: str = "bench_head_train_step_h200.json", optimizer_column: bool = False) -> str:
     rows = []
     for r in load(name)["rows"]:
-        cfg = [ENGINE[r["engine"]], _b(r), fmt(r["L"], 0, sep=True), str(r.get("draws", 1)), _recompute(r)]
-        cfg = [r["optimizer"], *cfg] if optimizer_column else cfg
+        cfg = [_engine(r), _b(r), fmt(r["L"], 0, sep=True), str(r.get("draws", 1)), _recompute(r)]
+        cfg = [_opt(r), *cfg] if optimizer_column else cfg
         if "error" in r:
             rows.append(cfg + ["OOM under the 24 GiB cap" if _oom(r) else r["error"][:60], "", "", str(r["run"])])
             continue
@@ -81,7 +90,8 @@ def step_table(name: str = "bench_head_train_step_h200.json", optimizer_column: 
 def profile_table(name: str = "bench_head_step_profile_h200.json") -> str:
     rows, runs = [], all("run" in r for r in load(name)["rows"])
     for r in load(name)["rows"]:
-        rows.append([r["optimizer"], str(r["B"]), fmt(r["L"], 0, sep=True), _recompute(r), fmt(r["fwd_bwd_graph_ms"], 1),
+        rows.append([_opt(r) + (", split attention" if r.get("attention") == "split" else ""), str(r["B"]),
+                     fmt(r["L"], 0, sep=True), _recompute(r), fmt(r["fwd_bwd_graph_ms"], 1),
                      fmt(r["clip_update_graph_ms"], 1), fmt(r["zero_grads_ms"], 1), f"**{fmt(r['step_ms'], 1)}**",
                      fmt(r["step_ms"] / r["B"], 1), fmt(r["peak_gib"], 1)] + ([str(r["run"])] if runs else []))
     return table(["optimizer", "B", "L", "recompute", "forward + backward graph ms", "clip + update graph ms",

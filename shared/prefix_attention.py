@@ -59,15 +59,21 @@ def _scores(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, scale: floa
     return s.masked_fill(~keep, float("-inf"))
 
 
+def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """exp(s - lse), 0 at masked keys (also in a row with no valid key, where lse is -inf)."""
+    return torch.where(torch.isinf(s), 0.0, torch.exp(s - lse[..., None]))
+
+
 def _fwd_torch(q, k, v, lengths, scale):
+    """A row with no valid key (length 0) gives o = 0, lse = -inf, as the kernel does."""
     s = _scores(q, k, lengths, scale)
     lse = torch.logsumexp(s, -1)
-    o = torch.matmul(torch.exp(s - lse[..., None]), v.to(s.dtype))
+    o = torch.matmul(_probs(s, lse), v.to(s.dtype))
     return o, lse
 
 
 def _bwd_torch(q, k, v, lengths, do, lse, dm, scale):
-    p = torch.exp(_scores(q, k, lengths, scale) - lse[..., None])
+    p = _probs(_scores(q, k, lengths, scale), lse)
     ds = p * (torch.matmul(do.to(p.dtype), v.to(p.dtype).transpose(-1, -2)) - dm[..., None])
     return torch.matmul(ds, k.to(p.dtype)) * scale
 
@@ -240,7 +246,8 @@ def prefix_attention(q: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor, 
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q over each sample's first `lengths[b]` prefix keys.
 
-    q (B, H, M, D); k_pre, v_pre (B, H, L_max, D), no gradient (the frozen cache); lengths (B,) int, >= 1
+    q (B, H, M, D); k_pre, v_pre (B, H, L_max, D), no gradient (the frozen cache); lengths (B,) int (0: o = 0,
+    lse = -inf, which the log-sum-exp merge weighs 0)
     -> o (B, H, M, D), lse (B, H, M) (natural log), both fp32 (fp64 for fp64 q). Differentiable in q, o and lse both."""
     if k_pre.requires_grad or v_pre.requires_grad:
         raise ValueError("prefix_attention: the cached prefix is frozen; its keys / values must not require grad")

@@ -34,6 +34,17 @@ def test_dq_is_the_autograd_gradient_through_both_outputs():
     torch.testing.assert_close(dq2, dq)
 
 
+def test_an_empty_prefix_gives_zero_weight_not_nan():
+    """length 0: o = 0 and lse = -inf (the merge weighs it 0), finite zero dq."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 1, 3, 4, generator=g, requires_grad=True)
+    k, v = torch.randn(2, 1, 5, 4, generator=g), torch.randn(2, 1, 5, 4, generator=g)
+    o, lse = prefix_attention(q, k, v, torch.tensor([0, 5]), 0.5)
+    assert torch.equal(o[0], torch.zeros_like(o[0])) and torch.isneginf(lse[0]).all() and torch.isfinite(lse[1]).all()
+    (dq,) = torch.autograd.grad(o.sum() + torch.logaddexp(lse, torch.zeros_like(lse)).sum(), q)
+    assert torch.isfinite(dq).all() and torch.equal(dq[0], torch.zeros_like(dq[0]))
+
+
 def test_a_prefix_that_requires_grad_is_refused():
     q, k = torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 3, 4, requires_grad=True)
     with pytest.raises(ValueError, match="frozen"):
