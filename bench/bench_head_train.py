@@ -134,7 +134,7 @@ def run_config(head, cfg, device, *, bsz, L, optimizer, mode="all", engine="grap
     n_train = sum(p.numel() for p in params)
     est = estimate(cfg, n_params, n_train, rec["dtype"], optimizer, bsz, L, draws, kv_slots=1, checkpoint=checkpoint,
                    recompute_attention=recompute_attention, grads_persist=grads_persist(engine == "graphs", accum),
-                   trainable=mode, attention=attention)
+                   trainable=mode, attention=attention, compiled=engine in ("compiled", "graphs"))
     rec["estimate_gib"] = round(est.total / 2**30, 2)
     rec["estimate_terms_gib"] = {k: round(v / 2**30, 2) for k, v in vars(est).items() if k != "grads_persist"}
     free(device)

@@ -55,7 +55,8 @@ def estimate_now(r: dict) -> Decimal:
                    int(r["L"]), int(r.get("draws", 1)), kv_slots=1, checkpoint=bool(r.get("checkpoint")),
                    recompute_attention=bool(r.get("recompute_attention")),
                    grads_persist=grads_persist(r.get("engine") == "graphs", int(r.get("accum", 1))),
-                   trainable=trainable)
+                   trainable=trainable, attention=r.get("attention", "sdpa"),
+                   compiled=r.get("engine") in ("graphs", "compiled"))
     return Decimal(str(round(est.total / 2**30, 3)))
 
 

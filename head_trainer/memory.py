@@ -6,8 +6,8 @@ weights; the feeder's KV input slots; saved activations (per expert layer and to
 and a fixed allowance for the CUDA context-free workspace the allocator holds (cuBLAS, fragments).
 Eager single-micro-batch steps free the gradients before the forward, so their peak holds the larger of
 gradients and activations; CUDA graphs and gradient accumulation keep both. bench/bench_head_train.py
-prints the estimate beside the measured peak for every configuration (docs/PERFORMANCE.md: above the
-H200 peaks by 0-8 %).
+prints the estimate beside the measured peak for every configuration (docs/PERFORMANCE.md: eager peaks
++1-3 %, CUDA-graph peaks on the H100 and H200 -2 % to +4 %).
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 # plans estimated at 22.6-22.7 GiB ran out of memory under a 24 GiB cap: accept at most 90 % of a budget
 BUDGET_FRACTION = 0.90
 WORKSPACE_BYTES = 0.6e9  # allocator slack + cuBLAS / attention workspaces (an allowance; the H200 fits need <= this)
+# a torch.compile'd layer saves about 2/3 of the eager per-token tensors (inductor recomputes fused pointwise
+# results in the backward instead of keeping them): fitted to the slopes of the graph-mode peaks in
+# docs/bench_head_train_step_{h100,h200}.json (+512 tokens: +1.8 GiB measured against 2.7 estimated eager),
+# which leaves every graph row of both tables between -1 % and +4 % of its peak (docs/PERFORMANCE.md)
+COMPILED_PER_TOKEN = 2 / 3
 
 
 @dataclass
@@ -63,12 +68,13 @@ def state_bytes_per_param(optimizer: str, param_bytes: int) -> float:
 
 def activation_bytes(cfg: HeadConfig, batch: int, draws: int, max_len: int, act_bytes: int,
                      checkpoint: bool, recompute_attention: bool = False, frozen_expert: bool = False,
-                     split_attention: bool = False) -> float:
+                     split_attention: bool = False, compiled: bool = False) -> float:
     """Saved tensors of the backward pass for B prefixes x K draws of 64 tokens. frozen_expert
     (`--trainable projections`): the expert's linear layers need no weight gradient, so autograd does not
     keep their inputs that nothing else reads (both normed layer inputs and the MLP product; the attention
     output stays, flash attention's backward reads it). split_attention (`--attention split`): the prefix
-    is read in place, so no layer copies it (the action block's fp32 scores are counted per token)."""
+    is read in place, so no layer copies it (the action block's fp32 scores are counted per token).
+    compiled (`--compile`): COMPILED_PER_TOKEN of the per-token tensors."""
     e = cfg.expert
     hidden, inter = int(e["hidden_size"]), int(e["intermediate_size"])
     q_dim = int(e["num_attention_heads"]) * cfg.head_dim
@@ -79,6 +85,8 @@ def activation_bytes(cfg: HeadConfig, batch: int, draws: int, max_len: int, act_
     per_token = act_bytes * (8 * hidden + 4 * q_dim + 6 * kv_dim + 4 * inter) + 4 * (2 * hidden + q_dim + kv_dim)
     if frozen_expert:
         per_token -= act_bytes * (2 * hidden + inter)
+    if compiled:
+        per_token *= COMPILED_PER_TOKEN
     prefix_copy = batch * 2 * kv_dim * (max_len + draws * N_ACTION) * act_bytes  # [prefix; action] K and V
     if split_attention:  # no copy; per token: fp32 output + lse of the prefix part, the action block's scores
         prefix_copy = 0
@@ -101,7 +109,8 @@ def grads_persist(cuda_graphs: bool, grad_accum: int) -> bool:
 def estimate(cfg: HeadConfig, n_params: int, n_trainable: int, dtype: str, optimizer: str, batch: int,
              max_len: int, draws: int = 1, kv_slots: int = 2, checkpoint: bool = False,
              kv_dtype: str = "bfloat16", recompute_attention: bool = False,
-             grads_persist: bool = True, trainable: str = "all", attention: str = "sdpa") -> MemoryEstimate:
+             grads_persist: bool = True, trainable: str = "all", attention: str = "sdpa",
+             compiled: bool = False) -> MemoryEstimate:
     pb = DTYPE_BYTES[dtype]
     kv_batch = cfg.num_layers * 2 * batch * cfg.num_kv_heads * max_len * cfg.head_dim * DTYPE_BYTES[kv_dtype]
     return MemoryEstimate(
@@ -110,7 +119,8 @@ def estimate(cfg: HeadConfig, n_params: int, n_trainable: int, dtype: str, optim
         optimizer=n_trainable * state_bytes_per_param(optimizer, pb),
         kv_inputs=kv_slots * kv_batch,
         activations=activation_bytes(cfg, batch, draws, max_len, pb, checkpoint, recompute_attention,
-                                     frozen_expert=trainable == "projections", split_attention=attention == "split"),
+                                     frozen_expert=trainable == "projections", split_attention=attention == "split",
+                                     compiled=compiled),
         grads_persist=grads_persist,
     )
 
@@ -177,7 +187,7 @@ def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str
                    train_cfg.draws, kv_slots=2 * train_cfg.grad_accum, checkpoint=train_cfg.gradient_checkpointing,
                    recompute_attention=train_cfg.recompute_attention,
                    grads_persist=grads_persist(train_cfg.cuda_graphs, train_cfg.grad_accum),
-                   trainable=train_cfg.trainable, attention=train_cfg.attention)
+                   trainable=train_cfg.trainable, attention=train_cfg.attention, compiled=train_cfg.compile)
     check_budget(est, parse_bytes(train_cfg.gpu_memory_budget), train_cfg.batch_size,
                  train_cfg.gradient_checkpointing, train_cfg.optimizer, train_cfg.recompute_attention,
                  train_cfg.attention)

@@ -33,6 +33,9 @@ def test_terms_by_hand(tiny_head_cfg):
     # --attention split: no prefix copy at all; fp32 prefix output + lse and the action block's scores per token
     sp = estimate(cfg, 1000, 600, "bfloat16", "adamw8bit", 3, 128, kv_slots=2, attention="split")
     assert sp.activations == 2 * tokens * (per_token + 4 * (32 + 2 * (1 + 64)))
+    # a compiled layer (--compile): 2/3 of the per-token bytes, the prefix copy unchanged
+    co = estimate(cfg, 1000, 600, "bfloat16", "adamw8bit", 3, 128, kv_slots=2, compiled=True)
+    assert co.activations == pytest.approx(2 * (tokens * per_token * 2 / 3 + 3 * 2 * 32 * (128 + 64) * 2))
     sp2 = estimate(cfg, 1000, 600, "bfloat16", "adamw8bit", 3, 4096, kv_slots=2, attention="split")
     assert sp2.activations == sp.activations  # independent of the prefix length
 
