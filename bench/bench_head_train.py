@@ -119,13 +119,20 @@ def adam8_fast() -> int | None:
     return adam8_triton.FAST
 
 
+def use_adam8_fast() -> None:
+    """--adam8-fast: adamw8bit-fused's fast-math kernel variant for every row of this process."""
+    from head_trainer import adam8_triton
+
+    adam8_triton.FAST = 1
+
+
 def run_config(head, cfg, device, *, bsz, L, optimizer, mode="all", engine="graphs", checkpoint=False, draws=1,
                warm=3, timed=10, accum=1, recompute_attention=False, attention="sdpa") -> dict:
     """One configuration: steps with the chosen engine, returning times and memory."""
     rec = {"B": bsz, "L": L, "optimizer": optimizer, "trainable": mode, "engine": engine,
            "checkpoint": checkpoint, "draws": draws, "dtype": str(head.dtype).removeprefix("torch."),
            "recompute_attention": recompute_attention, "accum": accum, "attention": attention}
-    if attention == "split":
+    if optimizer == "adamw8bit-fused":
         rec["adam8_fast"] = adam8_fast()
     if is_lora(head) and mode != "lora":  # LoRA injects adapters into the head every configuration here shares
         raise ValueError("LoRA configurations must come last: the adapters stay in the shared head")
@@ -270,9 +277,7 @@ def main() -> None:
     long_l, short_l = (40, 12) if args.tiny else (2993, 809)
     batches = [int(b) for b in args.batches.split(",")]
     if args.adam8_fast:
-        from head_trainer import adam8_triton
-
-        adam8_triton.FAST = 1
+        use_adam8_fast()
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "cap_gib": args.memory_cap_gib, "tiny": args.tiny}
     (out / "head_train_env.json").write_text(json.dumps(env) + "\n")
@@ -336,26 +341,26 @@ def main() -> None:
             guarded(run_config, path, **kw, bsz=1, L=long_l, engine="eager", warm=2, timed=5)
 
     if "memory" in sections:
+        memory_lengths = [int(x) for x in args.memory_lengths.split(",") if x]
         path = out / "head_train_memory.json"
         for opt_name in args.optimizers.split(","):
             if opt_name == "adamw-offload":
                 guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=4, L=long_l, optimizer=opt_name,
                         engine="eager", warm=1, timed=2)
                 continue
-            lengths = [int(x) for x in args.memory_lengths.split(",") if x] or (
-                [long_l, short_l] if opt_name == "adamw8bit" else [long_l])
+            lengths = memory_lengths or ([long_l, short_l] if opt_name == "adamw8bit" else [long_l])
             for L in lengths:
                 for bsz in (1, 4, 8):
                     for ckpt in (False, True) if opt_name == "adamw8bit" else (False,):
                         guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=bsz, L=L, optimizer=opt_name,
                                 engine="eager", checkpoint=ckpt, warm=2, timed=2)
-        mode_lengths = [] if args.no_modes else ([int(x) for x in args.memory_lengths.split(",") if x] or [long_l])
+        mode_lengths = [] if args.no_modes else (memory_lengths or [long_l])
         for mode in ("projections", "lora"):  # lora last: the adapters stay in the head (rank 16, fp32)
             for L in mode_lengths:
                 for bsz in (1, 4, 8):
                     guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=bsz, L=L, optimizer="adamw",
                             mode=mode, engine="eager", warm=2, timed=2)
-        if mode_lengths:  # fails on CUDA so far ('capturing stream has unjoined work'): recorded as a row
+        if mode_lengths:  # LoRA under CUDA graphs (captures since the third H100 session's stream fix)
             guarded(run_config, path, head=head, cfg=cfg, device=device, bsz=8, L=long_l, optimizer="adamw",
                     mode="lora", engine="graphs")
 

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_head_train import Timer, build_head, free, head_config, random_batch  # noqa: E402
+from bench_head_train import Timer, adam8_fast, build_head, free, head_config, random_batch, use_adam8_fast  # noqa: E402
 
 from head_trainer.optim import build_optimizer  # noqa: E402
 from head_trainer.step import StepConfig, TrainStep  # noqa: E402
@@ -55,9 +55,7 @@ def one(head, cfg, bsz: int, L: int, optimizer: str, draws: int, checkpoint: boo
     if attention != "sdpa":
         rec["attention"] = attention
     if optimizer == "adamw8bit-fused":
-        from head_trainer import adam8_triton
-
-        rec["adam8_fast"] = adam8_triton.FAST
+        rec["adam8_fast"] = adam8_fast()
     params = [p for p in head.parameters() if p.requires_grad]
     batch = random_batch(cfg, bsz, L, "cuda")
     opt = build_optimizer(params, optimizer, 1e-5, capturable=True)
@@ -113,9 +111,7 @@ def main() -> None:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
     if args.adam8_fast:
-        from head_trainer import adam8_triton
-
-        adam8_triton.FAST = 1
+        use_adam8_fast()
     cfg = head_config(False)
     head = build_head(cfg, "cuda", torch.bfloat16)
     out = []

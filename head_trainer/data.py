@@ -327,15 +327,13 @@ def train_ram_plan(cfg, store: Store, indices: list[int], head_cfg, device: torc
                    dtype: torch.dtype) -> dict[str, float]:
     """head-train's host RAM: the loader plan, the host copy of weights + optimizer state each checkpoint
     takes, and on a CPU device the training itself (head_trainer/memory.py's terms)."""
-    from .memory import DTYPE_BYTES, count_params, estimate
+    from .memory import DTYPE_BYTES, train_estimate
 
     name = str(dtype).removeprefix("torch.")
     plan = loader_ram_plan(store, indices, cfg.batch_size, cfg.grad_accum, cfg.num_workers, cfg.ram_cache_gb * 1e9,
                            DTYPE_BYTES[name])
-    n, n_train = count_params(head_cfg, cfg.trainable, cfg.lora_rank, cfg.lora_targets)
     max_len = bucket_len(max(store.manifest(i % len(store))["prefix_len"] for i in indices))
-    est = estimate(head_cfg, n, n_train, name, cfg.optimizer, cfg.batch_size, max_len, cfg.draws, kv_slots=0,
-                   checkpoint=cfg.gradient_checkpointing, trainable=cfg.trainable)
+    est = train_estimate(cfg, head_cfg, max_len, name, kv_slots=0)
     plan["checkpoint copy"] = est.weights + est.optimizer
     if device.type == "cpu":
         plan["training on the CPU"] = est.weights + est.gradients + est.optimizer + est.activations

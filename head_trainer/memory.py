@@ -29,7 +29,7 @@ WORKSPACE_BYTES = 0.6e9  # allocator slack + cuBLAS / attention workspaces (an a
 # a torch.compile'd layer saves about 2/3 of the eager per-token tensors (inductor recomputes fused pointwise
 # results in the backward instead of keeping them): fitted to the slopes of the graph-mode peaks in
 # docs/bench_head_train_step_{h100,h200}.json (+512 tokens: +1.8 GiB measured against 2.7 estimated eager),
-# which leaves every graph row of both tables between -1 % and +4 % of its peak (docs/PERFORMANCE.md)
+# which leaves every graph row of both tables between -2 % and +4 % of its peak (docs/PERFORMANCE.md)
 COMPILED_PER_TOKEN = 2 / 3
 
 
@@ -141,10 +141,10 @@ def check_budget(est: MemoryEstimate, budget: float, batch: int, checkpoint: boo
     if est.total <= BUDGET_FRACTION * budget:
         return
     hints = []
-    if not checkpoint and attention != "split":
+    if not checkpoint and attention != "split":  # split keeps no prefix copy: nothing to recompute
         hints.append("--attention split")
-    if not checkpoint and not recompute_attention and attention != "split":
-        hints.append("--recompute-attention")
+        if not recompute_attention:
+            hints.append("--recompute-attention")
     if not checkpoint:
         hints.append("--gradient-checkpointing")
     if optimizer in ("adamw", "adamw-sr"):
@@ -178,16 +178,21 @@ def count_params(cfg: HeadConfig, trainable: str = "all", lora_rank: int = 16,
     return n + extra, proj + extra
 
 
+def train_estimate(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str, kv_slots: int) -> MemoryEstimate:
+    """The estimate of a head-train config (`max_len` already bucketed): every flag that changes memory."""
+    n, n_train = count_params(head_cfg, train_cfg.trainable, train_cfg.lora_rank, train_cfg.lora_targets)
+    return estimate(head_cfg, n, n_train, dtype, train_cfg.optimizer, train_cfg.batch_size, max_len,
+                    train_cfg.draws, kv_slots=kv_slots, checkpoint=train_cfg.gradient_checkpointing,
+                    recompute_attention=train_cfg.recompute_attention,
+                    grads_persist=grads_persist(train_cfg.cuda_graphs, train_cfg.grad_accum),
+                    trainable=train_cfg.trainable, attention=train_cfg.attention, compiled=train_cfg.compile)
+
+
 def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str) -> MemoryEstimate:
     """head-train's check before any model loads: the plan of `train_cfg` against --gpu-memory-budget."""
     from .data import bucket_len
 
-    n, n_train = count_params(head_cfg, train_cfg.trainable, train_cfg.lora_rank, train_cfg.lora_targets)
-    est = estimate(head_cfg, n, n_train, dtype, train_cfg.optimizer, train_cfg.batch_size, bucket_len(max_len),
-                   train_cfg.draws, kv_slots=2 * train_cfg.grad_accum, checkpoint=train_cfg.gradient_checkpointing,
-                   recompute_attention=train_cfg.recompute_attention,
-                   grads_persist=grads_persist(train_cfg.cuda_graphs, train_cfg.grad_accum),
-                   trainable=train_cfg.trainable, attention=train_cfg.attention, compiled=train_cfg.compile)
+    est = train_estimate(train_cfg, head_cfg, bucket_len(max_len), dtype, kv_slots=2 * train_cfg.grad_accum)
     check_budget(est, parse_bytes(train_cfg.gpu_memory_budget), train_cfg.batch_size,
                  train_cfg.gradient_checkpointing, train_cfg.optimizer, train_cfg.recompute_attention,
                  train_cfg.attention)

@@ -19,6 +19,7 @@ added after one zeroing per step.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,6 +60,19 @@ class StepConfig:
 class StepStats:
     loss: torch.Tensor  # 0-dim, on the device: mean flow-matching loss of the global batch (this rank's share)
     grad_norm: torch.Tensor  # 0-dim, before clipping
+
+
+@contextlib.contextmanager
+def _no_stale_streams():
+    """Newer torch can also re-point a stale AccumulateGrad stream at the capturing one; a no-op where it cannot."""
+    override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+    if override is not None:
+        override(True)
+    try:
+        yield
+    finally:
+        if override is not None:
+            override(False)
 
 
 def draw_noise(seed: int, step: int, n: int, draws: int, fm_cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,24 +170,6 @@ class TrainStep:
             self._stream = torch.cuda.Stream()
         return self._stream
 
-    @staticmethod
-    def _no_stale_streams():
-        """Newer torch can also re-point a stale node at the capturing stream; a no-op where it cannot."""
-        import contextlib
-
-        fn = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
-        if fn is None:
-            return contextlib.nullcontext()
-
-        @contextlib.contextmanager
-        def override():
-            fn(True)
-            try:
-                yield
-            finally:
-                fn(False)
-        return override()
-
     def _capture_fb(self, b) -> tuple[torch.cuda.CUDAGraph, dict]:
         """Capture loss + backward for this batch's shapes, reading its KV tensors in place.
 
@@ -213,7 +209,7 @@ class TrainStep:
             p.grad = None
         g = torch.cuda.CUDAGraph()
         try:
-            with self._no_stale_streams(), torch.cuda.graph(g, pool=self._pool, stream=side,
+            with _no_stale_streams(), torch.cuda.graph(g, pool=self._pool, stream=side,
                                                              capture_error_mode="thread_local"):
                 mask = action_mask(prefix, k, self.head.dtype, self.head.causal)
                 loss = flow_loss(self.fast, st["action"], prefix, st["t"], st["eps"], mask)

@@ -82,6 +82,14 @@ def _bwd_torch(q, k, v, lengths, do, lse, dm, scale):
 if triton is not None:
 
     @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """a @ b, fp32 accumulate; IEEE (fp32 inputs) keeps full fp32 products instead of TF32."""
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
     def _fwd_kernel(Q, K, V, LEN, OUT, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                     H, M, n_split, chunk, scale2,
                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
@@ -100,20 +108,13 @@ if triton is not None:
             keys = n0 + tl.arange(0, BN)
             valid = keys < end
             k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], mask=valid[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale2
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale2
-            s = tl.where(valid[None, :], s, float("-inf"))
+            s = tl.where(valid[None, :], _dot(q, tl.trans(k), IEEE) * scale2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + cols[None, :], mask=valid[:, None], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
         has = l_i > 0
         o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
@@ -146,18 +147,10 @@ if triton is not None:
             valid = keys < end
             k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + cols[None, :], mask=valid[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale2
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale2
-                dp = tl.dot(do, tl.trans(v))
+            s = _dot(q, tl.trans(k), IEEE) * scale2
             p = tl.where(valid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-            ds = p * (dp - dm[:, None])
-            if IEEE:
-                acc += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-            else:
-                acc += tl.dot(ds.to(k.dtype), k)
+            ds = p * (_dot(do, tl.trans(v), IEEE) - dm[:, None])
+            acc += _dot(ds.to(k.dtype), k, IEEE)
         part = bh * n_split + ps
         tl.store(DQ + (part * M + rows[:, None]) * D + cols[None, :], acc, mask=rmask[:, None])
 
@@ -180,10 +173,10 @@ def _fwd_triton(q, k, v, lengths, scale):
     _fwd_kernel[grid](q, k, v, lengths, o, lse2, *strides, H, M, n_split, CHUNK, scale * LOG2E,
                       D=D, BM=BLOCK_M, BN=BLOCK_N, IEEE=q.dtype == torch.float32,
                       num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    lse2_all = torch.logsumexp(lse2 * math.log(2), dim=1)  # (B*H, M) natural log-sum-exp over chunks
-    w = torch.exp(lse2 * math.log(2) - lse2_all[:, None])  # empty chunks: exp(-inf) = 0
-    out = (w[..., None] * o).sum(1)
-    return out.view(B, H, M, D), lse2_all.view(B, H, M)
+    lse_chunk = lse2 * math.log(2)  # (B*H, n_split, M) natural log
+    lse = torch.logsumexp(lse_chunk, dim=1)  # over chunks
+    w = torch.exp(lse_chunk - lse[:, None])  # empty chunks: exp(-inf) = 0
+    return (w[..., None] * o).sum(1).view(B, H, M, D), lse.view(B, H, M)
 
 
 def _bwd_triton(q, k, v, lengths, do, lse, dm, scale):
