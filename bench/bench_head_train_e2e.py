@@ -127,7 +127,9 @@ def loader_rate(url: str, n: int, workers: int, device, steps: int, bsz: int, ra
                          dtype=torch.bfloat16)
     fill = time.perf_counter() - t0
     t1 = None
-    for s, _micro in enumerate(loader):
+    for s, micro in enumerate(loader):
+        for b in micro:  # the K/V copies into the device slots (deferred until a step reads them)
+            b.prepare().release()
         if device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         if s == 1:

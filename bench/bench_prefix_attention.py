@@ -29,7 +29,7 @@ from shared.fast_expert import _attention, _attention_split  # noqa: E402
 B, H, G, T, D = 8, 8, 2, 64, 128
 DEV = "cuda"  # --device cpu: a smoke run of this script (tiny L, no graphs, perf_counter times)
 # (CHUNK, BLOCK_M, BLOCK_N, warps, stages): the default first
-TILES = [(256, 64, 64, 4, 2), (512, 64, 64, 4, 2), (128, 64, 64, 4, 2), (256, 128, 64, 8, 2), (256, 64, 32, 4, 2),
+TILES = [(512, 64, 64, 4, 2), (256, 64, 64, 4, 2), (128, 64, 64, 4, 2), (256, 128, 64, 8, 2), (256, 64, 32, 4, 2),
          (256, 64, 64, 4, 3), (512, 128, 64, 8, 3), (256, 128, 32, 4, 2), (1024, 64, 64, 4, 2), (256, 64, 128, 8, 2)]
 
 

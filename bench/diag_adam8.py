@@ -6,6 +6,11 @@ program, warps) choices, each also replayed from a CUDA graph (no host time: wha
 
     python bench/diag_adam8.py            # on the GPU box (PYTHONPATH with torchao)
     python bench/diag_adam8.py --check    # first: the kernel against the eager torch update on CUDA
+    python bench/diag_adam8.py --ablate [--json PATH]  # where the kernel's time goes (graph-replayed)
+
+--ablate times the kernel with parts switched off (adam8_triton.DIAG: wrong numbers, timing only) beside a
+copy kernel that moves the same 10 bytes per element: the gap between the two is the kernel's compute and
+table lookups, and each ablation says which part of that gap is whose.
 
 Eager launches include the host's per-parameter overhead, which dominates torchao here (its tensor
 subclass dispatch); the CUDA-graph replay in bench/profile_head_step.py is the figure without it.
@@ -70,7 +75,38 @@ def fused_with(compile_kw: dict | None):
     return make
 
 
-def triton_with(rows: int, warps: int, search: int = 1, fast: int = 0):
+def roofline_with(block: int, warps: int):
+    """A kernel that reads and writes what the update does (bf16 weight + gradient, two uint8 codes, two
+    block scales) with one add per element: the bandwidth this GPU gives this access pattern."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy10(p_ptr, g_ptr, mc_ptr, vc_ptr, ms_ptr, vs_ptr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        p = tl.load(p_ptr + offs).to(tl.float32) + tl.load(g_ptr + offs).to(tl.float32)
+        tl.store(p_ptr + offs, p.to(tl.bfloat16))
+        tl.store(mc_ptr + offs, tl.load(mc_ptr + offs) + 1)
+        tl.store(vc_ptr + offs, tl.load(vc_ptr + offs) + 1)
+        b = tl.program_id(0) * (BLOCK // 256) + tl.arange(0, BLOCK // 256)
+        tl.store(ms_ptr + b, tl.load(ms_ptr + b) * 0.5)
+        tl.store(vs_ptr + b, tl.load(vs_ptr + b) * 0.5)
+
+    class Copy:
+        def __init__(self, ps):
+            self.ps = ps
+            self.st = [(torch.zeros(p.numel(), dtype=torch.uint8, device="cuda"),
+                        torch.zeros(p.numel(), dtype=torch.uint8, device="cuda"),
+                        torch.ones(p.numel() // 256, device="cuda"), torch.ones(p.numel() // 256, device="cuda"))
+                       for p in ps]
+
+        def step(self):
+            for p, (mc, vc, ms, vs) in zip(self.ps, self.st):
+                copy10[(p.numel() // block,)](p, p.grad, mc, vc, ms, vs, BLOCK=block, num_warps=warps)
+    return Copy
+
+
+def triton_with(rows: int, warps: int, search: int = 1, fast: int = 0, diag: int = 0):
     """adamw8bit-fused's Triton kernel with `rows` 256-element blocks per program, `warps` warps, code
     search `search` (0: binary search in the map, 1: arithmetic guess + bounds) and `fast` (1: reciprocals
     and approximate division / square root instead of torchao's IEEE ones)."""
@@ -78,6 +114,7 @@ def triton_with(rows: int, warps: int, search: int = 1, fast: int = 0):
 
     def make(ps):
         adam8_triton.ROWS, adam8_triton.NUM_WARPS, adam8_triton.SEARCH, adam8_triton.FAST = rows, warps, search, fast
+        adam8_triton.DIAG = diag
         return adam8.AdamW8bitFused(ps, lr=1e-4, backend="triton")
     return make
 
@@ -90,9 +127,48 @@ def check() -> None:
     c.run_checks("cuda")
 
 
+def ablate() -> None:
+    """Graph-replayed ms of the kernel with parts switched off, beside the 10-byte copy (see the docstring)."""
+    elems = sum(a * b for a, b in SHAPES)
+    rows = [("copy of the same bytes, 256 x 2 warps", roofline_with(256, 2)),
+            ("copy of the same bytes, 1024 x 4 warps", roofline_with(1024, 4)),
+            ("kernel as shipped", triton_with(1, 2)),
+            ("no dequantisation gathers", triton_with(1, 2, diag=1)),
+            ("no encoding bounds gathers", triton_with(1, 2, diag=2)),
+            ("no stochastic rounding", triton_with(1, 2, diag=4)),
+            ("no gathers at all", triton_with(1, 2, diag=3)),
+            ("no gathers, no rounding", triton_with(1, 2, diag=7)),
+            ("no code search (linear codes)", triton_with(1, 2, diag=8)),
+            ("no block absmax", triton_with(1, 2, diag=16)),
+            ("no search, no absmax, no gathers, no rounding", triton_with(1, 2, diag=31)),
+            ("fast math", triton_with(1, 2, fast=1)),
+            ("fast math, no gathers, no rounding", triton_with(1, 2, fast=1, diag=7)),
+            ("kernel as shipped, 1 x 1 warp", triton_with(1, 1)),
+            ("fast math, 2 x 2 warps", triton_with(2, 2, fast=1))]
+    out = []
+    print("| variant | graph-replayed ms | GB/s at 10 B / element |\n| --- | --- | --- |")
+    for name, make in rows:
+        try:
+            ms = bench(make, 20, graph=True)[0]
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            ms = f"{type(exc).__name__}: {str(exc)[:80]}"
+        bw = round(10 * elems / (ms * 1e-3) / 1e9) if isinstance(ms, float) else None
+        print(f"| {name} | {ms} | {bw} |", flush=True)
+        out.append({"variant": name, "graph_ms": ms, "gb_s": bw, "elements": elems})
+        if "--json" in sys.argv:
+            import json
+            Path(sys.argv[sys.argv.index("--json") + 1]).write_text(json.dumps(
+                {"meta": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}, "rows": out}, indent=1))
+    from head_trainer import adam8_triton
+    adam8_triton.DIAG = 0
+
+
 def main() -> None:
     if "--check" in sys.argv:
         check()
+        return
+    if "--ablate" in sys.argv:
+        ablate()
         return
     from torchao.optim import AdamW8bit
 

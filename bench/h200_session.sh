@@ -97,6 +97,7 @@ next)
 e2ef)  # the fused plans end to end (4 cameras: the 24gb preset's layer recompute, since two 3.3 GiB KV slots
        # plus attention recompute estimate above 90 % of 24 GiB; front-only: attention recompute); Stage-2 in the same call
   S=${E2E_STORES:-4cam_int8,front_bf16}; N=${E2E_N:-32}
+  part "${ABL_S:-0}" python3 bench/diag_adam8.py --ablate --json "$OUT/adam8_ablate.json"
   A="--dtype bfloat16 --optimizer ${E2E_OPT:-adamw8bit} --gpu-memory-budget 24GiB --compile --cuda-graphs --ram-cache-gb 16 --val-every 0"
   e() { part "$1" python3 bench/bench_head_train_e2e.py --json-dir "$OUT" --dir /tmp/stores --stores "$S" --max-samples "$N" \
           --workers 8 --e2e-steps "${E2E_STEPS:-200}" --e2e-timeout "${E2E_RUN_S:-150}" --e2e-args "$4" --sections "$2" ${3:+--stores $3}; }
@@ -115,6 +116,7 @@ split)  # --attention split (shared/prefix_attention.py): CUDA checks, step rows
   part "${SWEEP_S:-150}" python3 bench/bench_prefix_attention.py --json "$OUT/prefix_attention.json" --tiles "${TILES:-10}"
   part "${QUAL_S:-0}" python3 bench/bench_head_train.py --sections quality --quality-steps "${QUAL_STEPS:-200}" --adam8-fast \
     --quality-plans bfloat16:adamw8bit-fused:graphs:split --json-dir "$OUT"
+  part "${ABL_S:-0}" python3 bench/diag_adam8.py --ablate --json "$OUT/adam8_ablate.json"
   ;;
 modes)
   part "${MEM_S:-200}" python3 bench/bench_head_train.py --sections memory --optimizers adamwfp8,adamw-offload --json-dir "$OUT"

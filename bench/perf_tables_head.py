@@ -228,6 +228,40 @@ def adam8_update_table(name: str = "bench_adam8_update_h100.json") -> str:
                   "GB/s at 10 B / element", "run"], rows)
 
 
+def prefix_attention_table(name: str) -> str:
+    """bench/bench_prefix_attention.py: one layer's attention core (B = 8, graph-replayed medians), SDPA over
+    [prefix; action] copies against the split attention, per tile (CHUNK, BLOCK_M, BLOCK_N, warps, stages)."""
+    rows = []
+    for r in load(name)["rows"]:
+        if r["path"] == "errors vs fp32":
+            continue
+        what = {"sdpa": "SDPA over [prefix; action]", "sdpa_recompute": "SDPA, attention recompute",
+                "split": "split (prefix op + action block)"}[r["path"]]
+        tile = " x ".join(str(t) for t in r["tile"]) if "tile" in r else ""
+        cell = (lambda k: fmt(r[k], 3) if k in r else ("error" if "error" in r else ""))
+        rows.append([f"{r['L']:,}", what, tile, cell("fwd_ms"), cell("fwd_bwd_ms")])
+    return table(["L", "attention", "tile (chunk x M x N x warps x stages)", "forward ms", "forward + backward ms"],
+                 rows)
+
+
+def prefix_attention_errors(name: str) -> str:
+    """Max |error| against the fp32 SDPA computation, per path and output (o, dq, dk, dv)."""
+    rows = [[f"{r['L']:,}", path, *(f"{Decimal(str(r[path][k])):.2e}" for k in ("o", "dq", "dk", "dv"))]
+            for r in load(name)["rows"] if r["path"] == "errors vs fp32" for path in ("sdpa", "split", "split_fp32")]
+    return table(["L", "path (dtype)", "o", "dq", "dk", "dv"],
+                 [[a, {"sdpa": "SDPA (bf16)", "split": "split (bf16)", "split_fp32": "split (fp32)"}[b], *c]
+                  for a, b, *c in rows])
+
+
+def adam8_ablate_table(name: str) -> str:
+    """bench/diag_adam8.py --ablate: the kernel with parts switched off beside a copy of the same bytes."""
+    rows = []
+    for r in load(name)["rows"]:
+        ok = not isinstance(r["graph_ms"], str)
+        rows.append([r["variant"], fmt(r["graph_ms"], 2) if ok else r["graph_ms"], fmt(r["gb_s"], 0) if ok else ""])
+    return table(["variant (214 M elements, graph-replayed)", "ms", "GB/s at 10 B / element"], rows)
+
+
 KERNEL_GROUPS = (  # (group, substrings of the kernel name), first match wins
     ("attention over [prefix; action] (cuDNN SDPA)", ("sdpa",)),
     ("attention over the prefix (shared/prefix_attention.py)", ("_fwd_kernel", "_bwd_kernel")),
@@ -297,3 +331,5 @@ def live_eval_table() -> str:
                      f"{fmt(worst, 0)} (min_ade {fmt(mets['min_ade']['cached'], 4)} both)"])
     return table(["machine", "store", "token ids", "rope delta", "K / V max abs diff", "trajectories max abs diff",
                   "metrics max abs diff"], rows)
+renderer("prefix_attention_h100")(lambda: prefix_attention_table("bench_prefix_attention_h100.json"))
+renderer("prefix_attention_errors_h100")(lambda: prefix_attention_errors("bench_prefix_attention_h100.json"))

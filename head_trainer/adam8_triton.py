@@ -28,7 +28,10 @@ BLOCK = 256
 ROWS = 1
 NUM_WARPS = 2
 SEARCH = 1  # 0: 8-probe binary search in the map; 1: arithmetic guess + 2 probes of the bounds (3.33 -> 2.87 ms)
-FAST = 0  # 1: reciprocals and approximate division / square root (not torchao's numbers; not yet measured)
+FAST = 0  # 1: reciprocals and approximate division / square root (not torchao's numbers): 2.26 -> 1.95 ms, H100
+DIAG = 0  # bench/diag_adam8.py --ablate only (wrong numbers, timing): 1 no map gathers in the dequantisation,
+#           2 no bounds gathers in the encoding, 4 no stochastic rounding, 8 no code search at all (a linear
+#           code), 16 no block absmax (scale 1); the optimizer never sets it
 
 
 def code_bounds(qmap: torch.Tensor) -> torch.Tensor:
@@ -137,7 +140,7 @@ def _fmix32(h):
 def _adamw8_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr, bm_ptr, bv_ptr, coef_ptr, lr_ptr,
                    c1_ptr, c2_ptr, step_ptr, n_blocks, salt, w1, w2, eps, wd,
                    SR: tl.constexpr, SEARCH: tl.constexpr, FAST: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, DIAG: tl.constexpr = 0):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
     rmask = rows < n_blocks
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (ROWS, BLOCK) element offsets
@@ -149,16 +152,26 @@ def _adamw8_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr,
 
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * coef
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(qm_ptr + tl.load(mc_ptr + offs, mask=mask, other=0).to(tl.int32))
+    mc = tl.load(mc_ptr + offs, mask=mask, other=0).to(tl.int32)
+    vc = tl.load(vc_ptr + offs, mask=mask, other=0).to(tl.int32)
+    if DIAG & 1:
+        m = (mc - 127).to(tl.float32) * (1.0 / 127.0)
+        v = vc.to(tl.float32) * (1.0 / 255.0)
+    else:
+        m = tl.load(qm_ptr + mc)
+        v = tl.load(qv_ptr + vc)
     m = m * tl.load(ms_ptr + rows, mask=rmask, other=0.0)[:, None]
-    v = tl.load(qv_ptr + tl.load(vc_ptr + offs, mask=mask, other=0).to(tl.int32))
     v = v * tl.load(vs_ptr + rows, mask=rmask, other=0.0)[:, None]
 
     p = p - lr * wd * p
     m = m + w1 * (g - m)  # torch.lerp(m, g, w1) for w1 < 0.5
     v = v + w2 * (g * g - v)
-    m_absmax = tl.maximum(tl.max(tl.abs(m), axis=1), 1e-12)  # (ROWS,)
-    v_absmax = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-12)
+    if DIAG & 16:
+        m_absmax = tl.full((ROWS,), 1.0, tl.float32)
+        v_absmax = tl.full((ROWS,), 1.0, tl.float32)
+    else:
+        m_absmax = tl.maximum(tl.max(tl.abs(m), axis=1), 1e-12)  # (ROWS,)
+        v_absmax = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-12)
     if FAST:  # per-row reciprocals, one approximate division and square root: about 1 ulp from torchao
         p = p - (lr / c1) * m / (tl.sqrt(v) * (1.0 / c2) + eps)
         xm = m * (1.0 / m_absmax)[:, None]
@@ -168,12 +181,19 @@ def _adamw8_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr,
         p = p - tl.math.div_rn(lr * tl.math.div_rn(m, c1), denom)
         xm = tl.math.div_rn(m, m_absmax[:, None])
         xv = tl.math.div_rn(v, v_absmax[:, None])
-    tl.store(mc_ptr + offs, _code(xm, qm_ptr, bm_ptr, True, SEARCH).to(tl.uint8), mask=mask)
-    tl.store(vc_ptr + offs, _code(xv, qv_ptr, bv_ptr, False, SEARCH).to(tl.uint8), mask=mask)
+    if DIAG & 8:
+        tl.store(mc_ptr + offs, (xm * 127.0 + 127.0).to(tl.int32).to(tl.uint8), mask=mask)
+        tl.store(vc_ptr + offs, (xv * 255.0).to(tl.int32).to(tl.uint8), mask=mask)
+    elif DIAG & 2:
+        tl.store(mc_ptr + offs, tl.minimum(tl.maximum(_guess_code(xm, True), 0), 255).to(tl.uint8), mask=mask)
+        tl.store(vc_ptr + offs, tl.minimum(tl.maximum(_guess_code(xv, False), 0), 255).to(tl.uint8), mask=mask)
+    else:
+        tl.store(mc_ptr + offs, _code(xm, qm_ptr, bm_ptr, True, SEARCH).to(tl.uint8), mask=mask)
+        tl.store(vc_ptr + offs, _code(xv, qv_ptr, bv_ptr, False, SEARCH).to(tl.uint8), mask=mask)
     tl.store(ms_ptr + rows, m_absmax, mask=rmask)
     tl.store(vs_ptr + rows, v_absmax, mask=rmask)
 
-    if SR:  # fp32 -> bf16 away from zero with probability (low 16 bits) / 2^16
+    if SR and not (DIAG & 4):  # fp32 -> bf16 away from zero with probability (low 16 bits) / 2^16
         seed = _fmix32((tl.load(step_ptr).to(tl.uint32) * 1000003 + salt).to(tl.uint32))
         rand = (_fmix32(offs.to(tl.uint32) * 0x9E3779B1 + seed) >> 16).to(tl.int32)  # 16 uniform bits
         bits = p.to(tl.int32, bitcast=True)
@@ -196,4 +216,4 @@ def update_q8_triton(p: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, lr: t
     grid = (triton.cdiv(n_blocks, ROWS),)
     _adamw8_kernel[grid](p, g, m_codes, m_scale, v_codes, v_scale, qm, qv, bm, bv, coef, lr, c1, c2, step, n_blocks,
                          salt, 1 - beta1, 1 - beta2, eps, wd, SR=sr, SEARCH=SEARCH, FAST=FAST, ROWS=ROWS,
-                         BLOCK=BLOCK, num_warps=NUM_WARPS)
+                         BLOCK=BLOCK, num_warps=NUM_WARPS, DIAG=DIAG)

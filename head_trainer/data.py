@@ -47,11 +47,23 @@ class Batch:
     hist_xyz: torch.Tensor  # (B, 16, 3)
     hist_rot: torch.Tensor  # (B, 16, 3, 3)
     fut_xyz: torch.Tensor  # (B, 64, 3)
+    pending: object = None  # the CUDA feeder's deferred K/V copy (feeder.DeferredKV); None: K/V already in place
 
     def to(self, device) -> Batch:
         nb = device.type == "cuda" if isinstance(device, torch.device) else str(device).startswith("cuda")
         return Batch(self.keys, self.prefix.to(device), self.action.to(device, non_blocking=nb),
-                     self.hist_xyz.to(device), self.hist_rot.to(device), self.fut_xyz.to(device))
+                     self.hist_xyz.to(device), self.hist_rot.to(device), self.fut_xyz.to(device), self.pending)
+
+    def prepare(self) -> Batch:
+        """Before the first read of prefix K/V: issue its deferred copy and make this stream wait for it."""
+        if self.pending is not None:
+            self.pending.prepare()
+        return self
+
+    def release(self) -> None:
+        """After the last work reading prefix K/V is enqueued: its slot may be refilled once that work ran."""
+        if self.pending is not None:
+            self.pending.release()
 
 
 def sample_item(s: CachedSample) -> dict:

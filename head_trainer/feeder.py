@@ -1,10 +1,13 @@
 """Stored-form samples -> device batches: side-stream copies, GPU dequantisation, RAM and GPU tiers.
 
-Per batch shape (B, bucketed L) the feeder owns a few fixed device slots (layers, 2, B, kv_heads, L, D),
-so a CUDA-graph step sees the same input buffers again and again. Samples are copied into their slot
-on a side stream (from the pinned DataLoader output, the pinned RAM tier, or the GPU tier, which holds
-codes as stored) and int8/int4 are dequantised there, a few layers at a time. The main stream waits on
-an event before the step; the side stream waits for the main stream before it reuses a slot.
+Per batch shape (B, bucketed L) the feeder owns two fixed device slots (layers, 2, B, kv_heads, L, D),
+used in turn, so a CUDA-graph step sees the same input buffers again and again, and memory does not grow
+with --grad-accum. A batch's K/V copy is deferred until the step is about to read it (`Batch.prepare`):
+samples are then copied into the slot on a side stream (from the pinned DataLoader output, the pinned RAM
+tier, or the GPU tier, which holds codes as stored), int8/int4 dequantised there a few layers at a time,
+and their finiteness checked; the main stream waits on an event. The copy waits only for the slot's
+previous batch (`Batch.release` records when its reads are done), so micro-batch j's copy overlaps
+micro-batch j - 1's compute. The small tensors (actions, lengths) are copied on the main stream at once.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class DeviceFeeder:
         self.side = torch.cuda.Stream(device) if self.cuda else None
         self.ram: dict[int, dict] = {}  # store index -> raw sample in pinned host memory
         self.gpu: dict[int, dict] = {}  # store index -> raw sample (codes as stored) on the device
-        self._slots: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._slots: dict[tuple[int, int], list[Slot]] = {}
         self._next: dict[tuple[int, int], int] = {}
         self.n_slots = 2
         self.tier_bytes = {"ram": 0, "gpu": 0}
@@ -79,41 +82,31 @@ class DeviceFeeder:
     def _held(self, i: int) -> dict:
         return self.gpu[i] if i in self.gpu else self.ram[i]
 
-    def _slot(self, bsz: int, lb: int) -> torch.Tensor:
+    def _slot(self, bsz: int, lb: int) -> Slot:
         key = (bsz, lb)
         if key not in self._slots:
             s = self.spec
             shape = (s.num_layers, 2, bsz, s.num_kv_heads, lb, s.head_dim)
-            self._slots[key] = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_slots)]
+            self._slots[key] = [Slot(torch.zeros(shape, dtype=self.dtype, device=self.device))
+                                for _ in range(self.n_slots)]
             self._next[key] = 0
         i = self._next[key]
         self._next[key] = (i + 1) % self.n_slots
         return self._slots[key][i]
 
     def to_batch(self, raws: list[dict | int]):
+        """A Batch of these samples; its K/V slot is assigned now and filled by `Batch.prepare`."""
         from .data import Batch, bucket_len
 
         raws = [self._held(r) if isinstance(r, int) else r for r in map(self._unwrap, raws)]
         bsz = len(raws)
         lb = bucket_len(max(r["L"] for r in raws), self.bucket)
-        if not self.cuda:
-            kv = torch.zeros((self.spec.num_layers, 2, bsz, self.spec.num_kv_heads, lb, self.spec.head_dim),
-                             dtype=self.dtype)
-            for b, r in enumerate(raws):
-                self._place(kv, b, r)
-            return _batch(Batch, raws, kv, self.device)
-        main = torch.cuda.current_stream(self.device)
-        self.side.wait_stream(main)  # the slot's previous reader has been enqueued on main: wait for it
-        with torch.cuda.stream(self.side):
-            kv = self._slot(bsz, lb)
-            for b, r in enumerate(raws):
-                self._place(kv, b, r)
-            batch = _batch(Batch, raws, kv, self.device)
-            for t in (batch.action, batch.hist_xyz, batch.hist_rot, batch.fut_xyz, batch.prefix.lengths,
-                      batch.prefix.rope_deltas):
-                t.record_stream(main)
-            batch.ready = torch.cuda.Event()
-            batch.ready.record(self.side)
+        slot = self._slot(bsz, lb)  # on the CPU too (no streams there): one code path, tested on the CPU
+        batch = _batch(Batch, raws, slot.kv, self.device)  # small tensors: on the main stream, now
+        batch.pending = DeferredKV(self, slot, raws, batch.action)
+        if self.cuda:  # the copy stream reads the action (its finiteness) only after this copy
+            batch.pending.action_ready = torch.cuda.Event()
+            batch.pending.action_ready.record(torch.cuda.current_stream(self.device))
         return batch
 
     def _unwrap(self, r):
@@ -128,6 +121,7 @@ class DeviceFeeder:
     def _place(self, kv: torch.Tensor, b: int, r: dict) -> None:
         """Write sample r's K/V into batch position b of kv (layers, 2, B, H, Lb, D), dequantising on the device."""
         L = r["L"]
+        kv[:, :, b, :, L:].zero_()  # the slot's last batch may have been longer: padding reads as zeros
         codes = r["kv"].to(self.device, non_blocking=True)
         if self.spec.quant == "none":
             kv[:, :, b, :, :L].copy_(codes)
@@ -141,10 +135,66 @@ class DeviceFeeder:
             kv[sl, 1, b, :, :L] = v
 
 
+class Slot:
+    """One device K/V buffer (layers, 2, B, kv_heads, L, D) and the event after which it may be refilled."""
+
+    def __init__(self, kv: torch.Tensor):
+        self.kv = kv
+        self.free: torch.cuda.Event | None = None  # recorded on the main stream after its last reader
+        self.owner: DeferredKV | None = None  # the prepared, not yet released batch
+
+
+class DeferredKV:
+    """A batch's K/V copy into its slot, issued by `prepare` (once) on the feeder's side stream."""
+
+    def __init__(self, feeder: DeviceFeeder, slot: Slot, raws: list[dict], action: torch.Tensor):
+        self.feeder, self.slot, self.raws, self.action = feeder, slot, raws, action
+        self.finite: torch.Tensor | None = None  # (B,) bool once prepared: every K, V, action value finite
+        self.action_ready: torch.cuda.Event | None = None  # CUDA: after the action's copy on the main stream
+
+    def prepare(self) -> None:
+        if self.raws is None:
+            return
+        f = self.feeder
+        if self.slot.owner is not None and self.slot.owner is not self:  # a bug, not bad data
+            raise RuntimeError("a K/V slot was refilled before its previous batch was released")
+        self.slot.owner = self
+        if not f.cuda:
+            self._fill()
+            return
+        main = torch.cuda.current_stream(f.device)
+        if self.slot.free is not None:  # the slot's previous batch: its reads must be done
+            f.side.wait_event(self.slot.free)
+        f.side.wait_event(self.action_ready)
+        self.action.record_stream(f.side)  # allocated on the main stream, read on the copy stream
+        with torch.cuda.stream(f.side):
+            self._fill()
+            self.finite.record_stream(main)
+            ready = torch.cuda.Event()
+            ready.record(f.side)
+        main.wait_event(ready)
+
+    def _fill(self) -> None:
+        from .integrity import finite_per_kv
+
+        for b, r in enumerate(self.raws):
+            self.feeder._place(self.slot.kv, b, r)
+        self.finite = finite_per_kv(self.slot.kv, self.action)
+        self.raws = None  # the host copies may go
+
+    def release(self) -> None:
+        if self.slot.owner is self:
+            self.slot.owner = None
+        if self.feeder.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.feeder.device))
+            self.slot.free = ev
+
+
 def _batch(cls, raws: list[dict], kv: torch.Tensor, device: torch.device):
     nb = device.type == "cuda"
 
-    def up(t: torch.Tensor) -> torch.Tensor:  # pinned first: a pageable copy would wait for the side stream
+    def up(t: torch.Tensor) -> torch.Tensor:  # pinned first, so the copy never waits for the host
         return t.pin_memory().to(device, non_blocking=True) if nb else t
 
     def stack(name):
@@ -170,13 +220,13 @@ def _pin(raw: dict) -> dict:
 
 
 class FeederLoader:
-    """Iterate: one list of `grad_accum` device Batches per step, the next step's copies already queued.
+    """Iterate: one list of `grad_accum` device Batches per step, the next step's samples already read.
+    On CUDA, call `prepare()` on each Batch before reading its K/V and `release()` after (head_trainer/step.py).
 
     `wait_s` = seconds the main thread waited for DataLoader workers (the loader bound)."""
 
     def __init__(self, dl: DataLoader, feeder: DeviceFeeder, grad_accum: int):
         self.dl, self.feeder, self.accum = dl, feeder, grad_accum
-        feeder.n_slots = 2 * grad_accum
         self.wait_s = 0.0
         self.steps = 0
         self.skipped = feeder.skipped  # damaged samples left out so far (skip_bad): key -> why
@@ -206,10 +256,6 @@ class FeederLoader:
             yield self._hand_over(pending)
 
     def _hand_over(self, group):
-        if self.feeder.cuda:
-            main = torch.cuda.current_stream(self.feeder.device)
-            for b in group:
-                main.wait_event(b.ready)
         self.steps += 1
         failpoint("train_batch", n=self.steps)
         return group

@@ -22,6 +22,13 @@ def finite_per_sample(batch) -> torch.Tensor:
     return torch.stack(parts).all(0)
 
 
+def finite_per_kv(kv: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """The same over a K/V slot kv (layers, 2, B, kv_heads, L, D) and action (B, ...), one layer at a time
+    (a bool copy of the whole slot would be half its size)."""
+    parts = [torch.isfinite(kv[i, j]).flatten(1).all(1) for i in range(kv.shape[0]) for j in range(2)]
+    return torch.stack([*parts, torch.isfinite(action).flatten(1).all(1)]).all(0)
+
+
 def read_stop(exc: Exception, last_ckpt: str, where: str = "") -> TrainingStopped:
     """A failed read -> the stop: what failed, that the run directory is intact, the ways on."""
     from shared.store import SampleReadError
@@ -35,15 +42,20 @@ class FiniteGuard:
         self._pending: list[tuple[int, list[str], torch.Tensor]] = []
 
     def add(self, step: int, micro: list) -> None:
+        """Batches whose K/V copy is deferred (the CUDA feeder) are checked as they are copied, on the copy
+        stream; the others here, now."""
         for b in micro:
-            self._pending.append((step, list(b.keys), finite_per_sample(b)))
+            self._pending.append((step, list(b.keys), b.pending if b.pending is not None else finite_per_sample(b)))
 
     def problem(self, resume_hint: str) -> str | None:
         """A message naming the first non-finite sample seen since the last call, or None."""
         pending, self._pending = self._pending, []
         if not pending:
             return None
-        ok = torch.cat([f for _, _, f in pending]).cpu()
+        for _, keys, f in pending:
+            if not isinstance(f, torch.Tensor) and f.finite is None:
+                raise RuntimeError(f"batch {keys} was never prepared: its K/V were not read (a bug)")
+        ok = torch.cat([f if isinstance(f, torch.Tensor) else f.finite for _, _, f in pending]).cpu()
         if bool(ok.all()):
             return None
         pos = int((~ok).nonzero()[0])

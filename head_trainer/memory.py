@@ -192,7 +192,7 @@ def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str
     """head-train's check before any model loads: the plan of `train_cfg` against --gpu-memory-budget."""
     from .data import bucket_len
 
-    est = train_estimate(train_cfg, head_cfg, bucket_len(max_len), dtype, kv_slots=2 * train_cfg.grad_accum)
+    est = train_estimate(train_cfg, head_cfg, bucket_len(max_len), dtype, kv_slots=2)  # feeder.DeviceFeeder.n_slots
     check_budget(est, parse_bytes(train_cfg.gpu_memory_budget), train_cfg.batch_size,
                  train_cfg.gradient_checkpointing, train_cfg.optimizer, train_cfg.recompute_attention,
                  train_cfg.attention)

@@ -149,8 +149,9 @@ class TrainStep:
         for m, b in enumerate(micro):
             sl = self._slice(m, bsz)
             t, eps = t_all[sl].to(self.device, non_blocking=True), eps_all[sl].to(self.device, non_blocking=True)
-            loss = flow_loss(self.fast, b.action, b.prefix, t, eps)
+            loss = flow_loss(self.fast, b.action, b.prepare().prefix, t, eps)
             (loss / len(micro)).backward()
+            b.release()
             total += loss.detach() / len(micro)
         self._reduce()
         gnorm = self._clip_and_update()
@@ -257,7 +258,9 @@ class TrainStep:
             st["lengths"].copy_(b.prefix.lengths, non_blocking=True)
             st["deltas"].copy_(b.prefix.rope_deltas, non_blocking=True)
             st["scale"].fill_(1.0 / len(micro))
+            b.prepare()  # its K/V copy into the slot the graph reads (overlapping the previous replay)
             g.replay()
+            b.release()
         self._reduce()
         if self._opt_graph is None:
             self._capture_opt()  # capture only records: the replay below runs this step's update

@@ -53,18 +53,50 @@ def test_loader_batches_equal_store_read(tmp_path, head_cfg, quant, kv_dtype):
         ref = collate([sample_item(st.read(i, with_hidden=False)) for i in idx])
         assert b.keys == ref.keys
         assert b.prefix.max_len % 64 == 0 and b.prefix.max_len >= ref.prefix.max_len
+        b.prepare()
         for k, kr in zip(b.prefix.keys + b.prefix.values, ref.prefix.keys + ref.prefix.values):
             assert torch.equal(k[:, :, : kr.shape[2]], kr) and not k[:, :, kr.shape[2]:].any()
         assert torch.equal(b.prefix.lengths, ref.prefix.lengths) and torch.equal(b.action, ref.action)
+        b.release()
+
+
+def test_two_kv_slots_serve_any_accumulation(tmp_path, head_cfg):
+    """Two device slots per batch shape, whatever --grad-accum: each micro-batch's K/V are copied in when
+    it is prepared, into the slot the micro-batch before last has released; padding reads as zeros after
+    a longer batch; a slot refilled before its release, or a batch never prepared, is a loud error."""
+    from head_trainer.integrity import FiniteGuard
+
+    st = _store(tmp_path / "s", "int8", "bfloat16", cfg=head_cfg)
+    loader = make_loader(st.url, list(range(10)), 2, seed=3, start=0, stop=3, grad_accum=4, bucket=1024)
+    sampler = StepBatchSampler(list(range(10)), 2, 3, 0, 3, grad_accum=4)
+    for step, micro in enumerate(loader):
+        for m, b in enumerate(micro):
+            ref = collate([sample_item(st.read(i, with_hidden=False)) for i in sampler.micro_batch(step, m)])
+            b.prepare()
+            for k, kr in zip(b.prefix.keys + b.prefix.values, ref.prefix.keys + ref.prefix.values):
+                assert torch.equal(k[:, :, : kr.shape[2]], kr) and not k[:, :, kr.shape[2]:].any()
+            b.release()
+    assert [len(slots) for slots in loader.feeder._slots.values()] == [2]  # one shape (bucket 1024), two slots
+
+    micro = next(iter(make_loader(st.url, list(range(10)), 2, seed=3, start=0, stop=1, grad_accum=3, bucket=1024)))
+    micro[0].prepare()
+    with pytest.raises(RuntimeError, match="refilled before its previous batch was released"):
+        micro[2].prepare()  # the same slot as micro[0], still held
+    guard = FiniteGuard()
+    guard.add(0, micro[1:2])
+    with pytest.raises(RuntimeError, match="never prepared"):
+        guard.problem("resume")
 
 
 def test_ram_tier_serves_the_same_batches(tmp_path, head_cfg):
     st = _store(tmp_path / "s", "int8", "bfloat16", cfg=head_cfg)
-    plain = list(make_loader(st.url, list(range(10)), 4, 2, 0, 4))
+    plain = make_loader(st.url, list(range(10)), 4, 2, 0, 4)
     tiered = make_loader(st.url, list(range(10)), 4, 2, 0, 4, ram_budget_bytes=10**9)
     assert len(tiered.feeder.ram) == 10
     for (a,), (b,) in zip(plain, tiered):
+        a.prepare(), b.prepare()
         assert a.keys == b.keys and all(torch.equal(x, y) for x, y in zip(a.prefix.keys, b.prefix.keys))
+        a.release(), b.release()
 
 
 def _batch(st, idx):
