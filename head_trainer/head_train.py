@@ -67,7 +67,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max grad norm (0 = off)
     gradient_checkpointing: bool = False  # recompute expert layers in backward (less activation memory)
     recompute_attention: bool = False  # recompute only attention in backward: no per-layer prefix copy kept
-    attention: str = "sdpa"  # sdpa over [prefix; action] copies | split: prefix read in place, no copy, no recompute
+    attention: str = "split"  # split: the cached prefix read in place (no copy, no recompute) | sdpa over [prefix; action] copies
     compile: bool = False  # torch.compile one expert layer (reused by all layers)
     cuda_graphs: bool = False  # capture the step as CUDA graphs (CUDA; shapes repeat through length buckets)
     gpu_memory_budget: str | None = None  # e.g. 24GiB: refuse before loading when the estimated peak exceeds it
