@@ -3,6 +3,7 @@
     python bench/check_train_loop_gpu.py --dir /tmp/loop --json $OUT/train_loop_gpu.json      # 1 or 2 GPUs
     python bench/check_train_loop_gpu.py --dir /tmp/loop --json /tmp/loop.json --device cpu   # smoke run (slow)
 
+- --grad-accum 3 with CUDA graphs equals eager steps and one micro-batch of the same global batch (fp32);
 - stop + resume equals an uninterrupted run, per trainable mode, with EMA, compile and CUDA graphs on;
 - with 2 GPUs: `accelerate launch --num_processes 2` (NCCL) at batch 2 against 1 GPU at batch 4 (fp32);
 - each run's summary.json (loader wait, peak memory).
@@ -57,6 +58,18 @@ def main() -> None:
               "--val-every", "4", "--device", args.device, "--seed", "3", "--overwrite"]
     results = []
     gpu = args.device == "cuda"  # the CPU smoke run skips what compiles (torchao's 8-bit step, --compile)
+    # two device K/V slots serve 3 micro-batches a step (head_trainer/feeder.py): CUDA-graph replays equal
+    # eager steps, and both the one-micro-batch run at the same global batch (fp32)
+    runs = {name: root / f"accum_{name}" for name in ("graphs", "eager", "b6")}
+    recs = {name: head_train([*common, "--dtype", "float32", "--out", str(out), *extra]) for name, out, extra in (
+        ("graphs", runs["graphs"], ["--batch-size", "2", "--grad-accum", "3", "--cuda-graphs"] if gpu else
+         ["--batch-size", "2", "--grad-accum", "3"]),
+        ("eager", runs["eager"], ["--batch-size", "2", "--grad-accum", "3"]),
+        ("b6", runs["b6"], ["--batch-size", "6"]))}
+    results.append({"check": "grad-accum 3 x B2: graphs vs eager", **recs,
+                    "max_abs_diff": max_diff(runs["graphs"] / "head.safetensors", runs["eager"] / "head.safetensors")})
+    results.append({"check": "grad-accum 3 x B2 (graphs) vs B6", "max_abs_diff": max_diff(
+        runs["graphs"] / "head.safetensors", runs["b6"] / "head.safetensors")})
     for mode, extra in (("all", ["--dtype", "bfloat16", "--optimizer", "adamw8bit" if gpu else "adamw", "--cuda-graphs"]),
                         ("projections", ["--compile"] if gpu else []),
                         ("lora", ["--ema-decay", "0.9", "--gradient-checkpointing", "--cuda-graphs"])):

@@ -301,3 +301,39 @@ def test_official_devkit_reads_the_synthetic_world(world, tmp_path, monkeypatch)
     np.testing.assert_array_equal(images.transpose(0, 3, 1, 2), ours.images[1])
     xyz, _ = truth.pose_at(DEFAULT_T0_US)
     np.testing.assert_allclose(interp(np.array([DEFAULT_T0_US])).pose.translation, xyz, atol=0.01)
+
+
+def _decode_all(data: bytes) -> int:
+    import av
+
+    with av.open(io.BytesIO(data)) as c:
+        return sum(f.to_ndarray(format="rgb24").shape[0] > 0 for f in c.decode(video=0))
+
+
+def _decode_in_child(data: bytes, q) -> None:
+    q.put(_decode_all(data))
+
+
+def test_a_forked_worker_decodes_after_the_parent_did():
+    """PyAV keeps one swscale context per thread; a forked DataLoader worker inherited the parent's without
+    its slice threads and hung on its first frame (PyAV 18.1.1: every time). shared.data.reader drops the
+    forking thread's context before each fork."""
+    import multiprocessing as mp
+
+    import numpy as np
+
+    import shared.data.reader  # noqa: F401 - registers the fork hook
+    from shared.data.synthetic import _encode_mp4
+
+    data = _encode_mp4((np.full((240, 320, 3), 20 * i, np.uint8) for i in range(6)), 320, 240, 10)
+    assert _decode_all(data) == 6  # the parent's thread now holds a scaler
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_decode_in_child, args=(data, q))
+    p.start()
+    p.join(60)
+    hung = p.is_alive()
+    if hung:
+        p.kill()
+    assert not hung and p.exitcode == 0 and q.get(timeout=5) == 6
+    assert _decode_all(data) == 6  # and the parent still decodes

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,6 +25,25 @@ from physical_ai_av.egomotion import EgomotionState
 from physical_ai_av.video import SeekVideoReader
 
 from shared.data import errors as E
+
+
+def _forget_thread_scaler() -> None:
+    """Before a fork: drop the forking thread's PyAV swscale context.
+
+    PyAV (18.1.1 on) keeps one SwsContext per thread (`av.video.frame._thread_local`), with its own
+    slice-thread pool. A forked child (a DataLoader worker) inherits the forking thread's context but
+    not the pool's threads, so its first frame conversion waits for them forever. Dropped here, in
+    the parent, where those threads still exist; the next conversion on either side makes a new one."""
+    try:
+        from av.video import frame
+    except ImportError:
+        return
+    local = getattr(frame, "_thread_local", None)
+    if local is not None:
+        local.__dict__.pop("reformatter", None)
+
+
+os.register_at_fork(before=_forget_thread_scaler)
 from shared.data.cameras import CameraConfig, resolve_camera_config
 from shared.data.curation import (
     CurvatureStats,
