@@ -192,7 +192,7 @@ def loader_table() -> str:
                   "tier fill s"], rows)
 
 
-_FLAGS = ("--gradient-checkpointing", "--recompute-attention", "--optimizer")
+_FLAGS = ("--gradient-checkpointing", "--recompute-attention", "--optimizer", "--attention")
 
 
 def e2e_table(name: str = "bench_head_train_e2e_h100.json") -> str:
@@ -201,7 +201,8 @@ def e2e_table(name: str = "bench_head_train_e2e_h100.json") -> str:
     for r in _e2e("e2e", name=name):
         (s2,) = _e2e("stage2", run=r["run"], name=name)
         args = r["cmd"].split()
-        flags = [f"{a} {args[i + 1]}" if a == "--optimizer" else a for i, a in enumerate(args) if a in _FLAGS]
+        flags = [f"{a} {args[i + 1]}" if a in ("--optimizer", "--attention") else a
+                 for i, a in enumerate(args) if a in _FLAGS]
         sm = r.get("summary")
         if sm is None or r["rc"] != 0:
             rows.append([r["name"], ", ".join(flags), f"rc {r['rc']}", "", "", "", "", "", "", str(r["run"])])
@@ -333,3 +334,4 @@ def live_eval_table() -> str:
                   "metrics max abs diff"], rows)
 renderer("prefix_attention_h100")(lambda: prefix_attention_table("bench_prefix_attention_h100.json"))
 renderer("prefix_attention_errors_h100")(lambda: prefix_attention_errors("bench_prefix_attention_h100.json"))
+renderer("adam8_ablate_h100")(lambda: adam8_ablate_table("bench_adam8_ablate_h100.json"))
