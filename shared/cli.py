@@ -60,12 +60,14 @@ def parser_for(cls, prog: str, description: str, required: tuple[str, ...] = ())
         flag = "--" + f.name.replace("_", "-")
         text = helps.get(f.name, f.name.replace("_", " ")).replace("%", "%%")
         typ = str(f.type)
-        if typ == "bool":
-            if f.default:
-                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                               help=f"turn off: {text}")
+        if typ == "bool":  # both spellings, so a preset's choice can be undone (--no-gradient-checkpointing)
+            off = "--no-" + f.name.replace("_", "-")
+            if f.default:  # the first action's default is the field's
+                p.add_argument(off, dest=f.name, action="store_false", help=f"turn off: {text}")
+                p.add_argument(flag, dest=f.name, action="store_true", help=f"turn on (the default): {text}")
             else:
                 p.add_argument(flag, action="store_true", help=text)
+                p.add_argument(off, dest=f.name, action="store_false", help="turn off (e.g. a preset's choice)")
             continue
         conv = int if typ.startswith("int") else float if typ.startswith("float") else str
         is_req = f.name in required

@@ -198,6 +198,12 @@ def test_presets_fill_only_what_the_command_line_leaves_open():
     assert cfg.device == PRESETS["debug"]["device"] and cfg.val_every == PRESETS["debug"]["val_every"]
     assert head_train.explicit_flags(["--cache", "c", "--out", "o", "--no-tensorboard"]) == {"cache", "out",
                                                                                               "tensorboard"}
+    for flags, want in (([], True), (["--no-gradient-checkpointing"], False)):  # a preset's choice can be undone
+        argv = ["--cache", "c", "--out", "o", "--preset", "24gb", *flags]
+        cfg = head_train.TrainConfig(**apply_preset(vars(_parse(argv)), head_train.explicit_flags(argv)))
+        assert cfg.gradient_checkpointing is want and cfg.attention == "split"
+    assert _parse(["--cache", "c", "--out", "o"]).gradient_checkpointing is False
+    assert _parse(["--cache", "c", "--out", "o", "--tensorboard"]).tensorboard is True
     with pytest.raises(ValueError, match="--preset 'big'"):
         apply_preset({"preset": "big"}, set())
     for values in PRESETS.values():  # every preset is a valid config
