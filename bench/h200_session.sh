@@ -123,6 +123,8 @@ final)  # the deferred two-slot feeder under --grad-accum on CUDA (graphs vs eag
   part "${ACC_S:-80}" python3 bench/check_train_loop_gpu.py --dir /tmp/loop --json "$OUT/train_loop_gpu.json" --checks accum
   part "${MEM_S:-90}" python3 bench/bench_head_train.py --sections memory --memory-lengths 809 \
     --optimizers "${MEM_OPTS:-adamw8bit-fused,adamwfp8,adamw4bit,adamw}" --json-dir "$OUT"
+  part "${QUAL_S:-0}" python3 bench/bench_head_train.py --sections quality --quality-steps 200 --adam8-fast \
+    --quality-plans float32:adamw:eager,bfloat16:adamw8bit-fused:graphs:split --json-dir "$OUT"  # fast math's curve
   ;;
 modes)
   part "${MEM_S:-200}" python3 bench/bench_head_train.py --sections memory --optimizers adamwfp8,adamw-offload --json-dir "$OUT"
