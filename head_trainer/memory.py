@@ -178,6 +178,11 @@ def count_params(cfg: HeadConfig, trainable: str = "all", lora_rank: int = 16,
     return n + extra, proj + extra
 
 
+def _attention(train_cfg) -> str:
+    """The attention a GPU run of this config uses (--attention auto is split on CUDA)."""
+    return "split" if train_cfg.attention == "auto" else train_cfg.attention
+
+
 def train_estimate(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str, kv_slots: int) -> MemoryEstimate:
     """The estimate of a head-train config (`max_len` already bucketed): every flag that changes memory."""
     n, n_train = count_params(head_cfg, train_cfg.trainable, train_cfg.lora_rank, train_cfg.lora_targets)
@@ -185,7 +190,7 @@ def train_estimate(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str, kv
                     train_cfg.draws, kv_slots=kv_slots, checkpoint=train_cfg.gradient_checkpointing,
                     recompute_attention=train_cfg.recompute_attention,
                     grads_persist=grads_persist(train_cfg.cuda_graphs, train_cfg.grad_accum),
-                    trainable=train_cfg.trainable, attention=train_cfg.attention, compiled=train_cfg.compile)
+                    trainable=train_cfg.trainable, attention=_attention(train_cfg), compiled=train_cfg.compile)
 
 
 def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str) -> MemoryEstimate:
@@ -195,5 +200,5 @@ def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str
     est = train_estimate(train_cfg, head_cfg, bucket_len(max_len), dtype, kv_slots=2)  # feeder.DeviceFeeder.n_slots
     check_budget(est, parse_bytes(train_cfg.gpu_memory_budget), train_cfg.batch_size,
                  train_cfg.gradient_checkpointing, train_cfg.optimizer, train_cfg.recompute_attention,
-                 train_cfg.attention)
+                 _attention(train_cfg))
     return est

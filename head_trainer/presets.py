@@ -11,15 +11,15 @@ PRESETS: dict[str, dict] = {
               "val_every": 10, "val_max_items": 8, "val_ade_items": 2, "save_every": 10, "log_every": 1,
               "ema_decay": 0.9, "num_workers": 0},
     # full expert + projections on a 24 GiB card: bf16 weights, 8-bit states with stochastic rounding (the
-    # Triton update), the prefix read in place (split attention: B = 8, L = 2,993 step 57.5 ms against 68.5
+    # Triton update), the default --attention auto (split on CUDA: B = 8, L = 2,993 step 57.5 ms against 68.5
     # with SDPA on an H100, same call, fast-math update; peak 18.3 GiB), layer recompute, which two slots of
     # 4-camera prefixes need under the budget's 90 % (docs/TRAINING.md; front-only: --no-gradient-checkpointing)
     "24gb": {"trainable": "all", "dtype": "bfloat16", "optimizer": "adamw8bit-fused", "batch_size": 8, "grad_accum": 1,
-             "gradient_checkpointing": True, "attention": "split", "gpu_memory_budget": "24GiB"},
+             "gradient_checkpointing": True, "gpu_memory_budget": "24GiB"},
     # full expert + projections on an 80 GB card: AdamW states in bf16 with stochastic rounding, no recompute
     # (its B = 1 / 4 peaks were measured under 24 GiB: 17.5 / 18.8 GiB; B = 8 not yet on a bigger card)
     "80gb": {"trainable": "all", "dtype": "bfloat16", "optimizer": "adamw-sr", "batch_size": 8, "grad_accum": 1,
-             "gradient_checkpointing": False, "attention": "split", "gpu_memory_budget": "80GB"},
+             "gradient_checkpointing": False, "gpu_memory_budget": "80GB"},
 }
 
 

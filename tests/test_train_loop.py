@@ -171,7 +171,7 @@ def test_resume_refuses_config_changes_and_bad_warmup(store, tmp_path, capsys):
     assert head_train.main(_args(store, tmp_path / "m", "--gpu-memory-budget", "1MiB")) == 2  # before any model
     assert "of --gpu-memory-budget" in capsys.readouterr().err and not (tmp_path / "m").exists()
     assert head_train.main(_args(store, tmp_path / "a", "--attention", "flash")) == 2
-    assert "--attention 'flash': use one of sdpa, split" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert "--attention 'flash': use one of auto, sdpa, split" in capsys.readouterr().err and not (tmp_path / "a").exists()
 
 
 def test_nan_in_a_batch_stops_with_the_sample_key(tiny_checkpoint, tmp_path, capsys):
@@ -201,7 +201,9 @@ def test_presets_fill_only_what_the_command_line_leaves_open():
     for flags, want in (([], True), (["--no-gradient-checkpointing"], False)):  # a preset's choice can be undone
         argv = ["--cache", "c", "--out", "o", "--preset", "24gb", *flags]
         cfg = head_train.TrainConfig(**apply_preset(vars(_parse(argv)), head_train.explicit_flags(argv)))
-        assert cfg.gradient_checkpointing is want and cfg.attention == "split"
+        assert cfg.gradient_checkpointing is want and cfg.attention == "auto"
+    assert [head_train.attention_for(a, d) for a, d in (("auto", "cuda"), ("auto", "cpu"), ("sdpa", "cuda"))] == [
+        "split", "sdpa", "sdpa"]
     assert _parse(["--cache", "c", "--out", "o"]).gradient_checkpointing is False
     assert _parse(["--cache", "c", "--out", "o", "--tensorboard"]).tensorboard is True
     with pytest.raises(ValueError, match="--preset 'big'"):
