@@ -133,6 +133,9 @@ def ablate() -> None:
     rows = [("copy of the same bytes, 256 x 2 warps", roofline_with(256, 2)),
             ("copy of the same bytes, 1024 x 4 warps", roofline_with(1024, 4)),
             ("kernel as shipped", triton_with(1, 2)),
+            ("table guess (SEARCH 2)", triton_with(1, 2, search=2)),
+            ("table guess, fast math", triton_with(1, 2, search=2, fast=1)),
+            ("table guess, fast math, 2 x 2 warps", triton_with(2, 2, search=2, fast=1)),
             ("no dequantisation gathers", triton_with(1, 2, diag=1)),
             ("no encoding bounds gathers", triton_with(1, 2, diag=2)),
             ("no stochastic rounding", triton_with(1, 2, diag=4)),
@@ -176,9 +179,11 @@ def main() -> None:
     rows = [("torchao AdamW8bit", lambda ps: AdamW8bit(ps, lr=1e-4, bf16_stochastic_round=True), 5),
             ("fused torch ops via inductor, automatic dynamic", fused_with({"dynamic": None}), 5),
             ("fused torch ops via inductor, static per shape", fused_with({"dynamic": False}), 5)]
-    rows = [(f"triton kernel, {'guess + bounds' if s else 'binary search'}{', fast math' if f else ''}, {r} blocks x "
+    names = {0: "binary search", 1: "guess + bounds", 2: "table guess + bounds"}
+    rows = [(f"triton kernel, {names[s]}{', fast math' if f else ''}, {r} blocks x "
              f"{w} warps", triton_with(r, w, s, f), 20)
-            for r, w, s, f in ((1, 2, 1, 0), (1, 2, 1, 1), (2, 4, 1, 1), (1, 2, 0, 1), (1, 4, 1, 1), (4, 4, 1, 0))] + rows
+            for r, w, s, f in ((1, 2, 1, 0), (1, 2, 2, 0), (1, 2, 1, 1), (1, 2, 2, 1), (2, 4, 1, 1), (1, 2, 0, 1),
+                               (1, 4, 1, 1), (4, 4, 1, 0))] + rows
     elems = sum(a * b for a, b in SHAPES)
     print("| optimizer | ms / step | warm-up s | graph-replayed ms | GB/s at 10 B / element |\n| --- | --- | --- | --- | --- |")
     for name, make, n in rows:

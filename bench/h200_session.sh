@@ -10,7 +10,8 @@
 #   bash bench/h200_session.sh modes   # memory rows of projections / lora / fp8 / offload
 #   bash bench/h200_session.sh triton  # adamw8bit-fused's Triton kernel: CUDA check, update microbench, step rows, step split
 #   bash bench/h200_session.sh split   # --attention split: kernel checks + tiles, step split, step rows, quality
-#   bash bench/h200_session.sh final   # --grad-accum with the two-slot feeder on CUDA, L = 809 memory rows
+#   bash bench/h200_session.sh final   # --grad-accum with the two-slot feeder on CUDA, the update's table-guess search
+#                                        (CHECK_S, ABL_S), L = 809 memory rows, fast math's 200-step curve (QUAL_S)
 #   bash bench/h200_session.sh next    # what the last session left: the kernel's CUDA checks, its fast-math variant, its 200-step curve, its
 #                                        step rows (grad-accum 4 and 8), L = 809 memory rows of every optimizer / mode
 # Every result lands in $OUT as JSON as soon as it is measured; each part has its own time limit so a
@@ -121,6 +122,8 @@ split)  # --attention split (shared/prefix_attention.py): CUDA checks, step rows
   ;;
 final)  # the deferred two-slot feeder under --grad-accum on CUDA (graphs vs eager vs one batch), then L = 809 memory rows
   part "${ACC_S:-80}" python3 bench/check_train_loop_gpu.py --dir /tmp/loop --json "$OUT/train_loop_gpu.json" --checks accum
+  part "${CHECK_S:-0}" python3 bench/diag_adam8.py --check  # the three code searches, SEARCH 2's first CUDA run
+  part "${ABL_S:-0}" python3 bench/diag_adam8.py --ablate --json "$OUT/adam8_ablate.json"
   part "${MEM_S:-90}" python3 bench/bench_head_train.py --sections memory --memory-lengths 809 \
     --optimizers "${MEM_OPTS:-adamw8bit-fused,adamwfp8,adamw4bit,adamw}" --json-dir "$OUT"
   part "${QUAL_S:-0}" python3 bench/bench_head_train.py --sections quality --quality-steps 200 --adam8-fast \

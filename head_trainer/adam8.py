@@ -131,10 +131,10 @@ class AdamW8bitFused(torch.optim.Optimizer):
         compiled = self.backend in ("compile", "triton")  # the few small tensors go through inductor
         self._q8, self._plain = (torch.compile(f, fullgraph=True, dynamic=False) for f in fns) if compiled else fns
         if self.backend == "triton":
-            from .adam8_triton import code_bounds, update_q8_triton
+            from .adam8_triton import code_tables, update_q8_triton
 
             self._q8_triton = update_q8_triton
-            self._bm, self._bv = code_bounds(self._qm), code_bounds(self._qv)
+            self._bm, self._bv = code_tables(self._qm, True), code_tables(self._qv, False)
         self._salt = {id(p): i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
 
     @staticmethod

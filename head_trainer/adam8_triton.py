@@ -27,7 +27,13 @@ BLOCK = 256
 # elements graph-replayed: 1 x 2 2.46 ms, 2 x 4 2.50, 4 x 4 2.87, 8 x 8 3.15
 ROWS = 1
 NUM_WARPS = 2
-SEARCH = 1  # 0: 8-probe binary search in the map; 1: arithmetic guess + 2 probes of the bounds (3.33 -> 2.87 ms)
+SEARCH = 1  # 0: 8-probe binary search in the map; 1: arithmetic guess + 2 probes of the bounds (3.33 -> 2.87 ms);
+#            2: the guess from a table indexed by the float's exponent and top mantissa bits (not yet timed)
+LUT_E0, LUT_BITS = 101, 6  # table rows: |x| below 2^(E0 - 127) in one, then one per binade up to 1.0
+# the same as the kernel's constants: row offset, last row, mantissa shift / mask, cells per row, negatives' offset
+_K0, _KMAX = tl.constexpr(LUT_E0 - 1), tl.constexpr(127 - LUT_E0 + 1)
+_SHIFT, _MASK, _CELLS = tl.constexpr(23 - LUT_BITS), tl.constexpr(2**LUT_BITS - 1), tl.constexpr(2**LUT_BITS)
+_NEG = tl.constexpr((127 - LUT_E0 + 2) * 2**LUT_BITS)
 FAST = 0  # 1: reciprocals and approximate division / square root (not torchao's numbers): 2.26 -> 1.95 ms, H100
 DIAG = 0  # bench/diag_adam8.py --ablate only (wrong numbers, timing): 1 no map gathers in the dequantisation,
 #           2 no bounds gathers in the encoding, 4 no stochastic rounding, 8 no code search at all (a linear
@@ -57,6 +63,50 @@ def code_bounds(qmap: torch.Tensor) -> torch.Tensor:
         up = quantise(value(mid), q).long() > j
         hi, lo = torch.where(up, mid, hi), torch.where(up, lo, mid)
     return torch.cat([value(hi), torch.tensor([float("inf")])]).to(qmap.device)
+
+
+def guess_table(qmap: torch.Tensor, signed: bool) -> torch.Tensor:
+    """fp32 (cells,): for each cell of |x| (exponent row, LUT_BITS mantissa bits; both signs for the signed
+    map) a guess g with every x of the cell coded g - 1, g or g + 1 by adam8.quantise (its nearest code), so
+    the two bounds probes finish the search. Built on the CPU by coding each cell's two ends (codes are
+    monotone in x); a cell spanning more than three codes would be an error, and none does."""
+    from .adam8 import quantise
+
+    q = qmap.detach().float().cpu()
+    rows = 127 - LUT_E0 + 2  # row 0: below 2^(E0 - 127), including 0
+    m = torch.arange(2**LUT_BITS, dtype=torch.float64)
+    e = torch.arange(LUT_E0, 128, dtype=torch.float64).view(-1, 1) - 127
+    lo = torch.cat([torch.zeros(1, m.numel(), dtype=torch.float64), torch.exp2(e) * (1 + m / 2**LUT_BITS)])
+    hi = torch.cat([torch.full((1, m.numel()), 2.0 ** (LUT_E0 - 127), dtype=torch.float64),
+                    torch.exp2(e) * (1 + (m + 1) / 2**LUT_BITS)])
+    lo, hi = lo.float(), hi.float()  # exact: powers of two times short mantissas
+    last = torch.nextafter(hi, torch.zeros(()))
+    out = []
+    for sign in ((1.0, -1.0) if signed else (1.0,)):
+        a, b = quantise((sign * lo).clamp(-1, 1).flatten(), q).long(), quantise((sign * last).clamp(-1, 1).flatten(), q).long()
+        low, span = torch.minimum(a, b), (a - b).abs()
+        if int(span.max()) > 2:
+            raise AssertionError(f"guess_table: a cell spans {int(span.max()) + 1} codes; use more mantissa bits")
+        out.append((low + 1).clamp(1, 254))
+    assert out[0].numel() == rows * 2**LUT_BITS
+    return torch.cat(out).float().to(qmap.device)
+
+
+def code_tables(qmap: torch.Tensor, signed: bool) -> torch.Tensor:
+    """What the kernel's b_ptr points at: code_bounds (256) followed by guess_table."""
+    return torch.cat([code_bounds(qmap), guess_table(qmap, signed)])
+
+
+@triton.jit
+def _guess_code_lut(x, b_ptr, SIGNED: tl.constexpr):
+    """The guess of SEARCH 2: one load from guess_table (after the 256 bounds)."""
+    bits = x.to(tl.int32, bitcast=True)
+    k = tl.minimum(tl.maximum(((bits >> 23) & 0xFF) - _K0, 0), _KMAX)
+    m = tl.where(k == 0, 0, (bits >> _SHIFT) & _MASK)
+    idx = k * _CELLS + m
+    if SIGNED:
+        idx += tl.where(bits < 0, _NEG, 0)
+    return tl.load(b_ptr + 256 + idx).to(tl.int32)
 
 
 @triton.jit
@@ -103,7 +153,10 @@ def _nearest_code_bounds(x, b_ptr, SIGNED: tl.constexpr):
 @triton.jit
 def _code(x, q_ptr, b_ptr, SIGNED: tl.constexpr, SEARCH: tl.constexpr):
     """The nearest code of x (already in the map's range) by the search SEARCH picks."""
-    if SEARCH == 1:
+    if SEARCH == 2:
+        g = _guess_code_lut(x, b_ptr, SIGNED)
+        return g - 1 + (x >= tl.load(b_ptr + g - 1)).to(tl.int32) + (x >= tl.load(b_ptr + g)).to(tl.int32)
+    elif SEARCH == 1:
         return _nearest_code_bounds(x, b_ptr, SIGNED)
     else:
         return _nearest_code(x, q_ptr)

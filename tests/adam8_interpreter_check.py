@@ -29,9 +29,10 @@ def run(backend, dtype, steps, clip=False, start=None):
 
 
 def check_both_searches_are_quantise():
-    """The kernel's code search, both variants, equals adam8.quantise exactly: on random values over the
-    range (uniform and log-uniform), every map entry, every bound and the fp32 neighbours of both."""
-    from head_trainer.adam8_triton import code_bounds, encode
+    """The kernel's code search, every variant (binary search; arithmetic guess + bounds; table guess +
+    bounds), equals adam8.quantise exactly: on random values over the range (uniform and log-uniform down
+    to 2^-30), every map entry, every bound and the fp32 neighbours of both, and +-0."""
+    from head_trainer.adam8_triton import code_bounds, code_tables, encode
 
     g = torch.Generator().manual_seed(3)
     n = 200_000 if DEVICE == "cpu" else 20_000_000
@@ -40,12 +41,13 @@ def check_both_searches_are_quantise():
         b = code_bounds(q)
         lo = -1.0 if signed else 0.0
         sign = (torch.randint(0, 2, (n,), generator=g) * 2 - 1) if signed else 1
-        x = torch.cat([torch.rand(n, generator=g) * (1 - lo) + lo, (torch.rand(n, generator=g) * -24).exp2() * sign,
+        x = torch.cat([torch.rand(n, generator=g) * (1 - lo) + lo, (torch.rand(n, generator=g) * -30).exp2() * sign,
                        q, b[:-1], torch.nextafter(b[:-1], torch.tensor(-2.0)), torch.nextafter(q, torch.tensor(2.0)),
-                       torch.nextafter(q, torch.tensor(-2.0)), torch.tensor([0.0, 1.0, lo])]).clamp(lo, 1.0)
+                       torch.nextafter(q, torch.tensor(-2.0)), torch.tensor([0.0, -0.0, 1.0, lo])]).clamp(lo, 1.0)
         ref = quantise(x, q)
-        for search in (0, 1):
-            got = encode(x.to(DEVICE), q.to(DEVICE), b.to(DEVICE), signed, search).cpu()
+        t = code_tables(q, signed)
+        for search in (0, 1, 2):
+            got = encode(x.to(DEVICE), q.to(DEVICE), t.to(DEVICE), signed, search).cpu()
             assert torch.equal(got, ref), (signed, search, int((got != ref).sum()))
 
 
