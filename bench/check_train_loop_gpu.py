@@ -62,21 +62,20 @@ def main() -> None:
     gpu = args.device == "cuda"  # the CPU smoke run skips what compiles (torchao's 8-bit step, --compile)
     # two device K/V slots serve 3 micro-batches a step (head_trainer/feeder.py): CUDA-graph replays equal
     # eager steps, and both the one-micro-batch run at the same global batch (fp32)
-    runs = {name: root / f"accum_{name}" for name in ("graphs", "eager", "b6")} if "accum" in checks else {}
-    for name, extra in (("graphs", ["--batch-size", "2", "--grad-accum", "3", "--cuda-graphs"] if gpu else
-                         ["--batch-size", "2", "--grad-accum", "3"]),
-                        ("eager", ["--batch-size", "2", "--grad-accum", "3"]), ("b6", ["--batch-size", "6"])):
-        if runs:
-            rec = head_train([*common, "--dtype", "float32", "--out", str(runs[name]), *extra])
+    if "accum" in checks:
+        accum = ["--batch-size", "2", "--grad-accum", "3"]
+        for name, extra in (("graphs", accum + (["--cuda-graphs"] if gpu else [])), ("eager", accum),
+                            ("b6", ["--batch-size", "6"])):
+            rec = head_train([*common, "--dtype", "float32", "--out", str(root / f"accum_{name}"), *extra])
             results.append({"check": f"grad-accum run {name}", "flags": extra, **rec, "max_abs_diff": None})
-    if runs:
         for a, b in (("graphs", "eager"), ("graphs", "b6")):
             results.append({"check": f"grad-accum 3 x B2: {a} vs {b}", "max_abs_diff": max_diff(
-                runs[a] / "head.safetensors", runs[b] / "head.safetensors")})
+                root / f"accum_{a}/head.safetensors", root / f"accum_{b}/head.safetensors")})
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-    for mode, extra in () if "resume" not in checks else (("all", ["--dtype", "bfloat16", "--optimizer", "adamw8bit" if gpu else "adamw", "--cuda-graphs"]),
-                        ("projections", ["--compile"] if gpu else []),
-                        ("lora", ["--ema-decay", "0.9", "--gradient-checkpointing", "--cuda-graphs"])):
+    modes = (("all", ["--dtype", "bfloat16", "--optimizer", "adamw8bit" if gpu else "adamw", "--cuda-graphs"]),
+             ("projections", ["--compile"] if gpu else []),
+             ("lora", ["--ema-decay", "0.9", "--gradient-checkpointing", "--cuda-graphs"]))
+    for mode, extra in modes if "resume" in checks else ():
         flags = [*common, "--trainable", mode, "--batch-size", "4", *extra]
         full, cut = root / f"{mode}_full", root / f"{mode}_cut"
         rec = {"check": "stop+resume", "mode": mode, "flags": extra,

@@ -24,6 +24,7 @@ from shared.head import KVPrefix
 from shared.store import Store
 
 DEQUANT_LAYERS = 4  # layers dequantised at once (bounds the fp32 temporaries)
+N_SLOTS = 2  # device K/V slots per batch shape (head_trainer/memory.py's kv_slots)
 
 
 class DeviceFeeder:
@@ -39,7 +40,7 @@ class DeviceFeeder:
         self.gpu: dict[int, dict] = {}  # store index -> raw sample (codes as stored) on the device
         self._slots: dict[tuple[int, int], list[Slot]] = {}
         self._next: dict[tuple[int, int], int] = {}
-        self.n_slots = 2
+        self.n_slots = N_SLOTS
         self.tier_bytes = {"ram": 0, "gpu": 0}
         self.skipped: dict[str, str] = {}  # key -> why, of damaged samples left out (skip_bad)
         self.bad: set[int] = set()  # their store indices, found during the tier fill
@@ -103,10 +104,7 @@ class DeviceFeeder:
         lb = bucket_len(max(r["L"] for r in raws), self.bucket)
         slot = self._slot(bsz, lb)  # on the CPU too (no streams there): one code path, tested on the CPU
         batch = _batch(Batch, raws, slot.kv, self.device)  # small tensors: on the main stream, now
-        batch.pending = DeferredKV(self, slot, raws, batch.action)
-        if self.cuda:  # the copy stream reads the action (its finiteness) only after this copy
-            batch.pending.action_ready = torch.cuda.Event()
-            batch.pending.action_ready.record(torch.cuda.current_stream(self.device))
+        batch.pending = DeferredKV(self, slot, raws, batch)
         return batch
 
     def _unwrap(self, r):
@@ -147,10 +145,15 @@ class Slot:
 class DeferredKV:
     """A batch's K/V copy into its slot, issued by `prepare` (once) on the feeder's side stream."""
 
-    def __init__(self, feeder: DeviceFeeder, slot: Slot, raws: list[dict], action: torch.Tensor):
-        self.feeder, self.slot, self.raws, self.action = feeder, slot, raws, action
+    def __init__(self, feeder: DeviceFeeder, slot: Slot, raws: list[dict], batch):
+        self.feeder, self.slot, self.raws = feeder, slot, raws
+        self.action = batch.action
+        self.checked = (*batch.prefix.keys, *batch.prefix.values, batch.action)  # slot views: finite_rows
         self.finite: torch.Tensor | None = None  # (B,) bool once prepared: every K, V, action value finite
         self.action_ready: torch.cuda.Event | None = None  # CUDA: after the action's copy on the main stream
+        if feeder.cuda:  # the copy stream reads the action (its finiteness) only after that copy
+            self.action_ready = torch.cuda.Event()
+            self.action_ready.record(torch.cuda.current_stream(feeder.device))
 
     def prepare(self) -> None:
         if self.raws is None:
@@ -175,11 +178,11 @@ class DeferredKV:
         main.wait_event(ready)
 
     def _fill(self) -> None:
-        from .integrity import finite_per_kv
+        from .integrity import finite_rows
 
         for b, r in enumerate(self.raws):
             self.feeder._place(self.slot.kv, b, r)
-        self.finite = finite_per_kv(self.slot.kv, self.action)
+        self.finite = finite_rows(self.checked)
         self.raws = None  # the host copies may go
 
     def release(self) -> None:

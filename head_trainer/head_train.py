@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from shared.checkpoint import AlpamayoCheckpoint, check_head_file, head_from_state, load_head_file
 from shared.cli import check_device, config_from_args, parser_for, user_errors
-from shared.fast_expert import ATTENTION
+from shared.fast_expert import ATTENTION, resolve_attention
 from shared.store import Store, StoreError
 
 from . import distributed, run_dir
@@ -269,7 +269,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
     world = World(launch.rank, launch.size, distributed.all_reduce_mean if launch.size > 1 else None)
     step_cfg = StepConfig(seed=cfg.seed, draws=cfg.draws, grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum,
                           compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, checkpoint=cfg.gradient_checkpointing,
-                          recompute_attention=cfg.recompute_attention, attention=attention_for(cfg.attention, device))
+                          recompute_attention=cfg.recompute_attention, attention=resolve_attention(cfg.attention, device))
     train_step = TrainStep(head, params, opt, step_cfg, world)
 
     def heads() -> dict:
@@ -425,14 +425,6 @@ def _summary(out: Path, loader, steps: int, samples: int, wall_s: float, device:
         line += f"; peak GPU memory {rec['peak_gpu_gib']:.2f} GiB"
     (out / "summary.json").write_text(json.dumps(rec, indent=1) + "\n")
     print(line, file=sys.stderr)
-
-
-def attention_for(choice: str, device: torch.device | str) -> str:
-    """--attention auto: split on CUDA (its Triton kernels: 7.2 against 8.6 ms per sample at B = 8 on an H100),
-    sdpa elsewhere (split's CPU path is plain torch ops: 3.3x slower than SDPA in the demo's head-train)."""
-    if choice != "auto":
-        return choice
-    return "split" if torch.device(device).type == "cuda" else "sdpa"
 
 
 def explicit_flags(argv: list[str] | None) -> set[str]:

@@ -16,17 +16,15 @@ class TrainingStopped(RuntimeError):
     """Training stopped on bad data or a failed read; the run directory resumes from its last checkpoint."""
 
 
+def finite_rows(tensors) -> torch.Tensor:
+    """(B,) bool: row b of every tensor (each (B, ...)) is finite; one tensor at a time, so one layer's K or V
+    at a time (a bool copy of all the K/V would be half their size)."""
+    return torch.stack([torch.isfinite(t).flatten(1).all(1) for t in tensors]).all(0)
+
+
 def finite_per_sample(batch) -> torch.Tensor:
     """(B,) bool on the batch's device: every K, V and action value of sample b is finite."""
-    parts = [torch.isfinite(t).flatten(1).all(1) for t in (*batch.prefix.keys, *batch.prefix.values, batch.action)]
-    return torch.stack(parts).all(0)
-
-
-def finite_per_kv(kv: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """The same over a K/V slot kv (layers, 2, B, kv_heads, L, D) and action (B, ...), one layer at a time
-    (a bool copy of the whole slot would be half its size)."""
-    parts = [torch.isfinite(kv[i, j]).flatten(1).all(1) for i in range(kv.shape[0]) for j in range(2)]
-    return torch.stack([*parts, torch.isfinite(action).flatten(1).all(1)]).all(0)
+    return finite_rows((*batch.prefix.keys, *batch.prefix.values, batch.action))
 
 
 def read_stop(exc: Exception, last_ckpt: str, where: str = "") -> TrainingStopped:
@@ -52,10 +50,14 @@ class FiniteGuard:
         pending, self._pending = self._pending, []
         if not pending:
             return None
+        flags = []
         for _, keys, f in pending:
-            if not isinstance(f, torch.Tensor) and f.finite is None:
-                raise RuntimeError(f"batch {keys} was never prepared: its K/V were not read (a bug)")
-        ok = torch.cat([f if isinstance(f, torch.Tensor) else f.finite for _, _, f in pending]).cpu()
+            if not isinstance(f, torch.Tensor):  # a deferred copy: its flags exist once prepared
+                if f.finite is None:
+                    raise RuntimeError(f"batch {keys} was never prepared: its K/V were not read (a bug)")
+                f = f.finite
+            flags.append(f)
+        ok = torch.cat(flags).cpu()
         if bool(ok.all()):
             return None
         pos = int((~ok).nonzero()[0])

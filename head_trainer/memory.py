@@ -179,8 +179,10 @@ def count_params(cfg: HeadConfig, trainable: str = "all", lora_rank: int = 16,
 
 
 def _attention(train_cfg) -> str:
-    """The attention a GPU run of this config uses (--attention auto is split on CUDA)."""
-    return "split" if train_cfg.attention == "auto" else train_cfg.attention
+    """The attention a GPU run of this config uses (the estimate is of GPU memory)."""
+    from shared.fast_expert import resolve_attention
+
+    return resolve_attention(train_cfg.attention, "cuda")
 
 
 def train_estimate(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str, kv_slots: int) -> MemoryEstimate:
@@ -196,8 +198,9 @@ def train_estimate(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str, kv
 def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str) -> MemoryEstimate:
     """head-train's check before any model loads: the plan of `train_cfg` against --gpu-memory-budget."""
     from .data import bucket_len
+    from .feeder import N_SLOTS
 
-    est = train_estimate(train_cfg, head_cfg, bucket_len(max_len), dtype, kv_slots=2)  # feeder.DeviceFeeder.n_slots
+    est = train_estimate(train_cfg, head_cfg, bucket_len(max_len), dtype, kv_slots=N_SLOTS)
     check_budget(est, parse_bytes(train_cfg.gpu_memory_budget), train_cfg.batch_size,
                  train_cfg.gradient_checkpointing, train_cfg.optimizer, train_cfg.recompute_attention,
                  _attention(train_cfg))

@@ -17,6 +17,7 @@ from head_trainer.metrics import trajectory_metrics
 from head_trainer.run_dir import RunLock
 from head_trainer.validation import Validator
 from shared.checkpoint import AlpamayoCheckpoint, head_from_state, load_head_file
+from shared.fast_expert import resolve_attention
 from shared.store import Store, StoreError, sample_id
 
 
@@ -202,7 +203,7 @@ def test_presets_fill_only_what_the_command_line_leaves_open():
         argv = ["--cache", "c", "--out", "o", "--preset", "24gb", *flags]
         cfg = head_train.TrainConfig(**apply_preset(vars(_parse(argv)), head_train.explicit_flags(argv)))
         assert cfg.gradient_checkpointing is want and cfg.attention == "auto"
-    assert [head_train.attention_for(a, d) for a, d in (("auto", "cuda"), ("auto", "cpu"), ("sdpa", "cuda"))] == [
+    assert [resolve_attention(a, d) for a, d in (("auto", "cuda"), ("auto", "cpu"), ("sdpa", "cuda"))] == [
         "split", "sdpa", "sdpa"]
     assert _parse(["--cache", "c", "--out", "o"]).gradient_checkpointing is False
     assert _parse(["--cache", "c", "--out", "o", "--tensorboard"]).tensorboard is True

@@ -25,6 +25,20 @@ from physical_ai_av.egomotion import EgomotionState
 from physical_ai_av.video import SeekVideoReader
 
 from shared.data import errors as E
+from shared.data.cameras import CameraConfig, resolve_camera_config
+from shared.data.curation import (
+    CurvatureStats,
+    curvature_profile,
+    curvature_stats,
+    hash_split,
+    parse_keyframe_strategy,
+    select_keyframes,
+    valid_t0_range,
+)
+from shared.data.errors import ClipDataError, DatasetLayoutError, SkipReport
+from shared.sample import DT_S, FRAME_OFFSETS_US, NUM_FUTURE, NUM_HISTORY, Sample
+
+logger = logging.getLogger(__name__)
 
 
 def _forget_thread_scaler() -> None:
@@ -44,20 +58,6 @@ def _forget_thread_scaler() -> None:
 
 
 os.register_at_fork(before=_forget_thread_scaler)
-from shared.data.cameras import CameraConfig, resolve_camera_config
-from shared.data.curation import (
-    CurvatureStats,
-    curvature_profile,
-    curvature_stats,
-    hash_split,
-    parse_keyframe_strategy,
-    select_keyframes,
-    valid_t0_range,
-)
-from shared.data.errors import ClipDataError, DatasetLayoutError, SkipReport
-from shared.sample import DT_S, FRAME_OFFSETS_US, NUM_FUTURE, NUM_HISTORY, Sample
-
-logger = logging.getLogger(__name__)
 
 FEATURES_CSV = "features.csv"
 CLIP_INDEX = "clip_index.parquet"
