@@ -53,10 +53,17 @@ def head_config(tiny: bool) -> HeadConfig:
 
 
 class Batch:
-    """What TrainStep reads: .action (B, 64, 2) and .prefix."""
+    """What TrainStep reads: .action (B, 64, 2) and .prefix, already in place (the loader's Batch without the
+    deferred K/V copy: prepare and release have nothing to do)."""
 
     def __init__(self, prefix: KVPrefix, action: torch.Tensor):
         self.prefix, self.action = prefix, action
+
+    def prepare(self) -> Batch:
+        return self
+
+    def release(self) -> None:
+        pass
 
 
 def random_batch(cfg: HeadConfig, bsz: int, L: int, device, seed: int = 0, dtype=torch.bfloat16) -> Batch:
@@ -119,6 +126,15 @@ def adam8_fast() -> int | None:
     return adam8_triton.FAST
 
 
+def adam8_variant(rec: dict) -> None:
+    """Record adamw8bit-fused's kernel variant (FAST, SEARCH) in a result row."""
+    try:
+        from head_trainer import adam8_triton
+    except ImportError:
+        return
+    rec["adam8_fast"], rec["adam8_search"] = adam8_triton.FAST, adam8_triton.SEARCH
+
+
 def use_adam8_fast() -> None:
     """--adam8-fast: adamw8bit-fused's fast-math kernel variant for every row of this process."""
     from head_trainer import adam8_triton
@@ -133,7 +149,7 @@ def run_config(head, cfg, device, *, bsz, L, optimizer, mode="all", engine="grap
            "checkpoint": checkpoint, "draws": draws, "dtype": str(head.dtype).removeprefix("torch."),
            "recompute_attention": recompute_attention, "accum": accum, "attention": attention}
     if optimizer == "adamw8bit-fused":
-        rec["adam8_fast"] = adam8_fast()
+        adam8_variant(rec)
     if is_lora(head) and mode != "lora":  # LoRA injects adapters into the head every configuration here shares
         raise ValueError("LoRA configurations must come last: the adapters stay in the shared head")
     params = apply_trainable(head, mode)  # a head with adapters keeps them
@@ -224,7 +240,7 @@ def quality(cfg, device, out: Path, steps: int, L: int, bsz: int, plans: list[tu
         if attention != "sdpa":
             rec["attention"] = attention
         if opt_name == "adamw8bit-fused":
-            rec["adam8_fast"] = adam8_fast()
+            adam8_variant(rec)
         try:
             head = build_head(cfg, device, getattr(torch, dtype))
             params = [p for p in head.parameters() if p.requires_grad]
@@ -260,8 +276,11 @@ def main() -> None:
     ap.add_argument("--step-set", default="all", choices=["all", "graphs", "fused", "split"],
                     help="graphs: CUDA-graph configs only; fused: --step-optimizers side by side at the 24 GB plans")
     ap.add_argument("--step-rows", type=int, default=0, help="only the first N rows of --step-set split (0: all)")
+    ap.add_argument("--step-pick", default="", help="only these rows (0-based, comma-separated) of --step-set split")
     ap.add_argument("--adam8-fast", action="store_true",
                     help="adamw8bit-fused's fast-math kernel (head_trainer/adam8_triton.FAST = 1) for every row")
+    ap.add_argument("--adam8-search", type=int, choices=[0, 1, 2], default=None,
+                    help="adamw8bit-fused's code search (head_trainer/adam8_triton.SEARCH) for every row")
     ap.add_argument("--step-optimizers", default="adamw8bit-fused,adamw8bit", help="optimizers of --step-set fused")
     ap.add_argument("--quality-plans", default="float32:adamw:eager,bfloat16:adamw8bit:graphs,bfloat16:adamw:graphs,"
                     "bfloat16:adamw4bit:graphs,bfloat16:adamw-sr:graphs", help="dtype:optimizer:engine[:attention], ...")
@@ -276,6 +295,10 @@ def main() -> None:
     cfg = head_config(args.tiny)
     long_l, short_l = (40, 12) if args.tiny else (2993, 809)
     batches = [int(b) for b in args.batches.split(",")]
+    if args.adam8_search is not None:
+        from head_trainer import adam8_triton
+
+        adam8_triton.SEARCH = args.adam8_search
     if args.adam8_fast:
         use_adam8_fast()
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -301,6 +324,8 @@ def main() -> None:
                 dict(bsz=4, L=long_l, attention="split"),
                 dict(bsz=8, L=long_l, attention="split", draws=2),
                 dict(bsz=1, L=long_l, attention="split")]
+        if args.step_pick:
+            rows = [rows[int(i)] for i in args.step_pick.split(",")]
         for row in rows[:args.step_rows or None]:
             guarded(run_config, path, **kw, **row)
     elif "step" in sections and args.step_set == "fused":  # the update kernels compared at the 24 GB plans

@@ -11,7 +11,8 @@
 #   bash bench/h200_session.sh triton  # adamw8bit-fused's Triton kernel: CUDA check, update microbench, step rows, step split
 #   bash bench/h200_session.sh split   # --attention split: kernel checks + tiles, step split, step rows, quality
 #   bash bench/h200_session.sh final   # --grad-accum with the two-slot feeder on CUDA, the update's table-guess search
-#                                        (CHECK_S, ABL_S), L = 809 memory rows, fast math's 200-step curve (QUAL_S)
+#                                        (CHECK_S, ABL_S), L = 809 memory rows, fast math's 200-step curve (QUAL_S),
+#                                        B = 8 split steps with the shipped kernel (STEP0_S) and fast + table (STEP_S)
 #   bash bench/h200_session.sh next    # what the last session left: the kernel's CUDA checks, its fast-math variant, its 200-step curve, its
 #                                        step rows (grad-accum 4 and 8), L = 809 memory rows of every optimizer / mode
 # Every result lands in $OUT as JSON as soon as it is measured; each part has its own time limit so a
@@ -125,9 +126,14 @@ final)  # the deferred two-slot feeder under --grad-accum on CUDA (graphs vs eag
   part "${CHECK_S:-0}" python3 bench/diag_adam8.py --check  # the three code searches, SEARCH 2's first CUDA run
   part "${ABL_S:-0}" python3 bench/diag_adam8.py --ablate --json "$OUT/adam8_ablate.json"
   part "${MEM_S:-90}" python3 bench/bench_head_train.py --sections memory --memory-lengths 809 \
-    --optimizers "${MEM_OPTS:-adamw8bit-fused,adamwfp8,adamw4bit,adamw}" --json-dir "$OUT"
-  part "${QUAL_S:-0}" python3 bench/bench_head_train.py --sections quality --quality-steps 200 --adam8-fast \
+    --optimizers "${MEM_OPTS:-adamw8bit-fused,adamwfp8,adamw4bit,adamw,adamw-sr}" --json-dir "$OUT"
+  part "${QUAL_S:-0}" python3 bench/bench_head_train.py --sections quality --quality-steps 200 --adam8-fast --adam8-search 2 \
     --quality-plans float32:adamw:eager,bfloat16:adamw8bit-fused:graphs:split --json-dir "$OUT"  # fast math's curve
+  # B = 8, L = 2,993 split steps: the shipped kernel, then fast math + table search alone and over 8 micro-batches
+  part "${STEP0_S:-0}" python3 bench/bench_head_train.py --sections step --step-set split --step-optimizers adamw8bit-fused \
+    --step-pick 0 --json-dir "$OUT"
+  part "${STEP_S:-0}" python3 bench/bench_head_train.py --sections step --step-set split --step-optimizers adamw8bit-fused \
+    --adam8-fast --adam8-search 2 --step-pick "${STEP_PICK:-0,2}" --json-dir "$OUT"
   ;;
 modes)
   part "${MEM_S:-200}" python3 bench/bench_head_train.py --sections memory --optimizers adamwfp8,adamw-offload --json-dir "$OUT"
