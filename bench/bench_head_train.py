@@ -148,6 +148,10 @@ def run_config(head, cfg, device, *, bsz, L, optimizer, mode="all", engine="grap
     rec = {"B": bsz, "L": L, "optimizer": optimizer, "trainable": mode, "engine": engine,
            "checkpoint": checkpoint, "draws": draws, "dtype": str(head.dtype).removeprefix("torch."),
            "recompute_attention": recompute_attention, "accum": accum, "attention": attention}
+    if attention == "split":
+        import shared.prefix_attention as pa
+
+        rec["prefix_chunk"] = pa.CHUNK
     if optimizer == "adamw8bit-fused":
         adam8_variant(rec)
     if is_lora(head) and mode != "lora":  # LoRA injects adapters into the head every configuration here shares
@@ -279,6 +283,8 @@ def main() -> None:
     ap.add_argument("--step-pick", default="", help="only these rows (0-based, comma-separated) of --step-set split")
     ap.add_argument("--adam8-fast", action="store_true",
                     help="adamw8bit-fused's fast-math kernel (head_trainer/adam8_triton.FAST = 1) for every row")
+    ap.add_argument("--prefix-chunk", type=int, default=None,
+                    help="keys per program of --attention split's kernels (shared/prefix_attention.CHUNK) for every row")
     ap.add_argument("--adam8-search", type=int, choices=[0, 1, 2], default=None,
                     help="adamw8bit-fused's code search (head_trainer/adam8_triton.SEARCH) for every row")
     ap.add_argument("--step-optimizers", default="adamw8bit-fused,adamw8bit", help="optimizers of --step-set fused")
@@ -295,6 +301,10 @@ def main() -> None:
     cfg = head_config(args.tiny)
     long_l, short_l = (40, 12) if args.tiny else (2993, 809)
     batches = [int(b) for b in args.batches.split(",")]
+    if args.prefix_chunk:
+        import shared.prefix_attention as pa
+
+        pa.CHUNK = args.prefix_chunk
     if args.adam8_search is not None:
         from head_trainer import adam8_triton
 

@@ -82,6 +82,8 @@ def _bwd_torch(q, k, v, lengths, do, lse, dm, scale):
 # -- the Triton kernels ------------------------------------------------------------------------------
 if triton is not None:
 
+    LN2, LOG2E_K = tl.constexpr(math.log(2)), tl.constexpr(LOG2E)
+
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
         """a @ b, fp32 accumulate; IEEE (fp32 inputs) keeps full fp32 products instead of TF32."""
@@ -94,7 +96,8 @@ if triton is not None:
     def _fwd_kernel(Q, K, V, LEN, OUT, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                     H, M, n_split, chunk, scale2,
                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
-        """One (batch x head, query block, key chunk): normalised partial output and log2-sum-exp2."""
+        """One (batch x head, query block, key chunk): normalised partial output and its log-sum-exp (natural
+        log). With one chunk these are the op's outputs, no merge."""
         bh, pm, ps = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         rows = pm * BM + tl.arange(0, BM)
@@ -119,27 +122,29 @@ if triton is not None:
             m_i = m_new
         has = l_i > 0
         o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
-        lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * LN2, float("-inf"))
         part = bh * n_split + ps
         tl.store(OUT + (part * M + rows[:, None]) * D + cols[None, :], o, mask=rows[:, None] < M)
-        tl.store(LSE + part * M + rows, lse2, mask=rows < M)
+        tl.store(LSE + part * M + rows, lse, mask=rows < M)
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, LEN, DO, LSE2, DM, DQ, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                    H, M, n_split, chunk, scale2,
+    def _bwd_kernel(Q, K, V, LEN, DO, LSE, DM, DQ, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
+                    slb, slh, sdmb, sdmh, H, M, n_split, chunk, scale, scale2,
                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
-        """One (batch x head, query block, key chunk): the chunk's share of dq / scale (fp32).
+        """One (batch x head, query block, key chunk): the chunk's share of dq (fp32; with one chunk, dq).
 
-        DO is contiguous (B*H, M, D) in q's dtype, LSE2 the merged log2-sum-exp2, DM = delta - dlse."""
+        DO (B, H, M, D) any float dtype, cast to q's here; LSE (B, H, M) the merged log-sum-exp (natural
+        log); DM (B, H, M) = delta - dlse."""
         bh, pm, ps = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         rows = pm * BM + tl.arange(0, BM)
         cols = tl.arange(0, D)
         rmask = rows < M
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + cols[None, :], mask=rmask[:, None], other=0.0)
-        do = tl.load(DO + (bh * M + rows[:, None]) * D + cols[None, :], mask=rmask[:, None], other=0.0)
-        lse2 = tl.load(LSE2 + bh * M + rows, mask=rmask, other=0.0)
-        dm = tl.load(DM + bh * M + rows, mask=rmask, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + cols[None, :], mask=rmask[:, None],
+                     other=0.0).to(q.dtype)
+        lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=rmask, other=0.0) * LOG2E_K
+        dm = tl.load(DM + b * sdmb + h * sdmh + rows, mask=rmask, other=0.0)
         start = ps * chunk
         end = tl.minimum(start + chunk, tl.load(LEN + b))
         acc = tl.zeros([BM, D], tl.float32)
@@ -153,7 +158,7 @@ if triton is not None:
             ds = p * (_dot(do, tl.trans(v), IEEE) - dm[:, None])
             acc += _dot(ds.to(k.dtype), k, IEEE)
         part = bh * n_split + ps
-        tl.store(DQ + (part * M + rows[:, None]) * D + cols[None, :], acc, mask=rmask[:, None])
+        tl.store(DQ + (part * M + rows[:, None]) * D + cols[None, :], acc * scale, mask=rmask[:, None])
 
 
 def _launch_args(q, k, v):
@@ -170,24 +175,28 @@ def _launch_args(q, k, v):
 def _fwd_triton(q, k, v, lengths, scale):
     B, H, M, D, n_split, grid, strides = _launch_args(q, k, v)
     o = torch.empty(B * H, n_split, M, D, device=q.device, dtype=torch.float32)
-    lse2 = torch.empty(B * H, n_split, M, device=q.device, dtype=torch.float32)
-    _fwd_kernel[grid](q, k, v, lengths, o, lse2, *strides, H, M, n_split, CHUNK, scale * LOG2E,
+    lse = torch.empty(B * H, n_split, M, device=q.device, dtype=torch.float32)
+    _fwd_kernel[grid](q, k, v, lengths, o, lse, *strides, H, M, n_split, CHUNK, scale * LOG2E,
                       D=D, BM=BLOCK_M, BN=BLOCK_N, IEEE=q.dtype == torch.float32,
                       num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    lse_chunk = lse2 * math.log(2)  # (B*H, n_split, M) natural log
-    lse = torch.logsumexp(lse_chunk, dim=1)  # over chunks
-    w = torch.exp(lse_chunk - lse[:, None])  # empty chunks: exp(-inf) = 0
-    return (w[..., None] * o).sum(1).view(B, H, M, D), lse.view(B, H, M)
+    if n_split == 1:  # the kernel wrote the outputs: no merge kernels
+        return o.view(B, H, M, D), lse.view(B, H, M)
+    total = torch.logsumexp(lse, dim=1)  # over chunks
+    w = torch.exp(lse - total[:, None]).nan_to_num_(0.0)  # empty chunks weigh 0; a row with no key: all 0
+    return (w[..., None] * o).sum(1).view(B, H, M, D), total.view(B, H, M)
 
 
 def _bwd_triton(q, k, v, lengths, do, lse, dm, scale):
     B, H, M, D, n_split, grid, strides = _launch_args(q, k, v)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    lse, dm = lse.float(), dm.float()
     dq = torch.empty(B * H, n_split, M, D, device=q.device, dtype=torch.float32)
-    _bwd_kernel[grid](q, k, v, lengths, do.to(q.dtype).contiguous(), (lse * LOG2E).contiguous(),
-                      dm.float().contiguous(), dq, *strides, H, M, n_split, CHUNK, scale * LOG2E,
+    _bwd_kernel[grid](q, k, v, lengths, do, lse, dm, dq, *strides, *do.stride()[:3], *lse.stride()[:2],
+                      *dm.stride()[:2], H, M, n_split, CHUNK, scale, scale * LOG2E,
                       D=D, BM=BLOCK_M, BN=BLOCK_N, IEEE=q.dtype == torch.float32,
                       num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    return (dq.sum(1) * scale).view(B, H, M, D)
+    return (dq if n_split == 1 else dq.sum(1)).view(B, H, M, D)
 
 
 # -- the op ------------------------------------------------------------------------------------------

@@ -47,6 +47,26 @@ def check_op_fp32():
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def check_one_chunk_and_empty_rows():
+    """With the whole prefix in one chunk the kernels write the outputs themselves (no merge): the same
+    values as the fp64 softmax. A sample with no valid key gives o = 0, lse = -inf and dq = 0, with one
+    chunk and with several."""
+    chunk = pa.CHUNK
+    try:
+        pa.CHUNK = 1024
+        check_op_fp32()
+        for pa.CHUNK in (chunk, 1024):
+            q, k, v, lengths = _inputs(2, 1, 20, 150, 16, [0, 150], torch.float32, seed=6)
+            q.requires_grad_()
+            o, lse = pa.prefix_attention(q, k, v, lengths, 0.3)
+            (dq,) = torch.autograd.grad(o.sum() + torch.logaddexp(lse, torch.zeros_like(lse)).sum(), q)
+            assert torch.equal(o[0], torch.zeros_like(o[0])) and torch.isneginf(lse[0]).all(), pa.CHUNK
+            assert torch.equal(dq[0], torch.zeros_like(dq[0])) and torch.isfinite(dq).all(), pa.CHUNK
+            assert torch.isfinite(o[1]).all() and torch.isfinite(lse[1]).all()
+    finally:
+        pa.CHUNK = chunk
+
+
 def check_op_bf16():
     """bf16 inputs: within bf16 rounding of the fp64 softmax (the kernels accumulate in fp32). CUDA only:
     Triton 3.9's interpreter computes bf16 `tl.dot` wrongly (lse of 6e9 on a 16 x 16 case)."""
@@ -89,7 +109,7 @@ def check_merged_attention_equals_sdpa():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-CHECKS = ("check_op_fp32", "check_merged_attention_equals_sdpa", "check_op_bf16")
+CHECKS = ("check_op_fp32", "check_merged_attention_equals_sdpa", "check_one_chunk_and_empty_rows", "check_op_bf16")
 
 
 def run_checks(device: str) -> None:
