@@ -13,6 +13,7 @@
 #   bash bench/h200_session.sh final   # --grad-accum with the two-slot feeder on CUDA, the update's table-guess search
 #                                        (CHECK_S, ABL_S), L = 809 memory rows, fast math's 200-step curve (QUAL_S),
 #                                        B = 8 split steps with the shipped kernel (STEP0_S) and fast + table (STEP_S)
+#   bash bench/h200_session.sh chunk   # the split kernels' CUDA check, key-chunk sweep (one-chunk path), B = 8 / L = 809 steps
 #   bash bench/h200_session.sh next    # what the last session left: the kernel's CUDA checks, its fast-math variant, its 200-step curve, its
 #                                        step rows (grad-accum 4 and 8), L = 809 memory rows of every optimizer / mode
 # Every result lands in $OUT as JSON as soon as it is measured; each part has its own time limit so a
@@ -122,6 +123,7 @@ split)  # --attention split (shared/prefix_attention.py): CUDA checks, step rows
   part "${ABL_S:-0}" python3 bench/diag_adam8.py --ablate --json "$OUT/adam8_ablate.json"
   ;;
 final)  # the deferred two-slot feeder under --grad-accum on CUDA (graphs vs eager vs one batch), then L = 809 memory rows
+  part "${PCHECK_S:-0}" python3 bench/bench_prefix_attention.py --check  # the split kernels (one-chunk path: fifth session)
   part "${ACC_S:-80}" python3 bench/check_train_loop_gpu.py --dir /tmp/loop --json "$OUT/train_loop_gpu.json" --checks accum
   part "${CHECK_S:-0}" python3 bench/diag_adam8.py --check  # the three code searches, SEARCH 2's first CUDA run
   part "${ABL_S:-0}" python3 bench/diag_adam8.py --ablate --json "$OUT/adam8_ablate.json"
@@ -133,7 +135,16 @@ final)  # the deferred two-slot feeder under --grad-accum on CUDA (graphs vs eag
   part "${STEP0_S:-0}" python3 bench/bench_head_train.py --sections step --step-set split --step-optimizers adamw8bit-fused \
     --step-pick 0 --json-dir "$OUT"
   part "${STEP_S:-0}" python3 bench/bench_head_train.py --sections step --step-set split --step-optimizers adamw8bit-fused \
-    --adam8-fast --adam8-search 2 --step-pick "${STEP_PICK:-0,2}" --json-dir "$OUT"
+    --adam8-fast --adam8-search 2 --step-pick "${STEP_PICK:-0,2}" ${PCHUNK:+--prefix-chunk $PCHUNK} --json-dir "$OUT"
+  ;;
+chunk)  # the split kernels' key chunks (one chunk per program from 1,024 keys at L = 809 and 3,072 at L = 2,993: no
+        # merge kernels), then B = 8 steps at the chunk PCHUNK beside the default
+  part "${PCHECK_S:-40}" python3 bench/bench_prefix_attention.py --check
+  part "${SWEEP_S:-120}" python3 bench/bench_prefix_attention.py --json "$OUT/prefix_attention.json" --tiles "${TILES:-4}"
+  part "${STEP_S:-200}" python3 bench/bench_head_train.py --sections step --step-set split --step-optimizers adamw8bit-fused \
+    --step-pick "${STEP_PICK:-0,3}" --json-dir "$OUT"
+  [ -n "${PCHUNK:-}" ] && part "${STEP2_S:-150}" python3 bench/bench_head_train.py --sections step --step-set split \
+    --step-optimizers adamw8bit-fused --step-pick "${STEP_PICK:-0,3}" --prefix-chunk "$PCHUNK" --json-dir "$OUT"
   ;;
 modes)
   part "${MEM_S:-200}" python3 bench/bench_head_train.py --sections memory --optimizers adamwfp8,adamw-offload --json-dir "$OUT"
