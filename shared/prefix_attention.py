@@ -65,15 +65,25 @@ def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(s), 0.0, torch.exp(s - lse[..., None]))
 
 
-def _fwd_torch(q, k, v, lengths, scale):
+def _dequant(q, k, v, k_scale, v_scale):
+    """int8 codes -> _acc(q) values: K scaled per channel (k_scale (B, H, D)), V per token (v_scale (B, H, L))."""
+    if k_scale is None:
+        return k, v
+    a = _acc(q.dtype)
+    return k.to(a) * k_scale.to(a)[:, :, None, :], v.to(a) * v_scale.to(a)[..., None]
+
+
+def _fwd_torch(q, k, v, lengths, scale, k_scale=None, v_scale=None):
     """A row with no valid key (length 0) gives o = 0, lse = -inf, as the kernel does."""
+    k, v = _dequant(q, k, v, k_scale, v_scale)
     s = _scores(q, k, lengths, scale)
     lse = torch.logsumexp(s, -1)
     o = torch.matmul(_probs(s, lse), v.to(s.dtype))
     return o, lse
 
 
-def _bwd_torch(q, k, v, lengths, do, lse, dm, scale):
+def _bwd_torch(q, k, v, lengths, do, lse, dm, scale, k_scale=None, v_scale=None):
+    k, v = _dequant(q, k, v, k_scale, v_scale)
     p = _probs(_scores(q, k, lengths, scale), lse)
     ds = p * (torch.matmul(do.to(p.dtype), v.to(p.dtype).transpose(-1, -2)) - dm[..., None])
     return torch.matmul(ds, k.to(p.dtype)) * scale
@@ -93,9 +103,9 @@ if triton is not None:
             return tl.dot(a, b)
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, LEN, OUT, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                    H, M, n_split, chunk, scale2,
-                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    def _fwd_kernel(Q, K, V, LEN, OUT, LSE, KS, VS, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+                    H, M, n_split, chunk, scale2, L_MAX,
+                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr):
         """One (batch x head, query block, key chunk): normalised partial output and its log-sum-exp (natural
         log). With one chunk these are the op's outputs, no merge."""
         bh, pm, ps = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -103,6 +113,8 @@ if triton is not None:
         rows = pm * BM + tl.arange(0, BM)
         cols = tl.arange(0, D)
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + cols[None, :], mask=rows[:, None] < M, other=0.0)
+        if QUANT:  # int8 keys scaled per channel: q . (s * k) = (q * s) . k
+            q = (q.to(tl.float32) * tl.load(KS + bh * D + cols)[None, :]).to(q.dtype)
         start = ps * chunk
         end = tl.minimum(start + chunk, tl.load(LEN + b))
         m_i = tl.full([BM], float("-inf"), tl.float32)
@@ -111,14 +123,20 @@ if triton is not None:
         for n0 in range(start, end, BN):
             keys = n0 + tl.arange(0, BN)
             valid = keys < end
-            k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], mask=valid[:, None], other=0.0)
+            k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], mask=valid[:, None],
+                        other=0.0).to(q.dtype)
             s = tl.where(valid[None, :], _dot(q, tl.trans(k), IEEE) * scale2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + cols[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + cols[None, :], mask=valid[:, None],
+                        other=0.0).to(q.dtype)
+            if QUANT:  # int8 values scaled per token: sum_j p_j (s_j v_j)
+                pv = p * tl.load(VS + bh * L_MAX + keys, mask=valid, other=0.0)[None, :]
+            else:
+                pv = p
+            acc = acc * alpha[:, None] + _dot(pv.to(v.dtype), v, IEEE)
             m_i = m_new
         has = l_i > 0
         o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
@@ -128,9 +146,9 @@ if triton is not None:
         tl.store(LSE + part * M + rows, lse, mask=rows < M)
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, LEN, DO, LSE, DM, DQ, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
-                    slb, slh, sdmb, sdmh, H, M, n_split, chunk, scale, scale2,
-                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    def _bwd_kernel(Q, K, V, LEN, DO, LSE, DM, DQ, KS, VS, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh,
+                    sdm, slb, slh, sdmb, sdmh, H, M, n_split, chunk, scale, scale2, L_MAX,
+                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr):
         """One (batch x head, query block, key chunk): the chunk's share of dq (fp32; with one chunk, dq).
 
         DO (B, H, M, D) any float dtype, cast to q's here; LSE (B, H, M) the merged log-sum-exp (natural
@@ -141,6 +159,9 @@ if triton is not None:
         cols = tl.arange(0, D)
         rmask = rows < M
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + cols[None, :], mask=rmask[:, None], other=0.0)
+        if QUANT:
+            ks = tl.load(KS + bh * D + cols)
+            q = (q.to(tl.float32) * ks[None, :]).to(q.dtype)
         do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + cols[None, :], mask=rmask[:, None],
                      other=0.0).to(q.dtype)
         lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=rmask, other=0.0) * LOG2E_K
@@ -151,12 +172,19 @@ if triton is not None:
         for n0 in range(start, end, BN):
             keys = n0 + tl.arange(0, BN)
             valid = keys < end
-            k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + cols[None, :], mask=valid[:, None], other=0.0)
+            k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + cols[None, :], mask=valid[:, None],
+                        other=0.0).to(q.dtype)
+            v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + cols[None, :], mask=valid[:, None],
+                        other=0.0).to(q.dtype)
             s = _dot(q, tl.trans(k), IEEE) * scale2
             p = tl.where(valid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-            ds = p * (_dot(do, tl.trans(v), IEEE) - dm[:, None])
+            dp = _dot(do, tl.trans(v), IEEE)
+            if QUANT:  # do . (s_j v_j) = s_j (do . v_j)
+                dp = dp * tl.load(VS + bh * L_MAX + keys, mask=valid, other=0.0)[None, :]
+            ds = p * (dp - dm[:, None])
             acc += _dot(ds.to(k.dtype), k, IEEE)
+        if QUANT:  # d/dq of (q * s) . k: the per-channel scale once, at the end
+            acc = acc * ks[None, :]
         part = bh * n_split + ps
         tl.store(DQ + (part * M + rows[:, None]) * D + cols[None, :], acc * scale, mask=rmask[:, None])
 
@@ -172,13 +200,20 @@ def _launch_args(q, k, v):
     return B, H, M, D, n_split, grid, strides
 
 
-def _fwd_triton(q, k, v, lengths, scale):
+def _scales(q, k, k_scale, v_scale):
+    """Contiguous fp32 scales for the kernels ((B*H, D), (B*H, L_max)), or q as an unread placeholder."""
+    if k_scale is None:
+        return q, q
+    return k_scale.float().contiguous(), v_scale.float().contiguous()
+
+
+def _fwd_triton(q, k, v, lengths, scale, k_scale=None, v_scale=None):
     B, H, M, D, n_split, grid, strides = _launch_args(q, k, v)
     o = torch.empty(B * H, n_split, M, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B * H, n_split, M, device=q.device, dtype=torch.float32)
-    _fwd_kernel[grid](q, k, v, lengths, o, lse, *strides, H, M, n_split, CHUNK, scale * LOG2E,
-                      D=D, BM=BLOCK_M, BN=BLOCK_N, IEEE=q.dtype == torch.float32,
-                      num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    _fwd_kernel[grid](q, k, v, lengths, o, lse, *_scales(q, k, k_scale, v_scale), *strides, H, M, n_split, CHUNK,
+                      scale * LOG2E, k.shape[2], D=D, BM=BLOCK_M, BN=BLOCK_N, IEEE=q.dtype == torch.float32,
+                      QUANT=k_scale is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if n_split == 1:  # the kernel wrote the outputs: no merge kernels
         return o.view(B, H, M, D), lse.view(B, H, M)
     total = torch.logsumexp(lse, dim=1)  # over chunks
@@ -186,74 +221,89 @@ def _fwd_triton(q, k, v, lengths, scale):
     return (w[..., None] * o).sum(1).view(B, H, M, D), total.view(B, H, M)
 
 
-def _bwd_triton(q, k, v, lengths, do, lse, dm, scale):
+def _bwd_triton(q, k, v, lengths, do, lse, dm, scale, k_scale=None, v_scale=None):
     B, H, M, D, n_split, grid, strides = _launch_args(q, k, v)
     if do.stride(-1) != 1:
         do = do.contiguous()
     lse, dm = lse.float(), dm.float()
     dq = torch.empty(B * H, n_split, M, D, device=q.device, dtype=torch.float32)
-    _bwd_kernel[grid](q, k, v, lengths, do, lse, dm, dq, *strides, *do.stride()[:3], *lse.stride()[:2],
-                      *dm.stride()[:2], H, M, n_split, CHUNK, scale, scale * LOG2E,
-                      D=D, BM=BLOCK_M, BN=BLOCK_N, IEEE=q.dtype == torch.float32,
-                      num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    _bwd_kernel[grid](q, k, v, lengths, do, lse, dm, dq, *_scales(q, k, k_scale, v_scale), *strides,
+                      *do.stride()[:3], *lse.stride()[:2], *dm.stride()[:2], H, M, n_split, CHUNK, scale,
+                      scale * LOG2E, k.shape[2], D=D, BM=BLOCK_M, BN=BLOCK_N, IEEE=q.dtype == torch.float32,
+                      QUANT=k_scale is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return (dq if n_split == 1 else dq.sum(1)).view(B, H, M, D)
 
 
 # -- the op ------------------------------------------------------------------------------------------
 @torch.library.custom_op("alpamayo_headtune::prefix_attention", mutates_args=())
-def _prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,
+                      k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     fn = _fwd_triton if use_triton(q) else _fwd_torch
-    return fn(q, k, v, lengths, scale)
+    return fn(q, k, v, lengths, scale, k_scale, v_scale)
 
 
 @_prefix_attention.register_fake
-def _(q, k, v, lengths, scale):
+def _(q, k, v, lengths, scale, k_scale=None, v_scale=None):
     return q.new_empty(q.shape, dtype=_acc(q.dtype)), q.new_empty(q.shape[:3], dtype=_acc(q.dtype))
 
 
 @torch.library.custom_op("alpamayo_headtune::prefix_attention_dq", mutates_args=())
 def _prefix_attention_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                         do: torch.Tensor, lse: torch.Tensor, dm: torch.Tensor, scale: float) -> torch.Tensor:
+                         do: torch.Tensor, lse: torch.Tensor, dm: torch.Tensor, scale: float,
+                         k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     fn = _bwd_triton if use_triton(q) else _bwd_torch
-    return fn(q, k, v, lengths, do, lse, dm, scale)
+    return fn(q, k, v, lengths, do, lse, dm, scale, k_scale, v_scale)
 
 
 @_prefix_attention_dq.register_fake
-def _(q, k, v, lengths, do, lse, dm, scale):
+def _(q, k, v, lengths, do, lse, dm, scale, k_scale=None, v_scale=None):
     return q.new_empty(q.shape, dtype=_acc(q.dtype))
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, lengths, scale = inputs
+    q, k, v, lengths, scale, k_scale, v_scale = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, lengths, o, lse)
+    ctx.save_for_backward(q, k, v, lengths, o, lse, k_scale, v_scale)
     ctx.scale = scale
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, lengths, o, lse = ctx.saved_tensors
+    q, k, v, lengths, o, lse, k_scale, v_scale = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
     dm = (do * o).sum(-1)  # delta: the softmax's own term
     if dlse is not None:
         dm = dm - dlse  # d lse / d s_ij = p_ij
-    dq = _prefix_attention_dq(q, k, v, lengths, do, lse, dm, ctx.scale)
-    return dq.to(q.dtype), None, None, None, None
+    dq = _prefix_attention_dq(q, k, v, lengths, do, lse, dm, ctx.scale, k_scale, v_scale)
+    return dq.to(q.dtype), None, None, None, None, None, None
 
 
 _prefix_attention.register_autograd(_backward, setup_context=_setup)
 
 
 def prefix_attention(q: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor, lengths: torch.Tensor,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     scale: float, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q over each sample's first `lengths[b]` prefix keys.
 
     q (B, H, M, D); k_pre, v_pre (B, H, L_max, D), no gradient (the frozen cache); lengths (B,) int (0: o = 0,
     lse = -inf, which the log-sum-exp merge weighs 0)
-    -> o (B, H, M, D), lse (B, H, M) (natural log), both fp32 (fp64 for fp64 q). Differentiable in q, o and lse both."""
+    -> o (B, H, M, D), lse (B, H, M) (natural log), both fp32 (fp64 for fp64 q). Differentiable in q, o and lse both.
+    int8 prefixes (the store's int8 codes, shared/kv_quant.py, read without a dequantised copy): k_pre, v_pre
+    int8 with k_scale (B, H, D) per key channel and v_scale (B, H, L_max) per value token, the values being
+    codes x scale."""
     if k_pre.requires_grad or v_pre.requires_grad:
         raise ValueError("prefix_attention: the cached prefix is frozen; its keys / values must not require grad")
-    if k_pre.dtype != q.dtype:  # a store kept in another dtype than the head's (a copy; rare)
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("prefix_attention: int8 prefixes need both k_scale and v_scale")
+    if k_scale is not None:
+        B, H, L, D = k_pre.shape
+        if k_pre.dtype != torch.int8 or v_pre.dtype != torch.int8:
+            raise ValueError(f"prefix_attention: scales come with int8 codes, got {k_pre.dtype} / {v_pre.dtype}")
+        if tuple(k_scale.shape) != (B, H, D) or tuple(v_scale.shape) != (B, H, L):
+            raise ValueError(f"prefix_attention: k_scale {tuple(k_scale.shape)} / v_scale {tuple(v_scale.shape)} "
+                             f"do not match int8 codes {(B, H, L, D)}: want {(B, H, D)} / {(B, H, L)}")
+    elif k_pre.dtype != q.dtype:  # a store kept in another dtype than the head's (a copy; rare)
         k_pre, v_pre = k_pre.to(q.dtype), v_pre.to(q.dtype)
-    return _prefix_attention(q, k_pre, v_pre, lengths.to(torch.int32), float(scale))
+    return _prefix_attention(q, k_pre, v_pre, lengths.to(torch.int32), float(scale), k_scale, v_scale)

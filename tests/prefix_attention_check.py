@@ -68,6 +68,37 @@ def check_one_chunk_and_empty_rows():
         pa.CHUNK = chunk
 
 
+def _int8(k, v):
+    """The store's int8 codes of a (B, H, L, D) prefix (shared/kv_quant.py, batch as its layer axis) ->
+    codes and the op's scales: k_scale (B, H, D), v_scale (B, H, L)."""
+    from shared import kv_quant
+
+    qkv = kv_quant.quantize_kv(k, v, "int8")
+    return (qkv.codes[:, 0].contiguous(), qkv.codes[:, 1].contiguous(), qkv.params["k_scale"][:, :, 0].float(),
+            qkv.params["v_scale"][..., 0].float())
+
+
+def check_int8_prefix():
+    """int8 codes read in place (q scaled per key channel, probabilities per value token, dq scaled at the
+    end) equal the fp64 softmax over the dequantised prefix, forward and dq, with several chunks and one."""
+    q, k, v, lengths = _inputs(2, 2, 40, 300, 32, [300, 77], torch.float32, seed=7)
+    kc, vc, ks, vs = _int8(k, v)
+    g = torch.Generator().manual_seed(8)
+    go, gl = torch.randn(q.shape, generator=g).to(DEVICE), torch.randn(q.shape[:3], generator=g).to(DEVICE)
+    kd, vd = kc.float() * ks[:, :, None, :], vc.float() * vs[..., None]
+    ro, rl, rdq = _reference(q, kd, vd, lengths, 0.17, go, gl)
+    chunk = pa.CHUNK
+    try:
+        for pa.CHUNK in (64, 1024):
+            qq = q.clone().requires_grad_()
+            o, lse = pa.prefix_attention(qq, kc, vc, lengths, 0.17, ks, vs)
+            ((o * go).sum() + (lse * gl).sum()).backward()
+            for got, ref in ((o, ro), (lse, rl), (qq.grad, rdq)):
+                torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        pa.CHUNK = chunk
+
+
 def check_op_bf16():
     """bf16 inputs: within bf16 rounding of the fp64 softmax (the kernels accumulate in fp32). CUDA only:
     Triton 3.9's interpreter computes bf16 `tl.dot` wrongly (lse of 6e9 on a 16 x 16 case)."""
@@ -110,7 +141,8 @@ def check_merged_attention_equals_sdpa():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-CHECKS = ("check_op_fp32", "check_merged_attention_equals_sdpa", "check_one_chunk_and_empty_rows", "check_op_bf16")
+CHECKS = ("check_op_fp32", "check_merged_attention_equals_sdpa", "check_one_chunk_and_empty_rows", "check_int8_prefix",
+          "check_op_bf16")
 
 
 def run_checks(device: str) -> None:

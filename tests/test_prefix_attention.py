@@ -58,4 +58,45 @@ def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     from triton_interpret import run_script
 
-    assert run_script("prefix_attention_check.py").count("ok ") == 3
+    assert run_script("prefix_attention_check.py").count("ok ") == 4
+
+
+def _int8_prefix(B=2, H=2, L=30, D=8, seed=0):
+    from shared import kv_quant
+
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(B, H, L, D, generator=g) * 3, torch.randn(B, H, L, D, generator=g)
+    qkv = kv_quant.quantize_kv(k, v, "int8")
+    return (qkv.codes[:, 0], qkv.codes[:, 1], qkv.params["k_scale"][:, :, 0].float(),
+            qkv.params["v_scale"][..., 0].float())
+
+
+def test_int8_prefix_equals_its_dequantised_values_on_the_torch_path():
+    """The torch path dequantises exactly as kv_quant.dequantize_kv (codes x scale in fp32), so the op on
+    int8 codes + scales is bitwise the op on the dequantised fp32 prefix: values and dq."""
+    from shared import kv_quant
+
+    kc, vc, ks, vs = _int8_prefix()
+    k, v = kv_quant.dequantize_kv(kv_quant.QuantizedKV(torch.stack((kc, vc), 1), {
+        "k_scale": ks[:, :, None, :], "v_scale": vs[..., None]}), "int8")
+    q = torch.randn(2, 2, 6, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    lengths = torch.tensor([30, 11])
+    out = []
+    for args in ((kc, vc, ks, vs), (k, v, None, None)):
+        o, lse = prefix_attention(q, args[0], args[1], lengths, 0.3, args[2], args[3])
+        (dq,) = torch.autograd.grad(o.square().sum() + lse.sum(), q)
+        out.append((o, lse, dq))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+def test_int8_prefix_inputs_are_checked():
+    kc, vc, ks, vs = _int8_prefix()
+    q = torch.zeros(2, 2, 6, 8)
+    lengths = torch.tensor([30, 11])
+    with pytest.raises(ValueError, match="both k_scale and v_scale"):
+        prefix_attention(q, kc, vc, lengths, 1.0, ks, None)
+    with pytest.raises(ValueError, match="int8 codes"):
+        prefix_attention(q, kc.float(), vc.float(), lengths, 1.0, ks, vs)
+    with pytest.raises(ValueError, match=r"v_scale \(2, 2, 29\)"):
+        prefix_attention(q, kc, vc, lengths, 1.0, ks, vs[..., :29])
