@@ -239,8 +239,8 @@ def prefix_attention_table(name: str) -> str:
         what = {"sdpa": "SDPA over [prefix; action]", "sdpa_recompute": "SDPA, attention recompute",
                 "split": "split (prefix op + action block)"}[r["path"]]
         tile = " x ".join(str(t) for t in r["tile"]) if "tile" in r else ""
-        cell = (lambda k: fmt(r[k], 3) if k in r else ("error" if "error" in r else ""))
-        rows.append([f"{r['L']:,}", what, tile, cell("fwd_ms"), cell("fwd_bwd_ms")])
+        cells = [fmt(r[k], 3) if k in r else ("error" if "error" in r else "") for k in ("fwd_ms", "fwd_bwd_ms")]
+        rows.append([f"{r['L']:,}", what, tile, *cells])
     return table(["L", "attention", "tile (chunk x M x N x warps x stages)", "forward ms", "forward + backward ms"],
                  rows)
 

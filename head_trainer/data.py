@@ -268,14 +268,14 @@ def make_loader(url: str, indices: list[int], batch_size: int, seed: int, start:
                 num_workers: int = 0, pin_memory: bool = False, ram_budget_bytes: int = 0, rank: int = 0,
                 world_size: int = 1, grad_accum: int = 1, device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None, gpu_budget_bytes: int = 0, bucket: int = BUCKET,
-                progress: bool = False, skip_bad: bool = False):
+                progress: bool = False, skip_bad: bool = False, int8_prefix: bool = False):
     """-> a `FeederLoader`: iterate for one list of `grad_accum` Batches (on `device`) per step.
     skip_bad: damaged samples are replaced (see the module docstring); `.skipped` = {key: why}."""
     from .feeder import DeviceFeeder, FeederLoader
 
     store = Store.open(url, skip_damaged=skip_bad)
     sampler = StepBatchSampler(indices, batch_size, seed, start, stop, rank, world_size, grad_accum)
-    feeder = DeviceFeeder(store, torch.device(device), dtype, bucket)
+    feeder = DeviceFeeder(store, torch.device(device), dtype, bucket, int8_prefix)
     feeder.fill_tiers(sorted(set(indices)), ram_budget_bytes, gpu_budget_bytes, num_workers, progress, skip_bad)
     ds = RawDataset(url, frozenset(feeder.held()), skip_bad, tuple(indices), frozenset(feeder.bad))
     dl = DataLoader(ds, batch_size=None, sampler=sampler,

@@ -23,12 +23,21 @@ from shared.failpoints import failpoint
 from shared.head import KVPrefix
 from shared.store import Store
 
+from .integrity import checked_tensors
+
 DEQUANT_LAYERS = 4  # layers dequantised at once (bounds the fp32 temporaries)
 N_SLOTS = 2  # device K/V slots per batch shape (head_trainer/memory.py's kv_slots)
 
 
 class DeviceFeeder:
-    def __init__(self, store: Store, device: torch.device, dtype: torch.dtype | None, bucket: int):
+    """int8_prefix: an int8 store's slots hold the codes (int8) and their scales, which the split attention
+    reads in place (shared/prefix_attention.py): half a bf16 slot and no dequantisation pass."""
+
+    def __init__(self, store: Store, device: torch.device, dtype: torch.dtype | None, bucket: int,
+                 int8_prefix: bool = False):
+        if int8_prefix and store.spec.quant != "int8":
+            raise ValueError(f"--int8-prefix reads int8 stores; {store.url} holds {store.spec.quant!r} K/V")
+        self.int8 = int8_prefix
         self.spec = store.spec
         self.url = store.url
         self.device = device
@@ -88,7 +97,12 @@ class DeviceFeeder:
         if key not in self._slots:
             s = self.spec
             shape = (s.num_layers, 2, bsz, s.num_kv_heads, lb, s.head_dim)
-            self._slots[key] = [Slot(torch.zeros(shape, dtype=self.dtype, device=self.device))
+
+            def scales():  # int8: per key channel, per value token (KVPrefix.key_scales / value_scales)
+                return (torch.zeros(s.num_layers, bsz, s.num_kv_heads, s.head_dim, device=self.device),
+                        torch.zeros(s.num_layers, bsz, s.num_kv_heads, lb, device=self.device))
+            self._slots[key] = [Slot(torch.zeros(shape, dtype=torch.int8 if self.int8 else self.dtype,
+                                                 device=self.device), scales() if self.int8 else None)
                                 for _ in range(self.n_slots)]
             self._next[key] = 0
         i = self._next[key]
@@ -103,7 +117,7 @@ class DeviceFeeder:
         bsz = len(raws)
         lb = bucket_len(max(r["L"] for r in raws), self.bucket)
         slot = self._slot(bsz, lb)  # on the CPU too (no streams there): one code path, tested on the CPU
-        batch = _batch(Batch, raws, slot.kv, self.device)  # small tensors: on the main stream, now
+        batch = _batch(Batch, raws, slot, self.device)  # small tensors: on the main stream, now
         batch.pending = DeferredKV(self, slot, raws, batch)
         return batch
 
@@ -116,13 +130,20 @@ class DeviceFeeder:
             return r["substitute"]
         return r
 
-    def _place(self, kv: torch.Tensor, b: int, r: dict) -> None:
-        """Write sample r's K/V into batch position b of kv (layers, 2, B, H, Lb, D), dequantising on the device."""
-        L = r["L"]
+    def _place(self, slot: Slot, b: int, r: dict) -> None:
+        """Write sample r's K/V into batch position b of the slot's kv (layers, 2, B, H, Lb, D): as stored
+        (bf16, or int8 codes + scales with int8_prefix), else dequantised on the device."""
+        kv, L = slot.kv, r["L"]
         kv[:, :, b, :, L:].zero_()  # the slot's last batch may have been longer: padding reads as zeros
         codes = r["kv"].to(self.device, non_blocking=True)
-        if self.spec.quant == "none":
+        if self.spec.quant == "none" or self.int8:
             kv[:, :, b, :, :L].copy_(codes)
+        if self.int8:
+            ks, vs = slot.scales
+            ks[:, b].copy_(r["q"]["k_scale"][:, :, 0].to(self.device, non_blocking=True))  # (l, h, D)
+            vs[:, b, :, L:].zero_()
+            vs[:, b, :, :L].copy_(r["q"]["v_scale"][..., 0].to(self.device, non_blocking=True))  # (l, h, L) fp16
+        if self.spec.quant == "none" or self.int8:
             return
         params = {n: t.to(self.device, non_blocking=True) for n, t in r["q"].items()}
         for lo in range(0, codes.shape[0], DEQUANT_LAYERS):
@@ -134,10 +155,11 @@ class DeviceFeeder:
 
 
 class Slot:
-    """One device K/V buffer (layers, 2, B, kv_heads, L, D) and the event after which it may be refilled."""
+    """One device K/V buffer (layers, 2, B, kv_heads, L, D) (+ int8 scales: (layers, B, kv_heads, D) per key
+    channel, (layers, B, kv_heads, L) per value token) and the event after which it may be refilled."""
 
-    def __init__(self, kv: torch.Tensor):
-        self.kv = kv
+    def __init__(self, kv: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.kv, self.scales = kv, scales
         self.free: torch.cuda.Event | None = None  # recorded on the main stream after its last reader
         self.owner: DeferredKV | None = None  # the prepared, not yet released batch
 
@@ -148,7 +170,7 @@ class DeferredKV:
     def __init__(self, feeder: DeviceFeeder, slot: Slot, raws: list[dict], batch):
         self.feeder, self.slot, self.raws = feeder, slot, raws
         self.action = batch.action
-        self.checked = (*batch.prefix.keys, *batch.prefix.values, batch.action)  # slot views: finite_rows
+        self.checked = checked_tensors(batch)  # slot views: finite_rows
         self.finite: torch.Tensor | None = None  # (B,) bool once prepared: every K, V, action value finite
         self.action_ready: torch.cuda.Event | None = None  # CUDA: after the action's copy on the main stream
         if feeder.cuda:  # the copy stream reads the action (its finiteness) only after that copy
@@ -181,7 +203,7 @@ class DeferredKV:
         from .integrity import finite_rows
 
         for b, r in enumerate(self.raws):
-            self.feeder._place(self.slot.kv, b, r)
+            self.feeder._place(self.slot, b, r)
         self.finite = finite_rows(self.checked)
         self.raws = None  # the host copies may go
 
@@ -194,7 +216,7 @@ class DeferredKV:
             self.slot.free = ev
 
 
-def _batch(cls, raws: list[dict], kv: torch.Tensor, device: torch.device):
+def _batch(cls, raws: list[dict], slot: Slot, device: torch.device):
     nb = device.type == "cuda"
 
     def up(t: torch.Tensor) -> torch.Tensor:  # pinned first, so the copy never waits for the host
@@ -203,8 +225,10 @@ def _batch(cls, raws: list[dict], kv: torch.Tensor, device: torch.device):
     def stack(name):
         return up(torch.stack([r[name] for r in raws]).float())
 
-    prefix = KVPrefix([kv[i, 0] for i in range(kv.shape[0])], [kv[i, 1] for i in range(kv.shape[0])],
-                      up(torch.tensor([r["L"] for r in raws])), up(torch.tensor([r["delta"] for r in raws])))
+    kv, n = slot.kv, slot.kv.shape[0]
+    prefix = KVPrefix([kv[i, 0] for i in range(n)], [kv[i, 1] for i in range(n)],
+                      up(torch.tensor([r["L"] for r in raws])), up(torch.tensor([r["delta"] for r in raws])),
+                      *([list(slot.scales[0]), list(slot.scales[1])] if slot.scales else []))
     return cls([r["key"] for r in raws], prefix, stack("action"), stack("hist_xyz"), stack("hist_rot"), stack("fut_xyz"))
 
 

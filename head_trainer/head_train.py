@@ -68,6 +68,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute expert layers in backward (less activation memory)
     recompute_attention: bool = False  # recompute only attention in backward: no per-layer prefix copy kept
     attention: str = "auto"  # split: the cached prefix read in place (Triton on CUDA) | sdpa over [prefix; action] copies | auto: split on CUDA, sdpa elsewhere
+    int8_prefix: bool = False  # int8 stores: K/V slots hold the codes + scales, read in place by --attention split (half the slot memory, no dequantisation)
     compile: bool = False  # torch.compile one expert layer (reused by all layers)
     cuda_graphs: bool = False  # capture the step as CUDA graphs (CUDA; shapes repeat through length buckets)
     gpu_memory_budget: str | None = None  # e.g. 24GiB: refuse before loading when the estimated peak exceeds it
@@ -125,6 +126,8 @@ class TrainConfig:
             raise ValueError("--lora-alpha must be > 0 and --lora-targets name at least one module")
         if self.attention not in ("auto", *ATTENTION):
             raise ValueError(f"--attention {self.attention!r}: use one of auto, {', '.join(ATTENTION)}")
+        if self.int8_prefix and self.attention == "sdpa":
+            raise ValueError("--int8-prefix is read by --attention split (SDPA needs a dequantised copy): drop one")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         if self.allow_config_change and not self.resume:
@@ -185,6 +188,11 @@ def train(cfg: TrainConfig) -> Path:
     device = resolve_device(cfg.device, launch.local_rank)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if cfg.int8_prefix and store.spec.quant != "int8":
+        raise ValueError(f"--int8-prefix reads int8 stores; {store.url} holds {store.spec.quant!r} K/V")
+    if cfg.int8_prefix and resolve_attention(cfg.attention, device) != "split":
+        raise ValueError(f"--int8-prefix needs the split attention; --attention {cfg.attention} is SDPA on {device}: "
+                         "add --attention split")
     ckpt = open_base(cfg, store)
     head_cfg = ckpt.head_config()
     check_host_ram(train_ram_plan(cfg, store, indices, head_cfg, device, dtype),
@@ -293,7 +301,7 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
         loader = make_loader(store.url, indices, cfg.batch_size, cfg.seed, start, stop, cfg.num_workers,
                              pin_memory=device.type == "cuda", ram_budget_bytes=int(cfg.ram_cache_gb * 1e9),
                              rank=launch.rank, world_size=launch.size, grad_accum=cfg.grad_accum, device=device,
-                             dtype=dtype, progress=main, skip_bad=cfg.skip_bad_samples)
+                             dtype=dtype, progress=main, skip_bad=cfg.skip_bad_samples, int8_prefix=cfg.int8_prefix)
         if cfg.skip_bad_samples:  # validation reads its few samples again and again: leave damaged ones out
             val_indices, val_bad = readable(store, val_indices)
             loader.skipped.update(val_bad | {f"manifest {k}": v for k, v in store.damaged_manifests.items()})

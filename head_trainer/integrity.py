@@ -22,9 +22,16 @@ def finite_rows(tensors) -> torch.Tensor:
     return torch.stack([torch.isfinite(t).flatten(1).all(1) for t in tensors]).all(0)
 
 
+def checked_tensors(batch) -> tuple[torch.Tensor, ...]:
+    """What finiteness is checked on: K, V (int8 codes are always finite: their scales instead), action."""
+    pre = batch.prefix
+    kv = (*pre.key_scales, *pre.value_scales) if pre.quantized else (*pre.keys, *pre.values)
+    return (*kv, batch.action)
+
+
 def finite_per_sample(batch) -> torch.Tensor:
     """(B,) bool on the batch's device: every K, V and action value of sample b is finite."""
-    return finite_rows((*batch.prefix.keys, *batch.prefix.values, batch.action))
+    return finite_rows(checked_tensors(batch))
 
 
 def read_stop(exc: Exception, last_ckpt: str, where: str = "") -> TrainingStopped:

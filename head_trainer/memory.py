@@ -21,7 +21,7 @@ from shared.head import N_ACTION
 from .optim import OPTIMIZERS
 from .trainable import LORA_TARGETS
 
-DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4, "int8": 1}
 # the caching allocator reserves more than the allocated peak (0.6-3.1 GiB more in the H200 runs) and
 # plans estimated at 22.6-22.7 GiB ran out of memory under a 24 GiB cap: accept at most 90 % of a budget
 BUDGET_FRACTION = 0.90
@@ -113,6 +113,8 @@ def estimate(cfg: HeadConfig, n_params: int, n_trainable: int, dtype: str, optim
              compiled: bool = False) -> MemoryEstimate:
     pb = DTYPE_BYTES[dtype]
     kv_batch = cfg.num_layers * 2 * batch * cfg.num_kv_heads * max_len * cfg.head_dim * DTYPE_BYTES[kv_dtype]
+    if kv_dtype == "int8":  # fp32 scales: per key channel and per value token (KVPrefix.key_scales)
+        kv_batch += cfg.num_layers * batch * cfg.num_kv_heads * (cfg.head_dim + max_len) * 4
     return MemoryEstimate(
         weights=n_params * pb,
         gradients=n_trainable * pb,
@@ -190,6 +192,7 @@ def train_estimate(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str, kv
     n, n_train = count_params(head_cfg, train_cfg.trainable, train_cfg.lora_rank, train_cfg.lora_targets)
     return estimate(head_cfg, n, n_train, dtype, train_cfg.optimizer, train_cfg.batch_size, max_len,
                     train_cfg.draws, kv_slots=kv_slots, checkpoint=train_cfg.gradient_checkpointing,
+                    kv_dtype="int8" if train_cfg.int8_prefix else "bfloat16",
                     recompute_attention=train_cfg.recompute_attention,
                     grads_persist=grads_persist(train_cfg.cuda_graphs, train_cfg.grad_accum),
                     trainable=train_cfg.trainable, attention=_attention(train_cfg), compiled=train_cfg.compile)

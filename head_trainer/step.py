@@ -20,6 +20,7 @@ added after one zeroing per step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -181,7 +182,7 @@ class TrainStep:
               "eps": torch.zeros(b.action.shape[0], k, N_ACTION, 2, device=dev),
               "lengths": b.prefix.lengths.to(dev).clone(), "deltas": b.prefix.rope_deltas.to(dev).clone(),
               "scale": torch.ones((), device=dev)}
-        prefix = KVPrefix(b.prefix.keys, b.prefix.values, st["lengths"], st["deltas"])
+        prefix = dataclasses.replace(b.prefix, lengths=st["lengths"], rope_deltas=st["deltas"])  # K/V (+ scales) in place
         if self._loss_sum is None:
             self._loss_sum = torch.zeros((), device=dev)
         side = self._capture_stream()

@@ -66,11 +66,12 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.T
 
 
 def _attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor,
-                     lengths: torch.Tensor, act_mask: torch.Tensor, scale: float) -> torch.Tensor:
+                     lengths: torch.Tensor, act_mask: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The same attention as `_attention` without the concatenation: the prefix part by
-    shared/prefix_attention.py (reads the cache in place, no key / value gradients), the action block
-    (B, kv, g*T, T) in fp32 here, merged by log-sum-exp. act_mask: the last T columns of the mask."""
-    o_pre, lse_pre = prefix_attention(q, k_pre, v_pre, lengths, scale)  # (B, kv, g*T, D), (B, kv, g*T) fp32
+    shared/prefix_attention.py (reads the cache in place, int8 codes too, no key / value gradients), the
+    action block (B, kv, g*T, T) in fp32 here, merged by log-sum-exp. act_mask: the last T columns of the mask."""
+    o_pre, lse_pre = prefix_attention(q, k_pre, v_pre, lengths, scale, k_scale, v_scale)  # (B, kv, g*T, D), (B, kv, g*T)
     s_act = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + act_mask  # (B, kv, g*T, T)
     lse = torch.logaddexp(lse_pre, torch.logsumexp(s_act, -1))
     o = o_pre * torch.exp(lse_pre - lse)[..., None] + torch.matmul(torch.exp(s_act - lse[..., None]), v.float())
@@ -79,7 +80,8 @@ def _attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: t
 
 def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                  recompute_attention: bool = False, lengths: torch.Tensor | None = None) -> torch.Tensor:
+                  recompute_attention: bool = False, lengths: torch.Tensor | None = None,
+                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One Qwen3-VL text decoder layer over [prefix; action tokens].
 
     h: (B, T, hidden); k_pre, v_pre: (B, kv_heads, L_max, D) post-RoPE keys / raw values of the prefix;
@@ -90,7 +92,8 @@ def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre:
     and the attention in the backward keeps only references to the cached prefix (one layer's copy at
     a time) for about one extra attention forward.
     `lengths` (B,) given: the split attention (`_attention_split`), which keeps no copy at all; `mask`
-    is then only read in its last T columns."""
+    is then only read in its last T columns. k_scale (B, kv_heads, D) / v_scale (B, kv_heads, L_max): k_pre /
+    v_pre are int8 codes (KVPrefix.key_scales), read in place by the split attention, dequantised for SDPA."""
     attn = layer.self_attn
     bsz, t, _ = h.shape
     d = attn.head_dim
@@ -105,7 +108,11 @@ def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre:
     k = k * c + _rotate_half(k) * s
     q = q.reshape(bsz, n_kv, group * t, d)  # heads j*group..j*group+group-1 share KV head j
     if lengths is not None:
-        o = _attention_split(q, k, v, k_pre, v_pre, lengths, mask[..., -k.shape[2]:], attn.scaling)
+        o = _attention_split(q, k, v, k_pre, v_pre, lengths, mask[..., -k.shape[2]:], attn.scaling, k_scale, v_scale)
+    elif k_scale is not None:  # SDPA over an int8 prefix: this layer's dequantised copy
+        kp = (k_pre.float() * k_scale.float()[:, :, None, :]).to(q.dtype)
+        vp = (v_pre.float() * v_scale.float()[..., None]).to(q.dtype)
+        return decoder_layer(layer, h, kp, vp, cos, sin, mask, recompute_attention)
     elif recompute_attention and torch.is_grad_enabled():
         o = torch.utils.checkpoint.checkpoint(_attention, q, k, v, k_pre, v_pre, mask, attn.scaling,
                                               use_reentrant=False)
@@ -162,8 +169,9 @@ class FastExpert:
         group = head.expert.layers[0].self_attn.num_key_value_groups
         mask = mask.repeat(1, 1, group, 1)  # (B, 1, g*K*64, L_max + K*64): once per pass, not per layer
         for i, layer in enumerate(head.expert.layers):
+            scales = (prefix.key_scales[i], prefix.value_scales[i]) if prefix.quantized else (None, None)
             args = (layer, h, prefix.keys[i], prefix.values[i], cos, sin, mask, self.recompute_attention,
-                    prefix.lengths if self.split else None)
+                    prefix.lengths if self.split else None, *scales)
             if self.checkpoint and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(self.layer_fn, *args, use_reentrant=False)
             else:

@@ -102,13 +102,22 @@ class KVPrefix:
 
     keys/values: one (B, kv_heads, L_max, head_dim) tensor per layer (post-RoPE K, raw V);
     lengths: (B,) true prefix lengths L (through `<|traj_future_start|>`);
-    rope_deltas: (B,) Qwen3-VL mRoPE deltas of each sample.
+    rope_deltas: (B,) Qwen3-VL mRoPE deltas of each sample;
+    key_scales/value_scales: None, or the store's int8 codes in keys/values with one fp32 scale per key
+    channel (B, kv_heads, head_dim) and per value token (B, kv_heads, L_max) a layer: the values are
+    codes x scale (shared/kv_quant.py), read in place by the split attention (shared/prefix_attention.py).
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     lengths: torch.Tensor
     rope_deltas: torch.Tensor
+    key_scales: list[torch.Tensor] | None = None
+    value_scales: list[torch.Tensor] | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.key_scales is not None
 
     @property
     def batch_size(self) -> int:
@@ -119,20 +128,38 @@ class KVPrefix:
         return self.keys[0].shape[2]
 
     def to(self, device=None, dtype=None) -> KVPrefix:
+        """On `device`; K/V in `dtype` (int8 codes are dequantised first, so the result is plain)."""
+        if self.quantized and dtype is not None:
+            return self.dequantized(dtype).to(device)
+        each = (lambda ts: [t.to(device) for t in ts]) if self.quantized else None
         return KVPrefix(
             [k.to(device=device, dtype=dtype) for k in self.keys],
             [v.to(device=device, dtype=dtype) for v in self.values],
             self.lengths.to(device),
             self.rope_deltas.to(device),
+            each(self.key_scales) if each else None,
+            each(self.value_scales) if each else None,
         )
+
+    def dequantized(self, dtype: torch.dtype) -> KVPrefix:
+        """int8 codes x scales in fp32, then one cast (as kv_quant.dequantize_kv); a plain prefix as it is."""
+        if not self.quantized:
+            return self
+        return KVPrefix(
+            [(k.float() * s.float()[:, :, None, :]).to(dtype) for k, s in zip(self.keys, self.key_scales)],
+            [(v.float() * s.float()[..., None]).to(dtype) for v, s in zip(self.values, self.value_scales)],
+            self.lengths, self.rope_deltas)
 
     def repeat_interleave(self, n: int) -> KVPrefix:
         """Each sample n times (for several trajectory samples per prefix)."""
+        rep = (lambda ts: [t.repeat_interleave(n, 0) for t in ts]) if self.quantized else None
         return KVPrefix(
             [k.repeat_interleave(n, 0) for k in self.keys],
             [v.repeat_interleave(n, 0) for v in self.values],
             self.lengths.repeat_interleave(n, 0),
             self.rope_deltas.repeat_interleave(n, 0),
+            rep(self.key_scales) if rep else None,
+            rep(self.value_scales) if rep else None,
         )
 
     @classmethod

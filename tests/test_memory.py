@@ -12,6 +12,8 @@ def test_terms_by_hand(tiny_head_cfg):
     assert est.weights == 2000 and est.gradients == 1200
     assert est.optimizer == pytest.approx(600 * (2 + 8 / 256))
     assert est.kv_inputs == 2 * (2 * 2 * 3 * 2 * 128 * 16 * 2)  # slots x layers x K/V x B x H x L x D x bf16
+    q8 = estimate(cfg, 1000, 600, "bfloat16", "adamw8bit", 3, 128, kv_slots=2, kv_dtype="int8")  # --int8-prefix
+    assert q8.kv_inputs == 2 * (2 * 2 * 3 * 2 * 128 * 16 + 2 * 3 * 2 * (16 + 128) * 4)  # codes + fp32 scales
     tokens = 3 * 64
     per_token = 2 * (8 * 32 + 4 * 32 + 6 * 32 + 4 * 96) + 4 * (2 * 32 + 32 + 32)
     per_layer = tokens * per_token + 3 * 2 * 32 * (128 + 64) * 2

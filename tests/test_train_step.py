@@ -88,6 +88,34 @@ def test_two_kv_slots_serve_any_accumulation(tmp_path, head_cfg):
         guard.problem("resume")
 
 
+def test_int8_prefix_slots_hold_codes_and_scales(tmp_path, head_cfg):
+    """int8_prefix: the slots are int8 codes + fp32 scales (KVPrefix.key_scales / value_scales) whose
+    dequantised values, padding included, are bitwise the fp32 slots the plain feeder fills; the fast
+    expert's loss over them is the same number, through the split attention and through SDPA; a store
+    that is not int8 is refused."""
+    st = _store(tmp_path / "s", "int8", "bfloat16", cfg=head_cfg)
+    plain = make_loader(st.url, list(range(10)), 3, 1, 0, 2, dtype=torch.float32, bucket=64)
+    q8 = make_loader(st.url, list(range(10)), 3, 1, 0, 2, dtype=torch.float32, bucket=64, int8_prefix=True)
+    torch.manual_seed(0)
+    head = AlpamayoHead(head_cfg)
+    t, eps = draw_noise(5, 7, 3, 2, head_cfg.diffusion)
+    for (a,), (b,) in zip(plain, q8):
+        a.prepare(), b.prepare()
+        assert b.prefix.quantized and b.prefix.keys[0].dtype == torch.int8 and not a.prefix.quantized
+        assert tuple(b.prefix.key_scales[0].shape) == (3, head_cfg.num_kv_heads, head_cfg.head_dim)
+        assert tuple(b.prefix.value_scales[0].shape) == (3, head_cfg.num_kv_heads, b.prefix.max_len)
+        deq = b.prefix.dequantized(torch.float32)
+        for x, y in zip(a.prefix.keys + a.prefix.values, deq.keys + deq.values):
+            assert torch.equal(x, y)
+        for attention in ("split", "sdpa"):
+            fast = FastExpert(head, attention=attention)
+            assert torch.equal(flow_loss(fast, a.action, a.prefix, t, eps), flow_loss(fast, b.action, b.prefix, t, eps))
+        a.release(), b.release()
+    assert q8.feeder._slots and all(s.kv.dtype == torch.int8 and s.scales for v in q8.feeder._slots.values() for s in v)
+    with pytest.raises(ValueError, match="--int8-prefix reads int8 stores"):
+        make_loader(_store(tmp_path / "f", cfg=head_cfg).url, [0, 1], 2, 1, 0, 1, int8_prefix=True)
+
+
 def test_ram_tier_serves_the_same_batches(tmp_path, head_cfg):
     st = _store(tmp_path / "s", "int8", "bfloat16", cfg=head_cfg)
     plain = make_loader(st.url, list(range(10)), 4, 2, 0, 4)
