@@ -27,6 +27,7 @@ BLOCK = 256
 # elements graph-replayed: 1 x 2 2.46 ms, 2 x 4 2.50, 4 x 4 2.87, 8 x 8 3.15
 ROWS = 1
 NUM_WARPS = 2
+LOOP, STAGES = 1, 1  # block groups per program and the loop's pipeline stages (LOOP 1: no loop); not yet timed
 SEARCH = 1  # 0: 8-probe binary search in the map; 1: arithmetic guess + 2 probes of the bounds (3.33 -> 2.87 ms);
 #            2: the guess from a table indexed by the float's exponent and top mantissa bits (not yet timed)
 LUT_E0, LUT_BITS = 101, 6  # table rows: |x| below 2^(E0 - 127) in one, then one per binade up to 1.0
@@ -193,8 +194,26 @@ def _fmix32(h):
 def _adamw8_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr, bm_ptr, bv_ptr, coef_ptr, lr_ptr,
                    c1_ptr, c2_ptr, step_ptr, n_blocks, salt, w1, w2, eps, wd,
                    SR: tl.constexpr, SEARCH: tl.constexpr, FAST: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK: tl.constexpr, DIAG: tl.constexpr = 0):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
+                   BLOCK: tl.constexpr, DIAG: tl.constexpr = 0, LOOP: tl.constexpr = 1, STAGES: tl.constexpr = 1):
+    """LOOP > 1: each program updates LOOP groups of ROWS blocks in turn, in a loop Triton may software-pipeline
+    (STAGES), so one group's loads are in flight while the one before computes; the same numbers."""
+    if LOOP == 1:
+        _adamw8_rows(tl.program_id(0) * ROWS + tl.arange(0, ROWS), p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr,
+                     qm_ptr, qv_ptr, bm_ptr, bv_ptr, coef_ptr, lr_ptr, c1_ptr, c2_ptr, step_ptr, n_blocks, salt, w1,
+                     w2, eps, wd, SR, SEARCH, FAST, ROWS, BLOCK, DIAG)
+    else:
+        for i in tl.range(0, LOOP, num_stages=STAGES):
+            _adamw8_rows((tl.program_id(0) * LOOP + i) * ROWS + tl.arange(0, ROWS), p_ptr, g_ptr, mc_ptr, ms_ptr,
+                         vc_ptr, vs_ptr, qm_ptr, qv_ptr, bm_ptr, bv_ptr, coef_ptr, lr_ptr, c1_ptr, c2_ptr, step_ptr,
+                         n_blocks, salt, w1, w2, eps, wd, SR, SEARCH, FAST, ROWS, BLOCK, DIAG)
+
+
+@triton.jit
+def _adamw8_rows(rows, p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr, bm_ptr, bv_ptr, coef_ptr, lr_ptr,
+                 c1_ptr, c2_ptr, step_ptr, n_blocks, salt, w1, w2, eps, wd,
+                 SR: tl.constexpr, SEARCH: tl.constexpr, FAST: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK: tl.constexpr, DIAG: tl.constexpr):
+    """The update of blocks `rows` (ROWS,) of 256 elements."""
     rmask = rows < n_blocks
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (ROWS, BLOCK) element offsets
     mask = rmask[:, None]
@@ -266,7 +285,7 @@ def update_q8_triton(p: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, lr: t
     if p.numel() >= 2**31:  # int32 offsets in the kernel
         raise ValueError(f"adamw8bit-fused: a parameter of {p.numel():,} elements is over the kernel's 2^31")
     n_blocks = p.numel() // BLOCK
-    grid = (triton.cdiv(n_blocks, ROWS),)
+    grid = (triton.cdiv(n_blocks, ROWS * LOOP),)
     _adamw8_kernel[grid](p, g, m_codes, m_scale, v_codes, v_scale, qm, qv, bm, bv, coef, lr, c1, c2, step, n_blocks,
                          salt, 1 - beta1, 1 - beta2, eps, wd, SR=sr, SEARCH=SEARCH, FAST=FAST, ROWS=ROWS,
-                         BLOCK=BLOCK, num_warps=NUM_WARPS, DIAG=DIAG)
+                         BLOCK=BLOCK, num_warps=NUM_WARPS, DIAG=DIAG, LOOP=LOOP, STAGES=STAGES)

@@ -125,8 +125,32 @@ def check_bf16_draws_repeat_and_differ():
     assert not torch.equal(ps[0], ps[1])
 
 
+def check_looped_programs_are_bitwise_the_same():
+    """LOOP > 1 (several block groups per program, the loop pipelined) and the table search (SEARCH 2) leave
+    weights, codes and scales bitwise as the shipped kernel does, bf16 with stochastic rounding and fp32 with
+    the clip, including a program whose last groups fall past the tensor (17 blocks, LOOP 4)."""
+    from head_trainer import adam8_triton as k
+
+    shipped = (k.LOOP, k.STAGES, k.ROWS, k.SEARCH)
+    for dtype, clip in ((torch.bfloat16, False), (torch.float32, True)):
+        torch.manual_seed(0)  # the small tensors' stochastic rounding draws from torch's generator
+        ref, oref = run("triton", dtype, 3, clip)
+        for variant in ((4, 2, 1, shipped[3]), (3, 1, 2, shipped[3]), (1, 1, 1, 2)):
+            k.LOOP, k.STAGES, k.ROWS, k.SEARCH = variant
+            try:
+                torch.manual_seed(0)
+                got, ogot = run("triton", dtype, 3, clip)
+            finally:
+                k.LOOP, k.STAGES, k.ROWS, k.SEARCH = shipped
+            assert all(torch.equal(a, b) for a, b in zip(ref, got)), variant
+            for pa, pb in zip(ref[:2], got[:2]):
+                sa, sb = oref.state[pa], ogot.state[pb]
+                assert all(torch.equal(sa[n], sb[n]) for n in ("m_codes", "v_codes", "m_scale", "v_scale")), variant
+
+
 CHECKS = ("check_both_searches_are_quantise", "check_fp32_equals_eager", "check_fast_variant_is_close",
-          "check_bf16_rounds_to_a_neighbour_without_bias", "check_bf16_draws_repeat_and_differ")
+          "check_bf16_rounds_to_a_neighbour_without_bias", "check_bf16_draws_repeat_and_differ",
+          "check_looped_programs_are_bitwise_the_same")
 
 
 def run_checks(device: str) -> None:
