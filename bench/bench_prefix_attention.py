@@ -54,6 +54,16 @@ def inputs(L: int, dtype=torch.bfloat16, seed=0):
 _MADE: dict = {}
 
 
+def int8_prefix(kp: torch.Tensor, vp: torch.Tensor):
+    """The store's int8 codes of a (B, H, L, D) prefix (shared/kv_quant.py, batch as its layer axis) and the
+    op's scales: k codes, v codes (int8), k_scale (B, H, D), v_scale (B, H, L) fp32."""
+    from shared import kv_quant
+
+    qkv = kv_quant.quantize_kv(kp, vp, "int8")
+    return (qkv.codes[:, 0].contiguous(), qkv.codes[:, 1].contiguous(), qkv.params["k_scale"][:, :, 0].float(),
+            qkv.params["v_scale"][..., 0].float().contiguous())
+
+
 def make(kind: str, L: int, backward: bool):
     """fwd (+ bwd) of one path on fixed inputs; compiled once per (path, L), so a tile sweep only re-captures
     (the op reads its tile constants at launch)."""
@@ -62,6 +72,9 @@ def make(kind: str, L: int, backward: bool):
         scale = D ** -0.5
         if kind == "split":
             f = torch.compile(lambda a, b, c: _attention_split(a, b, c, kp, vp, lengths, mask[..., -T:], scale))
+        elif kind == "split_int8":  # --int8-prefix: the codes read in place (half the bytes of the bf16 prefix)
+            kc, vc, ks, vs = int8_prefix(kp, vp)
+            f = torch.compile(lambda a, b, c: _attention_split(a, b, c, kc, vc, lengths, mask[..., -T:], scale, ks, vs))
         elif kind == "sdpa":
             f = torch.compile(lambda a, b, c: _attention(a, b, c, kp, vp, mask, scale))
         else:  # sdpa with the attention recompute (decoder_layer's recompute_attention)
@@ -122,13 +135,31 @@ def errors(L: int) -> dict:
     def sdpa(a, b, c, kp_, vp_, dtype):
         return _attention(a, b, c, kp_, vp_, mask.to(dtype), scale)
 
+    def err(got, ref):
+        return {k: float((a - r).abs().max()) for k, a, r in zip(("o", "dq", "dk", "dv"), got, ref)}
+
     ref = grads(sdpa, torch.float32)
     out = {}
     for name, fn in (("split", split), ("sdpa", sdpa)):
-        got = grads(fn, torch.bfloat16)
-        out[name] = {k: float((a - r).abs().max()) for k, a, r in zip(("o", "dq", "dk", "dv"), got, ref)}
-    got32 = grads(split, torch.float32)
-    out["split_fp32"] = {k: float((a - r).abs().max()) for k, a, r in zip(("o", "dq", "dk", "dv"), got32, ref)}
+        out[name] = err(grads(fn, torch.bfloat16), ref)
+    out["split_fp32"] = err(grads(split, torch.float32), ref)
+    # --int8-prefix against the same attention in fp32 over the dequantised prefix (the kernels' arithmetic,
+    # not the quantisation), beside today's path: the prefix dequantised to bf16, then split
+    kc, vc, ks, vs = int8_prefix(kp, vp)
+    kd, vd = kc.float() * ks[:, :, None, :], vc.float() * vs[..., None]
+
+    def split_int8(a, b, c, kp_, vp_, dtype):
+        return _attention_split(a, b, c, kc, vc, lengths, mask[..., -T:].to(dtype), scale, ks, vs)
+
+    def sdpa_deq(a, b, c, kp_, vp_, dtype):
+        return _attention(a, b, c, kd, vd, mask.to(torch.float32), scale)
+
+    def split_deq(a, b, c, kp_, vp_, dtype):
+        return _attention_split(a, b, c, kd.to(dtype), vd.to(dtype), lengths, mask[..., -T:].to(dtype), scale)
+
+    ref_deq = grads(sdpa_deq, torch.float32)
+    out["split_int8"] = err(grads(split_int8, torch.bfloat16), ref_deq)
+    out["split_dequant_bf16"] = err(grads(split_deq, torch.bfloat16), ref_deq)
     return out
 
 
@@ -161,10 +192,11 @@ def main() -> int:
 
     default = (pa.CHUNK, pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES)
     for i, L in enumerate(int(x) for x in args.lengths.split(",")):
-        for kind in ("sdpa", "sdpa_recompute", "split"):
-            for tile in (TILES[:args.tiles if i == 0 else min(args.tiles, 2)] if kind == "split" else [default]):
+        for kind in ("sdpa", "sdpa_recompute", "split", "split_int8"):
+            n_tiles = (args.tiles if kind == "split" else min(args.tiles, 3)) if i == 0 else min(args.tiles, 2)
+            for tile in (TILES[:n_tiles] if kind.startswith("split") else [default]):
                 pa.CHUNK, pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES = tile
-                rec = {"L": L, "B": B, "path": kind, **({"tile": list(tile)} if kind == "split" else {})}
+                rec = {"L": L, "B": B, "path": kind, **({"tile": list(tile)} if kind.startswith("split") else {})}
                 try:
                     if kind != "sdpa_recompute":
                         rec["fwd_ms"] = graph_ms(make(kind, L, False))

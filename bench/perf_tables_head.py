@@ -237,7 +237,7 @@ def prefix_attention_table(name: str) -> str:
         if r["path"] == "errors vs fp32":
             continue
         what = {"sdpa": "SDPA over [prefix; action]", "sdpa_recompute": "SDPA, attention recompute",
-                "split": "split (prefix op + action block)"}[r["path"]]
+                "split": "split (prefix op + action block)", "split_int8": "split over int8 codes"}[r["path"]]
         tile = " x ".join(str(t) for t in r["tile"]) if "tile" in r else ""
         cells = [fmt(r[k], 3) if k in r else ("error" if "error" in r else "") for k in ("fwd_ms", "fwd_bwd_ms")]
         rows.append([f"{r['L']:,}", what, tile, *cells])
@@ -247,11 +247,12 @@ def prefix_attention_table(name: str) -> str:
 
 def prefix_attention_errors(name: str) -> str:
     """Max |error| against the fp32 SDPA computation, per path and output (o, dq, dk, dv)."""
-    rows = [[f"{r['L']:,}", path, *(f"{Decimal(str(r[path][k])):.2e}" for k in ("o", "dq", "dk", "dv"))]
-            for r in load(name)["rows"] if r["path"] == "errors vs fp32" for path in ("sdpa", "split", "split_fp32")]
-    return table(["L", "path (dtype)", "o", "dq", "dk", "dv"],
-                 [[a, {"sdpa": "SDPA (bf16)", "split": "split (bf16)", "split_fp32": "split (fp32)"}[b], *c]
-                  for a, b, *c in rows])
+    names = {"sdpa": "SDPA (bf16)", "split": "split (bf16)", "split_fp32": "split (fp32)",
+             "split_dequant_bf16": "int8 prefix dequantised to bf16, split (vs fp32 over the dequantised prefix)",
+             "split_int8": "int8 codes read in place, split (vs fp32 over the dequantised prefix)"}
+    rows = [[f"{r['L']:,}", names[path], *(f"{Decimal(str(r[path][k])):.2e}" for k in ("o", "dq", "dk", "dv"))]
+            for r in load(name)["rows"] if r["path"] == "errors vs fp32" for path in names if path in r]
+    return table(["L", "path (dtype)", "o", "dq", "dk", "dv"], rows)
 
 
 def adam8_ablate_table(name: str) -> str:
