@@ -128,7 +128,7 @@ final)  # the deferred two-slot feeder under --grad-accum on CUDA (graphs vs eag
   part "${CHECK_S:-0}" python3 bench/diag_adam8.py --check  # the three code searches, SEARCH 2's first CUDA run
   part "${ABL_S:-0}" python3 bench/diag_adam8.py --ablate --json "$OUT/adam8_ablate.json"
   part "${MEM_S:-90}" python3 bench/bench_head_train.py --sections memory --memory-lengths 809 \
-    --optimizers "${MEM_OPTS:-adamw8bit-fused,adamwfp8,adamw4bit,adamw,adamw-sr}" --json-dir "$OUT"
+    --optimizers "${MEM_OPTS:-adamw8bit-fused,adamwfp8,adamw4bit,adamw,adamw-sr,adamw-offload}" --json-dir "$OUT"
   part "${QUAL_S:-0}" python3 bench/bench_head_train.py --sections quality --quality-steps 200 --adam8-fast --adam8-search 2 \
     --quality-plans float32:adamw:eager,bfloat16:adamw8bit-fused:graphs:split --json-dir "$OUT"  # fast math's curve
   # B = 8, L = 2,993 split steps: the shipped kernel, then fast math + table search alone and over 8 micro-batches
@@ -142,9 +142,9 @@ chunk)  # the split kernels' key chunks (one chunk per program from 1,024 keys a
   part "${PCHECK_S:-40}" python3 bench/bench_prefix_attention.py --check
   part "${SWEEP_S:-120}" python3 bench/bench_prefix_attention.py --json "$OUT/prefix_attention.json" --tiles "${TILES:-4}"
   part "${STEP_S:-200}" python3 bench/bench_head_train.py --sections step --step-set split --step-optimizers adamw8bit-fused \
-    --step-pick "${STEP_PICK:-0,3}" --json-dir "$OUT"
+    --step-pick "${STEP_PICK:-0,3}" ${ADAM8_X:-} --json-dir "$OUT"  # ADAM8_X="--adam8-fast --adam8-search 2": that kernel
   [ -n "${PCHUNK:-}" ] && part "${STEP2_S:-150}" python3 bench/bench_head_train.py --sections step --step-set split \
-    --step-optimizers adamw8bit-fused --step-pick "${STEP_PICK:-0,3}" --prefix-chunk "$PCHUNK" --json-dir "$OUT"
+    --step-optimizers adamw8bit-fused --step-pick "${STEP_PICK:-0,3}" --prefix-chunk "$PCHUNK" ${ADAM8_X:-} --json-dir "$OUT"
   ;;
 modes)
   part "${MEM_S:-200}" python3 bench/bench_head_train.py --sections memory --optimizers adamwfp8,adamw-offload --json-dir "$OUT"
