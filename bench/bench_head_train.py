@@ -143,11 +143,13 @@ def use_adam8_fast() -> None:
 
 
 def run_config(head, cfg, device, *, bsz, L, optimizer, mode="all", engine="graphs", checkpoint=False, draws=1,
-               warm=3, timed=10, accum=1, recompute_attention=False, attention="sdpa") -> dict:
+               warm=3, timed=10, accum=1, recompute_attention=False, attention="sdpa", fused_wgrad=False) -> dict:
     """One configuration: steps with the chosen engine, returning times and memory."""
     rec = {"B": bsz, "L": L, "optimizer": optimizer, "trainable": mode, "engine": engine,
            "checkpoint": checkpoint, "draws": draws, "dtype": str(head.dtype).removeprefix("torch."),
            "recompute_attention": recompute_attention, "accum": accum, "attention": attention}
+    if fused_wgrad:
+        rec["fused_wgrad"] = True
     if attention == "split":
         import shared.prefix_attention as pa
 
@@ -170,7 +172,7 @@ def run_config(head, cfg, device, *, bsz, L, optimizer, mode="all", engine="grap
     opt = build_optimizer(params, optimizer, 1e-5, capturable=engine == "graphs")
     step_cfg = StepConfig(seed=1, draws=draws, grad_accum=accum, compile=engine in ("compiled", "graphs"),
                           cuda_graphs=engine == "graphs", checkpoint=checkpoint, recompute_attention=recompute_attention,
-                          attention=attention)
+                          attention=attention, fused_wgrad=fused_wgrad)
     counter = [0]
     if engine == "transformers":
         def one(s=counter):
@@ -333,7 +335,9 @@ def main() -> None:
                 dict(bsz=16, L=long_l, attention="split"),
                 dict(bsz=4, L=long_l, attention="split"),
                 dict(bsz=8, L=long_l, attention="split", draws=2),
-                dict(bsz=1, L=long_l, attention="split")]
+                dict(bsz=1, L=long_l, attention="split"),
+                dict(bsz=8, L=long_l, attention="split", fused_wgrad=True),  # 8, 9: dW GEMMs into the buffers
+                dict(bsz=8, L=long_l, attention="split", accum=8, timed=3, fused_wgrad=True)]
         if args.step_pick:
             rows = [rows[int(i)] for i in args.step_pick.split(",")]
         for row in rows[:args.step_rows or None]:

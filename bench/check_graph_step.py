@@ -6,7 +6,7 @@ Two TrainSteps from the same weights see the same batches (two shapes, so two ca
 gradient buffers) for 6 steps: one eager, one with --cuda-graphs (2 eager warm-up steps, then
 replays). fp32 weights and torch AdamW, so both must agree to float rounding; for --grad-accum 1 (the
 gradient copied into the static buffer by the post-accumulate hook) and 2 (added after one zeroing),
-with and without --compile.
+with and without --compile; LoRA; and --fused-wgrad (the expert's weight GEMMs filling those buffers).
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from head_trainer.step import StepConfig, TrainStep  # noqa: E402
 from head_trainer.trainable import apply_trainable  # noqa: E402
 
 
-def run(head, graphs: bool, accum: int, compile: bool, batches, mode: str = "all") -> tuple[torch.nn.Module, list[float]]:
+def run(head, graphs: bool, accum: int, compile: bool, batches, mode: str = "all",
+        fused: bool = False) -> tuple[torch.nn.Module, list[float]]:
     head = copy.deepcopy(head)
     params = apply_trainable(head, mode)
     opt = build_optimizer(params, "adamw", 1e-3, capturable=graphs)
-    ts = TrainStep(head, params, opt, StepConfig(seed=3, grad_accum=accum, compile=compile, cuda_graphs=graphs))
+    ts = TrainStep(head, params, opt, StepConfig(seed=3, grad_accum=accum, compile=compile, cuda_graphs=graphs,
+                                                 fused_wgrad=fused))
     losses = []
     for step, micro in enumerate(batches):
         losses.append(float(ts(micro, 1e-3, step).loss))
@@ -44,13 +46,14 @@ def main() -> int:
     bad = 0
     print("| trainable | grad accum | compile | max |param diff| | max |loss diff| |\n| --- | --- | --- | --- | --- |")
     for mode, accum, compile in [("all", a, c) for a in (1, 2) for c in (False, True)] + [
-            ("lora", 1, False), ("lora", 1, True)]:
+            ("lora", 1, False), ("lora", 1, True), ("all+fused-wgrad", 1, True), ("all+fused-wgrad", 2, True)]:
+        fused = mode.endswith("+fused-wgrad")  # the GEMMs fill the buffers: graphs vs eager, both fused
         # two prefix lengths alternate: two fb graphs write the same gradient buffers
         batches = [[random_batch(cfg, 2, 24 if (s + m) % 2 else 40, "cuda", seed=10 * s + m, dtype=torch.float32)
                     for m in range(accum)] for s in range(6)]
         try:
-            a, la = run(head, False, accum, compile, batches, mode)
-            b, lb = run(head, True, accum, compile, batches, mode)
+            a, la = run(head, False, accum, compile, batches, mode.removesuffix("+fused-wgrad"), fused)
+            b, lb = run(head, True, accum, compile, batches, mode.removesuffix("+fused-wgrad"), fused)
         except Exception as exc:  # noqa: BLE001 - report the row and go on
             import traceback
 

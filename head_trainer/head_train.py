@@ -69,6 +69,7 @@ class TrainConfig:
     recompute_attention: bool = False  # recompute only attention in backward: no per-layer prefix copy kept
     attention: str = "auto"  # split: the cached prefix read in place (Triton on CUDA) | sdpa over [prefix; action] copies | auto: split on CUDA, sdpa elsewhere
     int8_prefix: bool = False  # int8 stores: K/V slots hold the codes + scales, read in place by --attention split (half the slot memory, no dequantisation)
+    fused_wgrad: bool = False  # expert linears accumulate dW straight into the gradient buffers the update reads (no copy or add per micro-batch)
     compile: bool = False  # torch.compile one expert layer (reused by all layers)
     cuda_graphs: bool = False  # capture the step as CUDA graphs (CUDA; shapes repeat through length buckets)
     gpu_memory_budget: str | None = None  # e.g. 24GiB: refuse before loading when the estimated peak exceeds it
@@ -126,6 +127,9 @@ class TrainConfig:
             raise ValueError("--lora-alpha must be > 0 and --lora-targets name at least one module")
         if self.attention not in ("auto", *ATTENTION):
             raise ValueError(f"--attention {self.attention!r}: use one of auto, {', '.join(ATTENTION)}")
+        if self.fused_wgrad and self.trainable != "all":
+            raise ValueError(f"--fused-wgrad fills the expert's weight gradients; --trainable {self.trainable} "
+                             "trains none of them: drop one")
         if self.int8_prefix and self.attention == "sdpa":
             raise ValueError("--int8-prefix is read by --attention split (SDPA needs a dequantised copy): drop one")
         if self.resume and self.overwrite:
@@ -277,7 +281,8 @@ def _train_locked(cfg, out, launch, store, indices, val_indices, device, dtype, 
     world = World(launch.rank, launch.size, distributed.all_reduce_mean if launch.size > 1 else None)
     step_cfg = StepConfig(seed=cfg.seed, draws=cfg.draws, grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum,
                           compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, checkpoint=cfg.gradient_checkpointing,
-                          recompute_attention=cfg.recompute_attention, attention=resolve_attention(cfg.attention, device))
+                          recompute_attention=cfg.recompute_attention, attention=resolve_attention(cfg.attention, device),
+                          fused_wgrad=cfg.fused_wgrad)
     train_step = TrainStep(head, params, opt, step_cfg, world)
 
     def heads() -> dict:

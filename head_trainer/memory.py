@@ -194,7 +194,7 @@ def train_estimate(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str, kv
                     train_cfg.draws, kv_slots=kv_slots, checkpoint=train_cfg.gradient_checkpointing,
                     kv_dtype="int8" if train_cfg.int8_prefix else "bfloat16",
                     recompute_attention=train_cfg.recompute_attention,
-                    grads_persist=grads_persist(train_cfg.cuda_graphs, train_cfg.grad_accum),
+                    grads_persist=grads_persist(train_cfg.cuda_graphs or train_cfg.fused_wgrad, train_cfg.grad_accum),
                     trainable=train_cfg.trainable, attention=_attention(train_cfg), compiled=train_cfg.compile)
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shared.fast_expert import FastExpert, action_mask
+from shared.fast_expert import FUSED_WGRAD_LINEARS, FastExpert, action_mask
 from shared.flow_matching import sample_time
 from shared.head import N_ACTION, AlpamayoHead, KVPrefix
 
@@ -54,6 +54,7 @@ class StepConfig:
     checkpoint: bool = False  # recompute expert layers in backward (activation memory)
     recompute_attention: bool = False  # recompute only the attention core (no saved prefix copy per layer)
     attention: str = "sdpa"  # sdpa over [prefix; action] | split: the prefix read in place (shared/prefix_attention.py)
+    fused_wgrad: bool = False  # expert linears accumulate dW straight into the gradient buffers (no copy / add)
     warmup: int = 2  # eager steps before capture (CUDA graphs)
 
 
@@ -111,6 +112,26 @@ class TrainStep:
         self._gnorm: torch.Tensor | None = None
         self._unwritten: set[int] = set()  # params whose static gradient some captured graph does not write
         self._zero: list[torch.Tensor] = []  # gradients zeroed before each step's replays
+        self._wgrad = self._wgrad_buffers(cfg.fused_wgrad)  # param -> the buffer its GEMM fills
+
+    def _wgrad_buffers(self, on: bool) -> dict[nn.Parameter, torch.Tensor]:
+        """--fused-wgrad: a gradient buffer per trainable expert linear weight (FUSED_WGRAD_LINEARS), given to
+        the module, whose backward GEMM accumulates dW into it (shared/fast_expert._LinearWgradInto). The
+        buffer is the parameter's .grad for the all-reduce, clip and update, so no fresh gradient is copied or
+        added into place per micro-batch. Plain nn.Linear weights only (LoRA and frozen layers keep autograd's
+        path)."""
+        trainable = {id(p) for p in self.params}
+        out = {}
+        for layer in self.head.expert.layers:
+            for name in FUSED_WGRAD_LINEARS:
+                mod = layer.get_submodule(name)
+                mod.__dict__.pop("wgrad_into", None)  # a step built on this head before (benches reuse heads)
+                if on and type(mod) is nn.Linear and mod.bias is None and id(mod.weight) in trainable:
+                    mod.wgrad_into = torch.zeros_like(mod.weight)
+                    out[mod.weight] = mod.wgrad_into
+        if on and not out:
+            raise ValueError("--fused-wgrad needs trainable expert linear weights (--trainable all)")
+        return out
 
     # -- the pieces ------------------------------------------------------------------------------
     def _slice(self, m: int, bsz: int) -> slice:
@@ -146,6 +167,10 @@ class TrainStep:
 
     def _eager(self, micro, t_all, eps_all, bsz) -> StepStats:
         self.opt.zero_grad(set_to_none=True)
+        if self._wgrad:
+            torch._foreach_zero_(list(self._wgrad.values()))
+            for p, buf in self._wgrad.items():
+                p.grad = buf
         total = torch.zeros((), device=self.device)
         for m, b in enumerate(micro):
             sl = self._slice(m, bsz)

@@ -78,6 +78,41 @@ def _attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: t
     return o.to(q.dtype)
 
 
+class _LinearWgradInto(torch.autograd.Function):
+    """y = x W^T whose backward accumulates dW into a buffer (one GEMM with C += A B) instead of handing a
+    fresh gradient to autograd: the training step's gradient buffers are filled without a copy or an add
+    per micro-batch (head_trainer/step.py, --fused-wgrad)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, buf)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, buf = ctx.saved_tensors
+        buf.addmm_(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))  # (out, in) += dy^T x
+        return dy @ weight, None, None
+
+
+def _linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """mod(x), or, where the step gave the layer a gradient buffer (`wgrad_into`), the same product whose dW
+    lands in that buffer."""
+    buf = getattr(mod, "wgrad_into", None)
+    if buf is None or not torch.is_grad_enabled():
+        return mod(x)
+    return _LinearWgradInto.apply(x, mod.weight, buf)
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Qwen3-VL's text MLP, down(act(gate(x)) * up(x)), through _linear."""
+    return _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
+
+
+FUSED_WGRAD_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # per expert layer: what _linear routes
+
+
 def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                   recompute_attention: bool = False, lengths: torch.Tensor | None = None,
@@ -100,9 +135,9 @@ def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre:
     n_kv = k_pre.shape[1]
     group = attn.num_key_value_groups
     x = layer.input_layernorm(h)
-    q = attn.q_norm(attn.q_proj(x).view(bsz, t, -1, d)).transpose(1, 2)  # (B, heads, T, D)
-    k = attn.k_norm(attn.k_proj(x).view(bsz, t, -1, d)).transpose(1, 2)  # (B, kv_heads, T, D)
-    v = attn.v_proj(x).view(bsz, t, -1, d).transpose(1, 2)
+    q = attn.q_norm(_linear(attn.q_proj, x).view(bsz, t, -1, d)).transpose(1, 2)  # (B, heads, T, D)
+    k = attn.k_norm(_linear(attn.k_proj, x).view(bsz, t, -1, d)).transpose(1, 2)  # (B, kv_heads, T, D)
+    v = _linear(attn.v_proj, x).view(bsz, t, -1, d).transpose(1, 2)
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
@@ -119,8 +154,8 @@ def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre:
     else:
         o = _attention(q, k, v, k_pre, v_pre, mask, attn.scaling)
     o = o.reshape(bsz, n_kv * group, t, d).transpose(1, 2).reshape(bsz, t, -1)
-    h = h + attn.o_proj(o)
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    h = h + _linear(attn.o_proj, o)
+    return h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
 
 
 ATTENTION = ("sdpa", "split")

@@ -175,19 +175,25 @@ def test_resume_refuses_config_changes_and_bad_warmup(store, tmp_path, capsys):
     assert "--attention 'flash': use one of auto, sdpa, split" in capsys.readouterr().err and not (tmp_path / "a").exists()
 
 
+def _two_runs(store, tmp_path, common: list[str], flag: list[str]) -> dict:
+    """head-train without and with `flag` -> {"plain" / "with": (logged losses, final head state)}."""
+    runs = {}
+    for name, extra in (("plain", []), ("with", flag)):
+        out = tmp_path / name
+        assert head_train.main(_args(store, out, *common, *extra)) == 0
+        runs[name] = ([json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()],
+                      load_head_file(out / "head.safetensors")[0])
+    return runs
+
+
 def test_int8_prefix_trains_what_the_dequantised_slots_train(store, tiny_checkpoint, tmp_path, capsys):
     """--int8-prefix: the slots hold the int8 codes and scales and the split attention dequantises them as
     the feeder would (codes x scale in fp32), so an fp32 run's losses and weights are bitwise those of the
     same run from dequantised slots. Refused without the split attention or on a store that is not int8."""
     q8 = write_train_store(tmp_path / "q8", tiny_checkpoint, n=8, quant="int8")
-    runs = {}
-    for name, extra in (("plain", []), ("int8", ["--int8-prefix"])):
-        out = tmp_path / name
-        assert head_train.main(_args(q8, out, "--attention", "split", *extra)) == 0
-        runs[name] = ([json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()],
-                      load_head_file(out / "head.safetensors")[0])
-    assert runs["plain"][0] == runs["int8"][0]
-    assert all(torch.equal(v, runs["int8"][1][k]) for k, v in runs["plain"][1].items())
+    runs = _two_runs(q8, tmp_path, ["--attention", "split"], ["--int8-prefix"])
+    assert runs["plain"][0] == runs["with"][0]
+    assert all(torch.equal(v, runs["with"][1][k]) for k, v in runs["plain"][1].items())
     capsys.readouterr()
     assert head_train.main(_args(q8, tmp_path / "r1", "--int8-prefix", "--attention", "sdpa")) == 2
     assert "--int8-prefix is read by --attention split" in capsys.readouterr().err
@@ -197,6 +203,18 @@ def test_int8_prefix_trains_what_the_dequantised_slots_train(store, tiny_checkpo
     err = capsys.readouterr().err
     assert "--int8-prefix reads int8 stores" in err and "holds 'none' K/V" in err
     assert not any((tmp_path / r).exists() for r in ("r1", "r2", "r3"))
+
+
+def test_fused_wgrad_run_trains_as_the_plain_run(store, tmp_path, capsys):
+    """head-train --fused-wgrad (the expert's weight GEMMs fill the gradient buffers): the same losses and head
+    as without, to fp32 rounding; refused where the expert's weights do not train."""
+    runs = _two_runs(store, tmp_path, ["--grad-accum", "2"], ["--fused-wgrad"])
+    assert runs["with"][0] == pytest.approx(runs["plain"][0], rel=1e-5)
+    for k, v in runs["plain"][1].items():
+        torch.testing.assert_close(runs["with"][1][k], v, rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    assert head_train.main(_args(store, tmp_path / "p", "--fused-wgrad", "--trainable", "projections")) == 2
+    assert "--fused-wgrad fills the expert's weight gradients; --trainable projections" in capsys.readouterr().err
 
 
 def test_nan_in_a_batch_stops_with_the_sample_key(tiny_checkpoint, tmp_path, capsys):

@@ -215,3 +215,36 @@ def test_quantised_optimizer_state_round_trip(tmp_path, name):
     opt.step()
     opt2.step()
     assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("accum, compile, checkpoint", [(1, False, False), (3, False, True), (2, True, False)])
+def test_fused_wgrad_trains_as_autograd_does(tmp_path, head_cfg, accum, compile, checkpoint):
+    """--fused-wgrad: the expert linears' backward GEMMs accumulate dW into the gradient buffers the update
+    reads. Two fp32 steps (micro-batches accumulated, layers recomputed or compiled) give the losses, gradients
+    and weights of autograd's own path; the other parameters keep autograd's gradients; a later step built on
+    the same head without the flag leaves no buffer behind; --trainable projections has nothing to fuse."""
+    from head_trainer.trainable import apply_trainable
+
+    st = _store(tmp_path / "s", cfg=head_cfg)
+    micro = [_batch(st, [2 * m, 2 * m + 1]) for m in range(accum)]
+    out = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        head = AlpamayoHead(head_cfg)
+        params = apply_trainable(head, "all")
+        ts = TrainStep(head, params, build_optimizer(params, "adamw", 1e-3),
+                       StepConfig(seed=4, grad_accum=accum, compile=compile, checkpoint=checkpoint, fused_wgrad=fused))
+        losses = [float(ts(micro, 1e-3, step).loss) for step in range(2)]
+        out.append((losses, [p.grad.clone() for p in params], [p.detach().clone() for p in params], ts))
+    (l0, g0, w0, _), (l1, g1, w1, ts) = out
+    assert len(ts._wgrad) == 7 * head_cfg.num_layers
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g0 + w0, g1 + w1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    head = ts.head
+    plain = TrainStep(head, ts.params, ts.opt, StepConfig(seed=4))
+    assert not plain._wgrad and not any(hasattr(m, "wgrad_into") for m in head.expert.modules())
+    frozen = AlpamayoHead(head_cfg)
+    with pytest.raises(ValueError, match="--fused-wgrad needs trainable expert linear weights"):
+        TrainStep(frozen, apply_trainable(frozen, "projections"),
+                  build_optimizer(apply_trainable(frozen, "projections"), "adamw", 1e-3), StepConfig(fused_wgrad=True))
