@@ -205,7 +205,7 @@ def train(cfg: TrainConfig) -> Path:
         from .memory import check_train_budget, parse_bytes
 
         est = check_train_budget(cfg, head_cfg, max(store.manifest(i % len(store))["prefix_len"] for i in indices),
-                                 str(dtype).removeprefix("torch."))
+                                 str(dtype).removeprefix("torch."), store.spec.quant)
         if launch.is_main:
             print(f"head-train: estimated peak {est.describe()} within --gpu-memory-budget {cfg.gpu_memory_budget}",
                   file=sys.stderr)

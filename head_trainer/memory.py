@@ -137,12 +137,15 @@ def parse_bytes(text: str) -> float:
 
 
 def check_budget(est: MemoryEstimate, budget: float, batch: int, checkpoint: bool, optimizer: str,
-                 recompute_attention: bool = False, attention: str = "sdpa") -> None:
+                 recompute_attention: bool = False, attention: str = "sdpa", int8_store: bool = False,
+                 int8_prefix: bool = False) -> None:
     """Refuse a plan whose estimated peak exceeds BUDGET_FRACTION of the budget, in one line that names
     what to change."""
     if est.total <= BUDGET_FRACTION * budget:
         return
     hints = []
+    if int8_store and attention == "split" and not int8_prefix:  # half the K/V slots, no compute
+        hints.append("--int8-prefix")
     if not checkpoint and attention != "split":  # split keeps no prefix copy: nothing to recompute
         hints.append("--attention split")
         if not recompute_attention:
@@ -198,7 +201,8 @@ def train_estimate(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str, kv
                     trainable=train_cfg.trainable, attention=_attention(train_cfg), compiled=train_cfg.compile)
 
 
-def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str) -> MemoryEstimate:
+def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str,
+                       store_quant: str = "none") -> MemoryEstimate:
     """head-train's check before any model loads: the plan of `train_cfg` against --gpu-memory-budget."""
     from .data import bucket_len
     from .feeder import N_SLOTS
@@ -206,5 +210,5 @@ def check_train_budget(train_cfg, head_cfg: HeadConfig, max_len: int, dtype: str
     est = train_estimate(train_cfg, head_cfg, bucket_len(max_len), dtype, kv_slots=N_SLOTS)
     check_budget(est, parse_bytes(train_cfg.gpu_memory_budget), train_cfg.batch_size,
                  train_cfg.gradient_checkpointing, train_cfg.optimizer, train_cfg.recompute_attention,
-                 _attention(train_cfg))
+                 _attention(train_cfg), store_quant == "int8", train_cfg.int8_prefix)
     return est

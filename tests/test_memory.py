@@ -68,6 +68,12 @@ def test_budget_refusal_names_what_to_change(tiny_head_cfg):
     with pytest.raises(ValueError) as exc:  # split attention keeps no copy: neither attention hint applies
         check_budget(est, 24 * 2**30, batch=8, checkpoint=False, optimizer="adamw", attention="split")
     assert "--recompute-attention" not in str(exc.value) and "--attention split" not in str(exc.value)
+    with pytest.raises(ValueError) as exc:  # an int8 store under split attention: its codes in the slots first
+        check_budget(est, 24 * 2**30, batch=8, checkpoint=False, optimizer="adamw", attention="split", int8_store=True)
+    assert "try --int8-prefix or " in str(exc.value)
+    with pytest.raises(ValueError) as exc:
+        check_budget(est, 24 * 2**30, 8, False, "adamw", attention="split", int8_store=True, int8_prefix=True)
+    assert "--int8-prefix" not in str(exc.value)
     check_budget(est, est.total / 0.9 + 1, batch=8, checkpoint=False, optimizer="adamw")  # fits: no error
     with pytest.raises(ValueError, match="exceeds 90 % of --gpu-memory-budget"):  # the allocator's headroom
         check_budget(est, est.total + 1, batch=8, checkpoint=False, optimizer="adamw")
