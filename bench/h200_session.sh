@@ -13,6 +13,7 @@
 #   bash bench/h200_session.sh final   # --grad-accum with the two-slot feeder on CUDA, the update's table-guess search
 #                                        (CHECK_S, ABL_S), L = 809 memory rows, fast math's 200-step curve (QUAL_S),
 #                                        B = 8 split steps with the shipped kernel (STEP0_S) and fast + table (STEP_S)
+#   bash bench/h200_session.sh verify  # the fifth session's CPU-built changes on CUDA in one call (checks first, then rows)
 #   bash bench/h200_session.sh chunk   # the split kernels' CUDA check, key-chunk sweep (one-chunk path), B = 8 / L = 809 steps
 #   bash bench/h200_session.sh next    # what the last session left: the kernel's CUDA checks, its fast-math variant, its 200-step curve, its
 #                                        step rows (grad-accum 4 and 8), L = 809 memory rows of every optimizer / mode
@@ -136,6 +137,19 @@ final)  # the deferred two-slot feeder under --grad-accum on CUDA (graphs vs eag
     --step-pick 0 --json-dir "$OUT"
   part "${STEP_S:-0}" python3 bench/bench_head_train.py --sections step --step-set split --step-optimizers adamw8bit-fused \
     --adam8-fast --adam8-search 2 --step-pick "${STEP_PICK:-0,2}" ${PCHUNK:+--prefix-chunk $PCHUNK} --json-dir "$OUT"
+  ;;
+verify)  # one call for what the fifth session built without a GPU, most needed first: the changed kernels' CUDA
+         # checks (split one-chunk / int8; the update's loop and table search), the fused-wgrad graphs against eager,
+         # --grad-accum on CUDA, the update ablation, B = 8 steps (plain, fused-wgrad), L = 809 memory rows (issue 9)
+  part "${PCHECK_S:-40}" python3 bench/bench_prefix_attention.py --check
+  part "${CHECK_S:-45}" python3 bench/diag_adam8.py --check
+  part "${GCHECK_S:-70}" python3 bench/check_graph_step.py
+  part "${ACC_S:-60}" python3 bench/check_train_loop_gpu.py --dir /tmp/loop --json "$OUT/train_loop_gpu.json" --checks accum
+  part "${ABL_S:-70}" python3 bench/diag_adam8.py --ablate --json "$OUT/adam8_ablate.json"
+  part "${STEP_S:-130}" python3 bench/bench_head_train.py --sections step --step-set split --step-optimizers adamw8bit-fused \
+    --step-pick "${STEP_PICK:-0,8}" ${ADAM8_X:-} --json-dir "$OUT"
+  part "${MEM_S:-110}" python3 bench/bench_head_train.py --sections memory --memory-lengths 809 \
+    --optimizers "${MEM_OPTS:-adamw8bit-fused,adamwfp8,adamw4bit,adamw,adamw-sr,adamw-offload}" --json-dir "$OUT"
   ;;
 chunk)  # the split kernels' key chunks (one chunk per program from 1,024 keys at L = 809 and 3,072 at L = 2,993: no
         # merge kernels), then B = 8 steps at the chunk PCHUNK beside the default
