@@ -92,7 +92,7 @@ class _LinearWgradInto(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, weight, buf = ctx.saved_tensors
         buf.addmm_(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))  # (out, in) += dy^T x
-        return dy @ weight, None, None
+        return (dy @ weight if ctx.needs_input_grad[0] else None), None, None
 
 
 def _linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
