@@ -136,14 +136,15 @@ class DeviceFeeder:
         kv, L = slot.kv, r["L"]
         kv[:, :, b, :, L:].zero_()  # the slot's last batch may have been longer: padding reads as zeros
         codes = r["kv"].to(self.device, non_blocking=True)
-        if self.spec.quant == "none" or self.int8:
+        if self.int8:  # the codes as stored, the scales beside them
             kv[:, :, b, :, :L].copy_(codes)
-        if self.int8:
             ks, vs = slot.scales
             ks[:, b].copy_(r["q"]["k_scale"][:, :, 0].to(self.device, non_blocking=True))  # (l, h, D)
             vs[:, b, :, L:].zero_()
             vs[:, b, :, :L].copy_(r["q"]["v_scale"][..., 0].to(self.device, non_blocking=True))  # (l, h, L) fp16
-        if self.spec.quant == "none" or self.int8:
+            return
+        if self.spec.quant == "none":
+            kv[:, :, b, :, :L].copy_(codes)
             return
         params = {n: t.to(self.device, non_blocking=True) for n, t in r["q"].items()}
         for lo in range(0, codes.shape[0], DEQUANT_LAYERS):
