@@ -1,0 +1,77 @@
+"""Compile the project's Triton kernels for an H100 / H200 (sm_90) on a machine without a GPU.
+
+    python bench/compile_kernels_sm90.py        # prints one line per variant; exits 1 if any fails
+
+Triton's wheel carries ptxas, so each kernel goes through the same front end, passes and ptxas as on the
+GPU box: a type or constexpr error that the CPU interpreter lets through fails here, before device time
+is spent. Compiling is not running: the numbers are checked by the interpreter tests and, on the GPU,
+by `bench_prefix_attention.py --check` and `diag_adam8.py --check`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import shared.prefix_attention as pa  # noqa: E402
+from head_trainer import adam8_triton as a8  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_one(fn, types: dict, consts: dict, warps: int, stages: int) -> int:
+    """PTX bytes of fn compiled for TARGET; types: arg -> Triton type string, consts: arg -> value."""
+    sig = {name: ("constexpr" if name in consts else types[name]) for name in fn.arg_names}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET,
+                       options={"num_warps": warps, "num_stages": stages})
+    return len(k.asm["ptx"])
+
+
+def prefix_variants():
+    ints = {n: "i32" for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdb", "sdh", "sdm",
+                               "slb", "slh", "sdmb", "sdmh", "H", "M", "n_split", "chunk", "L_MAX")}
+    for quant in (False, True):
+        for dt in ("bf16", "fp32"):
+            kv = "*i8" if quant else f"*{dt}"
+            types = {"Q": f"*{dt}", "K": kv, "V": kv, "LEN": "*i32", "OUT": "*fp32", "LSE": "*fp32", "KS": "*fp32",
+                     "VS": "*fp32", "DO": "*fp32", "DM": "*fp32", "DQ": "*fp32", "scale": "fp32", "scale2": "fp32",
+                     **ints}
+            consts = {"D": 128, "BM": pa.BLOCK_M, "BN": pa.BLOCK_N, "IEEE": dt == "fp32", "QUANT": quant}
+            for fn in (pa._fwd_kernel, pa._bwd_kernel):
+                yield f"{fn.fn.__name__} {dt}{' int8' if quant else ''}", fn, types, consts, pa.NUM_WARPS, pa.NUM_STAGES
+
+
+def adam8_variants():
+    types = {"p_ptr": "*bf16", "g_ptr": "*bf16", "mc_ptr": "*u8", "ms_ptr": "*fp32", "vc_ptr": "*u8", "vs_ptr": "*fp32",
+             **{n: "*fp32" for n in ("qm_ptr", "qv_ptr", "bm_ptr", "bv_ptr", "coef_ptr", "lr_ptr", "c1_ptr", "c2_ptr",
+                                     "step_ptr")},
+             "n_blocks": "i32", "salt": "i32", "w1": "fp32", "w2": "fp32", "eps": "fp32", "wd": "fp32"}
+    for search, fast, rows, loop, stages in ((a8.SEARCH, a8.FAST, a8.ROWS, a8.LOOP, a8.STAGES), (2, 1, 1, 1, 1),
+                                             (1, 0, 1, 4, 2), (2, 1, 1, 8, 3), (2, 1, 2, 4, 2), (0, 0, 1, 1, 1)):
+        for sr, dt in ((True, "bf16"), (False, "fp32")):
+            consts = {"SR": sr, "SEARCH": search, "FAST": fast, "ROWS": rows, "BLOCK": a8.BLOCK, "DIAG": 0,
+                      "LOOP": loop, "STAGES": stages}
+            t = {**types, "p_ptr": f"*{dt}", "g_ptr": f"*{dt}"}
+            yield (f"_adamw8_kernel {dt} search {search} fast {fast} rows {rows} loop {loop} x {stages}",
+                   a8._adamw8_kernel, t, consts, a8.NUM_WARPS, 1)
+
+
+def main() -> int:
+    bad = 0
+    for name, fn, types, consts, warps, stages in [*prefix_variants(), *adam8_variants()]:
+        try:
+            print(f"ok   {name}: {compile_one(fn, types, consts, warps, stages):,} B of PTX", flush=True)
+        except Exception as exc:  # noqa: BLE001 - report every variant
+            bad += 1
+            print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:1500]}", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
