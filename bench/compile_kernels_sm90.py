@@ -1,6 +1,7 @@
 """Compile the project's Triton kernels for an H100 / H200 (sm_90) on a machine without a GPU.
 
     python bench/compile_kernels_sm90.py        # prints one line per variant; exits 1 if any fails
+    python bench/compile_kernels_sm90.py --json docs/kernel_resources_sm90.json   # + registers per variant
 
 Triton's wheel carries ptxas, so each kernel goes through the same front end, passes and ptxas as on the
 GPU box: a type or constexpr error that the CPU interpreter lets through fails here, before device time
@@ -25,12 +26,34 @@ from head_trainer import adam8_triton as a8  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_one(fn, types: dict, consts: dict, warps: int, stages: int) -> int:
-    """PTX bytes of fn compiled for TARGET; types: arg -> Triton type string, consts: arg -> value."""
+def compile_kernel(fn, types: dict, consts: dict, warps: int, stages: int):
+    """fn compiled for TARGET (the CompiledKernel); types: arg -> Triton type string, consts: arg -> value."""
     sig = {name: ("constexpr" if name in consts else types[name]) for name in fn.arg_names}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET,
-                       options={"num_warps": warps, "num_stages": stages})
-    return len(k.asm["ptx"])
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET,
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def compile_one(fn, types: dict, consts: dict, warps: int, stages: int) -> int:
+    """PTX bytes of fn compiled for TARGET."""
+    return len(compile_kernel(fn, types, consts, warps, stages).asm["ptx"])
+
+
+def resources(kernel, warps: int) -> dict:
+    """Registers per thread and stack bytes (ptxas's allocation, from cuobjdump in Triton's wheel) and the
+    warps an H100 / H200 SM can hold at that register count (65,536 registers, at most 32 blocks, 64 warps)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs, stack = (int(re.search(rf"{k}:(\d+)", out).group(1)) for k in ("REG", "STACK"))
+    blocks = min(32, 65536 // (regs * 32 * warps), 64 // warps)
+    return {"registers": regs, "stack_bytes": stack, "warps_per_sm": blocks * warps}
 
 
 def prefix_variants():
@@ -63,13 +86,23 @@ def adam8_variants():
 
 
 def main() -> int:
-    bad = 0
+    import json
+
+    bad, rows = 0, []
     for name, fn, types, consts, warps, stages in [*prefix_variants(), *adam8_variants()]:
         try:
-            print(f"ok   {name}: {compile_one(fn, types, consts, warps, stages):,} B of PTX", flush=True)
+            k = compile_kernel(fn, types, consts, warps, stages)
+            res = resources(k, warps)
+            rows.append({"variant": name, "warps": warps, **res})
+            print(f"ok   {name}: {len(k.asm['ptx']):,} B of PTX, {res}", flush=True)
         except Exception as exc:  # noqa: BLE001 - report every variant
             bad += 1
             print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:1500]}", flush=True)
+    if "--json" in sys.argv:
+        Path(sys.argv[sys.argv.index("--json") + 1]).write_text(json.dumps(
+            {"meta": {"triton": triton.__version__, "target": "sm_90", "command": "python bench/compile_kernels_sm90.py"
+                      " --json docs/kernel_resources_sm90.json", "machine": "the 2-core dev box, no GPU"},
+             "rows": rows}, indent=1) + "\n")
     return 1 if bad else 0
 
 

@@ -336,3 +336,15 @@ def live_eval_table() -> str:
 renderer("prefix_attention_h100")(lambda: prefix_attention_table("bench_prefix_attention_h100.json"))
 renderer("prefix_attention_errors_h100")(lambda: prefix_attention_errors("bench_prefix_attention_h100.json"))
 renderer("adam8_ablate_h100")(lambda: adam8_ablate_table("bench_adam8_ablate_h100.json"))
+
+
+@renderer("kernel_resources_sm90")
+def kernel_resources_table() -> str:
+    """bench/compile_kernels_sm90.py --json: ptxas's registers per thread and stack per kernel variant (compiled
+    for sm_90 without a GPU) and the warps an SM holds at that count."""
+    d = load("kernel_resources_sm90.json")
+    rows = [[r["variant"].replace("_adamw8_kernel", "update").replace("_fwd_kernel", "split forward")
+             .replace("_bwd_kernel", "split backward"), str(r["warps"]), str(r["registers"]), str(r["stack_bytes"]),
+             str(r["warps_per_sm"])] for r in d["rows"]]
+    return table(["kernel variant (dtype, options)", "warps / program", "registers / thread", "stack bytes",
+                  "warps / SM at that count (of 64)"], rows) + f"\n(Triton {d['meta']['triton']}, sm_90)\n"
