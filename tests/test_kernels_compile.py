@@ -18,7 +18,8 @@ import compile_kernels_sm90 as ck  # noqa: E402
 
 def test_shipped_kernels_compile_for_sm90():
     picked = [v for v in ck.prefix_variants() if " bf16" in v[0]]  # forward / backward, bf16 and int8 prefixes
-    picked += [v for v in ck.adam8_variants() if v[0].endswith(("loop 1 x 1", "loop 4 x 2")) and "search 0" not in v[0]]
+    picked += [v for v in list(ck.adam8_variants())[:8] if v[0].endswith(("loop 1 x 1", "loop 4 x 2"))
+               and "search 0" not in v[0]]
     assert len(picked) == 4 + 8
     for name, fn, types, consts, warps, stages in picked:
         assert ck.compile_one(fn, types, consts, warps, stages) > 10_000, name
