@@ -29,11 +29,12 @@ from shared.fast_expert import _attention, _attention_split  # noqa: E402
 B, H, G, T, D = 8, 8, 2, 64, 128
 DEV = "cuda"  # --device cpu: a smoke run of this script (tiny L, no graphs, perf_counter times)
 # (CHUNK, BLOCK_M, BLOCK_N, warps, stages): the default first
-# (1024 and above: at L = 809 / 2,993 one chunk per program at 1024 / 3,072, so the kernels write the outputs and
-# nothing merges; the first two also run at the other lengths)
-TILES = [(512, 64, 64, 4, 2), (1024, 64, 64, 4, 2), (3072, 64, 64, 4, 2), (1536, 64, 64, 4, 2), (256, 64, 64, 4, 2),
-         (128, 64, 64, 4, 2), (256, 128, 64, 8, 2), (3072, 64, 64, 4, 3), (3072, 128, 64, 8, 2), (512, 128, 64, 8, 3),
-         (256, 64, 32, 4, 2), (256, 64, 64, 4, 3)]
+# (3,072: at L = 2,993 one chunk per program, so the kernels write the outputs and nothing merges; 8 warps: ptxas
+# fits a 64 x 64 tile without spilling, where 4 warps spill at 255 registers: docs/kernel_resources_sm90.json and
+# bench/compile_kernels_sm90.py. The first two also run at the other lengths)
+TILES = [(512, 64, 64, 4, 2), (3072, 64, 64, 4, 2), (512, 64, 64, 8, 2), (3072, 64, 64, 8, 2), (1024, 64, 64, 4, 2),
+         (1536, 64, 64, 4, 2), (256, 64, 64, 4, 2), (128, 64, 64, 4, 2), (256, 128, 64, 8, 2), (3072, 64, 64, 4, 3),
+         (3072, 128, 64, 8, 2), (512, 128, 64, 8, 3), (256, 64, 32, 4, 2), (256, 64, 64, 4, 3)]
 
 
 def inputs(L: int, dtype=torch.bfloat16, seed=0):
