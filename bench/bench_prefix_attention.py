@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shared.prefix_attention as pa  # noqa: E402
 from shared.fast_expert import _attention, _attention_split  # noqa: E402
+from shared.kv_quant import dequantize_int8_prefix, int8_prefix  # noqa: E402
 
 B, H, G, T, D = 8, 8, 2, 64, 128
 DEV = "cuda"  # --device cpu: a smoke run of this script (tiny L, no graphs, perf_counter times)
@@ -53,16 +54,6 @@ def inputs(L: int, dtype=torch.bfloat16, seed=0):
 
 
 _MADE: dict = {}
-
-
-def int8_prefix(kp: torch.Tensor, vp: torch.Tensor):
-    """The store's int8 codes of a (B, H, L, D) prefix (shared/kv_quant.py, batch as its layer axis) and the
-    op's scales: k codes, v codes (int8), k_scale (B, H, D), v_scale (B, H, L) fp32."""
-    from shared import kv_quant
-
-    qkv = kv_quant.quantize_kv(kp, vp, "int8")
-    return (qkv.codes[:, 0].contiguous(), qkv.codes[:, 1].contiguous(), qkv.params["k_scale"][:, :, 0].float(),
-            qkv.params["v_scale"][..., 0].float().contiguous())
 
 
 def make(kind: str, L: int, backward: bool):
@@ -147,7 +138,7 @@ def errors(L: int) -> dict:
     # --int8-prefix against the same attention in fp32 over the dequantised prefix (the kernels' arithmetic,
     # not the quantisation), beside today's path: the prefix dequantised to bf16, then split
     kc, vc, ks, vs = int8_prefix(kp, vp)
-    kd, vd = kc.float() * ks[:, :, None, :], vc.float() * vs[..., None]
+    kd, vd = dequantize_int8_prefix(kc, vc, ks, vs, torch.float32)
 
     def split_int8(a, b, c, kp_, vp_, dtype):
         return _attention_split(a, b, c, kc, vc, lengths, mask[..., -T:].to(dtype), scale, ks, vs)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .head import N_ACTION, AlpamayoHead, KVPrefix
+from .kv_quant import dequantize_int8_prefix
 from .prefix_attention import prefix_attention
 
 
@@ -129,6 +130,8 @@ def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre:
     `lengths` (B,) given: the split attention (`_attention_split`), which keeps no copy at all; `mask`
     is then only read in its last T columns. k_scale (B, kv_heads, D) / v_scale (B, kv_heads, L_max): k_pre /
     v_pre are int8 codes (KVPrefix.key_scales), read in place by the split attention, dequantised for SDPA."""
+    if k_scale is not None and lengths is None:  # SDPA over an int8 prefix: this layer's dequantised copy
+        k_pre, v_pre = dequantize_int8_prefix(k_pre, v_pre, k_scale, v_scale, h.dtype)
     attn = layer.self_attn
     bsz, t, _ = h.shape
     d = attn.head_dim
@@ -144,10 +147,6 @@ def decoder_layer(layer: nn.Module, h: torch.Tensor, k_pre: torch.Tensor, v_pre:
     q = q.reshape(bsz, n_kv, group * t, d)  # heads j*group..j*group+group-1 share KV head j
     if lengths is not None:
         o = _attention_split(q, k, v, k_pre, v_pre, lengths, mask[..., -k.shape[2]:], attn.scaling, k_scale, v_scale)
-    elif k_scale is not None:  # SDPA over an int8 prefix: this layer's dequantised copy
-        kp = (k_pre.float() * k_scale.float()[:, :, None, :]).to(q.dtype)
-        vp = (v_pre.float() * v_scale.float()[..., None]).to(q.dtype)
-        return decoder_layer(layer, h, kp, vp, cos, sin, mask, recompute_attention)
     elif recompute_attention and torch.is_grad_enabled():
         o = torch.utils.checkpoint.checkpoint(_attention, q, k, v, k_pre, v_pre, mask, attn.scaling,
                                               use_reentrant=False)

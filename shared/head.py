@@ -24,6 +24,7 @@ from transformers import DynamicCache, Qwen3VLTextConfig, Qwen3VLTextModel
 from .action_space import UnicycleAccelCurvature
 from .config import HeadConfig
 from .flow_matching import euler_sample, interpolate, sample_time
+from .kv_quant import dequantize_int8_prefix
 
 N_ACTION = 64  # one expert token per future waypoint
 
@@ -131,35 +132,35 @@ class KVPrefix:
         """On `device`; K/V in `dtype` (int8 codes are dequantised first, so the result is plain)."""
         if self.quantized and dtype is not None:
             return self.dequantized(dtype).to(device)
-        each = (lambda ts: [t.to(device) for t in ts]) if self.quantized else None
         return KVPrefix(
             [k.to(device=device, dtype=dtype) for k in self.keys],
             [v.to(device=device, dtype=dtype) for v in self.values],
             self.lengths.to(device),
             self.rope_deltas.to(device),
-            each(self.key_scales) if each else None,
-            each(self.value_scales) if each else None,
+            *self._scales_each(lambda t: t.to(device)),
         )
 
+    def _scales_each(self, fn) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """fn of every key / value scale (None, None for a plain prefix)."""
+        if not self.quantized:
+            return None, None
+        return [fn(t) for t in self.key_scales], [fn(t) for t in self.value_scales]
+
     def dequantized(self, dtype: torch.dtype) -> KVPrefix:
-        """int8 codes x scales in fp32, then one cast (as kv_quant.dequantize_kv); a plain prefix as it is."""
+        """int8 codes x scales in fp32, then one cast (kv_quant.dequantize_int8_prefix); a plain prefix as it is."""
         if not self.quantized:
             return self
-        return KVPrefix(
-            [(k.float() * s.float()[:, :, None, :]).to(dtype) for k, s in zip(self.keys, self.key_scales)],
-            [(v.float() * s.float()[..., None]).to(dtype) for v, s in zip(self.values, self.value_scales)],
-            self.lengths, self.rope_deltas)
+        kv = [dequantize_int8_prefix(*x, dtype) for x in zip(self.keys, self.values, self.key_scales, self.value_scales)]
+        return KVPrefix([k for k, _ in kv], [v for _, v in kv], self.lengths, self.rope_deltas)
 
     def repeat_interleave(self, n: int) -> KVPrefix:
         """Each sample n times (for several trajectory samples per prefix)."""
-        rep = (lambda ts: [t.repeat_interleave(n, 0) for t in ts]) if self.quantized else None
         return KVPrefix(
             [k.repeat_interleave(n, 0) for k in self.keys],
             [v.repeat_interleave(n, 0) for v in self.values],
             self.lengths.repeat_interleave(n, 0),
             self.rope_deltas.repeat_interleave(n, 0),
-            rep(self.key_scales) if rep else None,
-            rep(self.value_scales) if rep else None,
+            *self._scales_each(lambda t: t.repeat_interleave(n, 0)),
         )
 
     @classmethod

@@ -142,6 +142,27 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, method: str, group: int = INT4
     raise ValueError(f"unknown quantisation {method!r}; expected one of {QUANT_METHODS[1:]}")
 
 
+def int8_values(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int8 codes x scale (broadcast) in fp32 (fp64 for an fp64 dtype), then one cast to `dtype`."""
+    a = torch.promote_types(dtype, torch.float32)
+    return (codes.to(a) * scale.to(a)).to(dtype)
+
+
+def dequantize_int8_prefix(k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split attention's int8 layout -> values: k, v codes (B, H, L, D), k_scale (B, H, D) per key channel,
+    v_scale (B, H, L) per value token (KVPrefix.key_scales / value_scales); the numbers of dequantize_kv."""
+    return int8_values(k, k_scale[:, :, None, :], dtype), int8_values(v, v_scale[..., None], dtype)
+
+
+def int8_prefix(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, H, L, D) K / V -> that layout: k codes, v codes (int8), k_scale (B, H, D), v_scale (B, H, L) fp32
+    (quantize_kv's int8 with the batch as its layer axis)."""
+    q = quantize_kv(k, v, "int8")
+    return (q.codes[:, 0].contiguous(), q.codes[:, 1].contiguous(), q.params["k_scale"][:, :, 0].float(),
+            q.params["v_scale"][..., 0].float().contiguous())
+
+
 def dequantize_kv(
     q: QuantizedKV, method: str, dtype: torch.dtype = torch.float32, group: int = INT4_GROUP
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,9 +172,7 @@ def dequantize_kv(
     codes = q.codes
     p = {n: t.to(codes.device) for n, t in q.params.items()}
     if method == "int8":
-        k = codes[:, 0].float() * p["k_scale"].float()
-        v = codes[:, 1].float() * p["v_scale"].float()
-        return k.to(dtype), v.to(dtype)
+        return int8_values(codes[:, 0], p["k_scale"], dtype), int8_values(codes[:, 1], p["v_scale"], dtype)
     if method == "int4":
         kc = _unpack4(codes[:, 0]).float()  # (l, h, L, D)
         vc = _unpack4(codes[:, 1]).float()

@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from .kv_quant import dequantize_int8_prefix
+
 try:
     import triton
     import triton.language as tl
@@ -67,10 +69,7 @@ def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 
 def _dequant(q, k, v, k_scale, v_scale):
     """int8 codes -> _acc(q) values: K scaled per channel (k_scale (B, H, D)), V per token (v_scale (B, H, L))."""
-    if k_scale is None:
-        return k, v
-    a = _acc(q.dtype)
-    return k.to(a) * k_scale.to(a)[:, :, None, :], v.to(a) * v_scale.to(a)[..., None]
+    return (k, v) if k_scale is None else dequantize_int8_prefix(k, v, k_scale, v_scale, _acc(q.dtype))
 
 
 def _fwd_torch(q, k, v, lengths, scale, k_scale=None, v_scale=None):
@@ -200,7 +199,7 @@ def _launch_args(q, k, v):
     return B, H, M, D, n_split, grid, strides
 
 
-def _scales(q, k, k_scale, v_scale):
+def _scales(q, k_scale, v_scale):
     """Contiguous fp32 scales for the kernels ((B*H, D), (B*H, L_max)), or q as an unread placeholder."""
     if k_scale is None:
         return q, q
@@ -211,7 +210,7 @@ def _fwd_triton(q, k, v, lengths, scale, k_scale=None, v_scale=None):
     B, H, M, D, n_split, grid, strides = _launch_args(q, k, v)
     o = torch.empty(B * H, n_split, M, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B * H, n_split, M, device=q.device, dtype=torch.float32)
-    _fwd_kernel[grid](q, k, v, lengths, o, lse, *_scales(q, k, k_scale, v_scale), *strides, H, M, n_split, CHUNK,
+    _fwd_kernel[grid](q, k, v, lengths, o, lse, *_scales(q, k_scale, v_scale), *strides, H, M, n_split, CHUNK,
                       scale * LOG2E, k.shape[2], D=D, BM=BLOCK_M, BN=BLOCK_N, IEEE=q.dtype == torch.float32,
                       QUANT=k_scale is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if n_split == 1:  # the kernel wrote the outputs: no merge kernels
@@ -227,7 +226,7 @@ def _bwd_triton(q, k, v, lengths, do, lse, dm, scale, k_scale=None, v_scale=None
         do = do.contiguous()
     lse, dm = lse.float(), dm.float()
     dq = torch.empty(B * H, n_split, M, D, device=q.device, dtype=torch.float32)
-    _bwd_kernel[grid](q, k, v, lengths, do, lse, dm, dq, *_scales(q, k, k_scale, v_scale), *strides,
+    _bwd_kernel[grid](q, k, v, lengths, do, lse, dm, dq, *_scales(q, k_scale, v_scale), *strides,
                       *do.stride()[:3], *lse.stride()[:2], *dm.stride()[:2], H, M, n_split, CHUNK, scale,
                       scale * LOG2E, k.shape[2], D=D, BM=BLOCK_M, BN=BLOCK_N, IEEE=q.dtype == torch.float32,
                       QUANT=k_scale is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES)

@@ -7,6 +7,7 @@ import torch
 from triton_interpret import main, run_each
 
 import shared.prefix_attention as pa
+from shared.kv_quant import int8_prefix
 
 DEVICE = "cpu"
 
@@ -68,21 +69,11 @@ def check_one_chunk_and_empty_rows():
         pa.CHUNK = chunk
 
 
-def _int8(k, v):
-    """The store's int8 codes of a (B, H, L, D) prefix (shared/kv_quant.py, batch as its layer axis) ->
-    codes and the op's scales: k_scale (B, H, D), v_scale (B, H, L)."""
-    from shared import kv_quant
-
-    qkv = kv_quant.quantize_kv(k, v, "int8")
-    return (qkv.codes[:, 0].contiguous(), qkv.codes[:, 1].contiguous(), qkv.params["k_scale"][:, :, 0].float(),
-            qkv.params["v_scale"][..., 0].float())
-
-
 def check_int8_prefix():
     """int8 codes read in place (q scaled per key channel, probabilities per value token, dq scaled at the
     end) equal the fp64 softmax over the dequantised prefix, forward and dq, with several chunks and one."""
     q, k, v, lengths = _inputs(2, 2, 40, 300, 32, [300, 77], torch.float32, seed=7)
-    kc, vc, ks, vs = _int8(k, v)
+    kc, vc, ks, vs = int8_prefix(k, v)
     g = torch.Generator().manual_seed(8)
     go, gl = torch.randn(q.shape, generator=g).to(DEVICE), torch.randn(q.shape[:3], generator=g).to(DEVICE)
     kd, vd = kc.float() * ks[:, :, None, :], vc.float() * vs[..., None]

@@ -65,10 +65,7 @@ def _int8_prefix(B=2, H=2, L=30, D=8, seed=0):
     from shared import kv_quant
 
     g = torch.Generator().manual_seed(seed)
-    k, v = torch.randn(B, H, L, D, generator=g) * 3, torch.randn(B, H, L, D, generator=g)
-    qkv = kv_quant.quantize_kv(k, v, "int8")
-    return (qkv.codes[:, 0], qkv.codes[:, 1], qkv.params["k_scale"][:, :, 0].float(),
-            qkv.params["v_scale"][..., 0].float())
+    return kv_quant.int8_prefix(torch.randn(B, H, L, D, generator=g) * 3, torch.randn(B, H, L, D, generator=g))
 
 
 def test_int8_prefix_equals_its_dequantised_values_on_the_torch_path():
