@@ -23,10 +23,16 @@ from shared.failpoints import failpoint
 from shared.head import KVPrefix
 from shared.store import Store
 
-from .integrity import checked_tensors
+from .integrity import checked_tensors, finite_rows
 
 DEQUANT_LAYERS = 4  # layers dequantised at once (bounds the fp32 temporaries)
 N_SLOTS = 2  # device K/V slots per batch shape (head_trainer/memory.py's kv_slots)
+
+
+def check_int8_prefix(store: Store) -> None:
+    """--int8-prefix keeps int8 codes in the slots: refuse a store that holds other K/V."""
+    if store.spec.quant != "int8":
+        raise ValueError(f"--int8-prefix reads int8 stores; {store.url} holds {store.spec.quant!r} K/V")
 
 
 class DeviceFeeder:
@@ -35,8 +41,8 @@ class DeviceFeeder:
 
     def __init__(self, store: Store, device: torch.device, dtype: torch.dtype | None, bucket: int,
                  int8_prefix: bool = False):
-        if int8_prefix and store.spec.quant != "int8":
-            raise ValueError(f"--int8-prefix reads int8 stores; {store.url} holds {store.spec.quant!r} K/V")
+        if int8_prefix:
+            check_int8_prefix(store)
         self.int8 = int8_prefix
         self.spec = store.spec
         self.url = store.url
@@ -201,8 +207,6 @@ class DeferredKV:
         main.wait_event(ready)
 
     def _fill(self) -> None:
-        from .integrity import finite_rows
-
         for b, r in enumerate(self.raws):
             self.feeder._place(self.slot, b, r)
         self.finite = finite_rows(self.checked)

@@ -31,6 +31,7 @@ from shared.store import Store, StoreError
 from . import distributed, run_dir
 from .data import check_host_ram, make_loader, readable, split_indices, train_ram_plan
 from .ema import EMA
+from .feeder import check_int8_prefix
 from .integrity import FiniteGuard, TrainingStopped, check_head_pairing, check_store_checkpoint, read_stop
 from .logger import Logger
 from .optim import build_optimizer, load_optimizer, save_optimizer
@@ -192,8 +193,8 @@ def train(cfg: TrainConfig) -> Path:
     device = resolve_device(cfg.device, launch.local_rank)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if cfg.int8_prefix and store.spec.quant != "int8":
-        raise ValueError(f"--int8-prefix reads int8 stores; {store.url} holds {store.spec.quant!r} K/V")
+    if cfg.int8_prefix:
+        check_int8_prefix(store)
     if cfg.int8_prefix and resolve_attention(cfg.attention, device) != "split":
         raise ValueError(f"--int8-prefix needs the split attention; --attention {cfg.attention} is SDPA on {device}: "
                          "add --attention split")
