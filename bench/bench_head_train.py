@@ -117,15 +117,6 @@ class Timer:
         return out
 
 
-def adam8_fast() -> int | None:
-    """adamw8bit-fused's kernel variant in use (head_trainer/adam8_triton.FAST), None without Triton."""
-    try:
-        from head_trainer import adam8_triton
-    except ImportError:
-        return None
-    return adam8_triton.FAST
-
-
 def adam8_variant(rec: dict) -> None:
     """Record adamw8bit-fused's kernel variant (FAST, SEARCH) in a result row."""
     try:

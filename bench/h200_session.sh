@@ -30,6 +30,9 @@ fi
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv > "$OUT/log_main.txt" 2>&1
 part() { local t=$1; shift; [ "$t" -gt 0 ] || return 0; echo "== $(date +%T) [$t s] $*" >> "$OUT/log_main.txt"; timeout -k 5 "$t" "$@" >> "$OUT/log_main.txt" 2>&1; echo "== rc=$? $(date +%T)" >> "$OUT/log_main.txt"; }
+mem809() {  # issue 9's L = 809 memory rows of every optimizer (MEM_OPTS) and trainable mode
+  part "$1" python3 bench/bench_head_train.py --sections memory --memory-lengths 809 \
+    --optimizers "${MEM_OPTS:-adamw8bit-fused,adamwfp8,adamw4bit,adamw,adamw-sr,adamw-offload}" --json-dir "$OUT"; }
 case "${1:-train}" in
 train)
   # tiny-checkpoint checks in the background, overlapping memory + quality (not timed); step runs alone
@@ -128,8 +131,7 @@ final)  # the deferred two-slot feeder under --grad-accum on CUDA (graphs vs eag
   part "${ACC_S:-80}" python3 bench/check_train_loop_gpu.py --dir /tmp/loop --json "$OUT/train_loop_gpu.json" --checks accum
   part "${CHECK_S:-0}" python3 bench/diag_adam8.py --check  # the three code searches, SEARCH 2's first CUDA run
   part "${ABL_S:-0}" python3 bench/diag_adam8.py --ablate --json "$OUT/adam8_ablate.json"
-  part "${MEM_S:-90}" python3 bench/bench_head_train.py --sections memory --memory-lengths 809 \
-    --optimizers "${MEM_OPTS:-adamw8bit-fused,adamwfp8,adamw4bit,adamw,adamw-sr,adamw-offload}" --json-dir "$OUT"
+  mem809 "${MEM_S:-90}"
   part "${QUAL_S:-0}" python3 bench/bench_head_train.py --sections quality --quality-steps 200 --adam8-fast --adam8-search 2 \
     --quality-plans float32:adamw:eager,bfloat16:adamw8bit-fused:graphs:split --json-dir "$OUT"  # fast math's curve
   # B = 8, L = 2,993 split steps: the shipped kernel, then fast math + table search alone and over 8 micro-batches
@@ -148,8 +150,7 @@ verify)  # one call for what the fifth session built without a GPU, most needed 
   part "${ABL_S:-70}" python3 bench/diag_adam8.py --ablate --json "$OUT/adam8_ablate.json"
   part "${STEP_S:-130}" python3 bench/bench_head_train.py --sections step --step-set split --step-optimizers adamw8bit-fused \
     --step-pick "${STEP_PICK:-0,8}" ${ADAM8_X:-} --json-dir "$OUT"
-  part "${MEM_S:-110}" python3 bench/bench_head_train.py --sections memory --memory-lengths 809 \
-    --optimizers "${MEM_OPTS:-adamw8bit-fused,adamwfp8,adamw4bit,adamw,adamw-sr,adamw-offload}" --json-dir "$OUT"
+  mem809 "${MEM_S:-110}"
   ;;
 chunk)  # the split kernels' key chunks (one chunk per program from 1,024 keys at L = 809 and 3,072 at L = 2,993: no
         # merge kernels), then B = 8 steps at the chunk PCHUNK beside the default

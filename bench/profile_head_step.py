@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_head_train import Timer, adam8_fast, build_head, free, head_config, random_batch, use_adam8_fast  # noqa: E402
+from bench_head_train import Timer, adam8_variant, build_head, free, head_config, random_batch, use_adam8_fast  # noqa: E402
 
 from head_trainer.optim import build_optimizer  # noqa: E402
 from head_trainer.step import StepConfig, TrainStep  # noqa: E402
@@ -55,7 +55,7 @@ def one(head, cfg, bsz: int, L: int, optimizer: str, draws: int, checkpoint: boo
     if attention != "sdpa":
         rec["attention"] = attention
     if optimizer == "adamw8bit-fused":
-        rec["adam8_fast"] = adam8_fast()
+        adam8_variant(rec)
     params = [p for p in head.parameters() if p.requires_grad]
     batch = random_batch(cfg, bsz, L, "cuda")
     opt = build_optimizer(params, optimizer, 1e-5, capturable=True)
