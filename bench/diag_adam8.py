@@ -106,16 +106,15 @@ def roofline_with(block: int, warps: int):
     return Copy
 
 
-def triton_with(rows: int, warps: int, search: int = 1, fast: int = 0, diag: int = 0, loop: int = 1, stages: int = 1):
+def triton_with(rows: int, warps: int, search: int = 1, fast: int = 0, diag: int = 0):
     """adamw8bit-fused's Triton kernel with `rows` 256-element blocks per program, `warps` warps, code
     search `search` (0: binary search in the map, 1: arithmetic guess + bounds, 2: table guess + bounds),
-    `fast` (1: reciprocals and approximate division / square root instead of torchao's IEEE ones) and
-    `loop` groups of `rows` blocks per program in a loop of `stages` pipeline stages."""
+    and `fast` (1: reciprocals and approximate division / square root instead of torchao's IEEE ones)."""
     from head_trainer import adam8_triton
 
     def make(ps):
         adam8_triton.ROWS, adam8_triton.NUM_WARPS, adam8_triton.SEARCH, adam8_triton.FAST = rows, warps, search, fast
-        adam8_triton.DIAG, adam8_triton.LOOP, adam8_triton.STAGES = diag, loop, stages
+        adam8_triton.DIAG = diag
         return adam8.AdamW8bitFused(ps, lr=1e-4, backend="triton")
     return make
 
@@ -133,18 +132,13 @@ def ablate() -> None:
     elems = sum(a * b for a, b in SHAPES)
     rows = [("copy of the same bytes, 256 x 2 warps", roofline_with(256, 2)),
             ("copy of the same bytes, 1024 x 4 warps", roofline_with(1024, 4)),
-            ("kernel as shipped", triton_with(1, 2)),
-            ("table guess (SEARCH 2)", triton_with(1, 2, search=2)),
-            ("table guess, fast math", triton_with(1, 2, search=2, fast=1)),
-            ("table guess, fast math, 2 x 2 warps", triton_with(2, 2, search=2, fast=1)),
-            ("as shipped, 4 groups a program, 2 stages", triton_with(1, 2, loop=4, stages=2)),
-            ("table guess, fast math, 4 groups a program, 2 stages", triton_with(1, 2, search=2, fast=1, loop=4, stages=2)),
-            ("table guess, fast math, 8 groups a program, 3 stages", triton_with(1, 2, search=2, fast=1, loop=8, stages=3)),
-            ("table guess, fast math, 2 x 4 warps, 4 groups, 2 stages",
-             triton_with(2, 4, search=2, fast=1, loop=4, stages=2)),
-            ("table guess, fast math, 4 groups a program, 1 stage", triton_with(1, 2, search=2, fast=1, loop=4)),
-            ("table guess, fast math, 8 groups a program, 1 stage", triton_with(1, 2, search=2, fast=1, loop=8)),
+            ("search 1, 1 x 2 warps (run 5's kernel)", triton_with(1, 2)),
+            ("table guess (SEARCH 2), 1 x 2 warps", triton_with(1, 2, search=2)),
+            ("table guess, 1 x 1 warp (shipped since run 6)", triton_with(1, 1, search=2)),
+            ("table guess, 2 x 2 warps", triton_with(2, 2, search=2)),
+            ("table guess, fast math, 1 x 2 warps", triton_with(1, 2, search=2, fast=1)),
             ("table guess, fast math, 1 x 1 warp", triton_with(1, 1, search=2, fast=1)),
+            ("table guess, fast math, 2 x 2 warps", triton_with(2, 2, search=2, fast=1)),
             ("no dequantisation gathers", triton_with(1, 2, diag=1)),
             ("no encoding bounds gathers", triton_with(1, 2, diag=2)),
             ("no stochastic rounding", triton_with(1, 2, diag=4)),
@@ -172,7 +166,7 @@ def ablate() -> None:
             Path(sys.argv[sys.argv.index("--json") + 1]).write_text(json.dumps(
                 {"meta": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}, "rows": out}, indent=1))
     from head_trainer import adam8_triton
-    adam8_triton.DIAG, adam8_triton.LOOP, adam8_triton.STAGES = 0, 1, 1
+    adam8_triton.DIAG = 0
 
 
 def main() -> None:

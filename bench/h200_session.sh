@@ -14,6 +14,7 @@
 #                                        (CHECK_S, ABL_S), L = 809 memory rows, fast math's 200-step curve (QUAL_S),
 #                                        B = 8 split steps with the shipped kernel (STEP0_S) and fast + table (STEP_S)
 #   bash bench/h200_session.sh verify  # the fifth session's CPU-built changes on CUDA in one call (checks first, then rows)
+#   bash bench/h200_session.sh fix     # run 6's fixes: fused-wgrad graphs, new update default, its checks, L = 809 rows
 #   bash bench/h200_session.sh chunk   # the split kernels' CUDA check, key-chunk sweep (one-chunk path), B = 8 / L = 809 steps
 #   bash bench/h200_session.sh next    # what the last session left: the kernel's CUDA checks, its fast-math variant, its 200-step curve, its
 #                                        step rows (grad-accum 4 and 8), L = 809 memory rows of every optimizer / mode
@@ -160,6 +161,15 @@ chunk)  # the split kernels' key chunks (one chunk per program from 1,024 keys a
     --step-pick "${STEP_PICK:-0,3}" ${ADAM8_X:-} --json-dir "$OUT"  # ADAM8_X="--adam8-fast --adam8-search 2": that kernel
   [ -n "${PCHUNK:-}" ] && part "${STEP2_S:-150}" python3 bench/bench_head_train.py --sections step --step-set split \
     --step-optimizers adamw8bit-fused --step-pick "${STEP_PICK:-0,3}" --prefix-chunk "$PCHUNK" ${ADAM8_X:-} --json-dir "$OUT"
+  ;;
+fix)  # run 6's fixes: --fused-wgrad under CUDA graphs, B = 8 steps with the new update default (table search, one
+      # warp), the update's layouts / searches bitwise on CUDA, its ablation, the L = 809 rows run 6 did not reach
+  part "${GCHECK_S:-70}" python3 bench/check_graph_step.py
+  part "${STEP_S:-170}" python3 bench/bench_head_train.py --sections step --step-set split --step-optimizers adamw8bit-fused \
+    --step-pick "${STEP_PICK:-0,8,9}" ${ADAM8_X:-} --json-dir "$OUT"
+  part "${CHECK_S:-40}" python3 bench/diag_adam8.py --check
+  part "${ABL_S:-40}" python3 bench/diag_adam8.py --ablate --json "$OUT/adam8_ablate.json"
+  MEM_OPTS=${MEM_OPTS:-adamw,adamw-sr,adamw-offload} mem809 "${MEM_S:-80}"
   ;;
 modes)
   part "${MEM_S:-200}" python3 bench/bench_head_train.py --sections memory --optimizers adamwfp8,adamw-offload --json-dir "$OUT"

@@ -112,7 +112,7 @@ def kernels_table() -> str:
 
 
 def memory_table(name: str = "bench_head_train_memory_h200.json") -> str:
-    rows = []
+    rows, runs = [], "runs" in load(name)["meta"]  # a run column where the file holds several calls
     for r in load(name)["rows"]:
         cfg = [r["optimizer"], r.get("trainable", r.get("mode", "all")), _b(r), fmt(r["L"], 0, sep=True), _recompute(r)]
         if "error" in r and r.get("engine") == "graphs":  # no estimate: the eager columns do not apply
@@ -126,8 +126,10 @@ def memory_table(name: str = "bench_head_train_memory_h200.json") -> str:
         err = 100 * (est - r["peak_gib"]) / r["peak_gib"]
         rows.append(cfg + [fmt(est, 1), fmt(r["peak_gib"], 1), _pct(err),
                            fmt(r["ms_per_sample"], 0)])
+    if runs:
+        rows = [row + [str(r.get("run", 1))] for row, r in zip(rows, load(name)["rows"])]
     return table(["optimizer", "trainable", "B", "L", "recompute", "estimate GiB", "peak GiB (eager)",
-                  "estimate error", "eager ms / sample"], rows)
+                  "estimate error", "eager ms / sample"] + ["run"] * runs, rows)
 
 
 def graph_memory_table(name: str = "bench_head_train_step_h200.json") -> str:
@@ -260,8 +262,9 @@ def adam8_ablate_table(name: str) -> str:
     rows = []
     for r in load(name)["rows"]:
         ok = not isinstance(r["graph_ms"], str)
-        rows.append([r["variant"], fmt(r["graph_ms"], 2) if ok else r["graph_ms"], fmt(r["gb_s"], 0) if ok else ""])
-    return table(["variant (214 M elements, graph-replayed)", "ms", "GB/s at 10 B / element"], rows)
+        rows.append([r["variant"], fmt(r["graph_ms"], 2) if ok else r["graph_ms"], fmt(r["gb_s"], 0) if ok else "",
+                     str(r["run"])])
+    return table(["variant (214 M elements, graph-replayed)", "ms", "GB/s at 10 B / element", "run"], rows)
 
 
 KERNEL_GROUPS = (  # (group, substrings of the kernel name), first match wins

@@ -23,13 +23,15 @@ import triton
 import triton.language as tl
 
 BLOCK = 256
-# blocks per program and warps: bench/diag_adam8.py on an H100 (docs/bench_adam8_update_h100.json), 214 M
-# elements graph-replayed: 1 x 2 2.46 ms, 2 x 4 2.50, 4 x 4 2.87, 8 x 8 3.15
+# blocks per program and warps: bench/diag_adam8.py --ablate on an H100 (docs/bench_adam8_ablate_h100.json, run 6),
+# 214 M elements graph-replayed: 1 x 1 warp 2.21 ms against 1 x 2 2.26 (search 1), 1.42 against 1.67 (search 2,
+# fast math); run 1: 2 x 4 2.50, 4 x 4 2.87, 8 x 8 3.15. A loop of block groups per program (software-pipelined
+# or not) was slower in run 6 (3.3 / 1.78 ms against 2.26 / 1.67) and is gone.
 ROWS = 1
-NUM_WARPS = 2
-LOOP, STAGES = 1, 1  # block groups per program and the loop's pipeline stages (LOOP 1: no loop); not yet timed
-SEARCH = 1  # 0: 8-probe binary search in the map; 1: arithmetic guess + 2 probes of the bounds (3.33 -> 2.87 ms);
-#            2: the guess from a table indexed by the float's exponent and top mantissa bits (not yet timed)
+NUM_WARPS = 1
+SEARCH = 2  # 0: 8-probe binary search in the map; 1: arithmetic guess + 2 probes of the bounds (3.33 -> 2.87 ms);
+#            2: the guess from a table indexed by the float's exponent and top mantissa bits (same codes; run 6,
+#            H100: 1.97 ms against 2.26)
 LUT_E0, LUT_BITS = 101, 6  # table rows: |x| below 2^(E0 - 127) in one, then one per binade up to 1.0
 # the same as the kernel's constants: row offset, last row, mantissa shift / mask, cells per row, negatives' offset
 _K0, _KMAX = tl.constexpr(LUT_E0 - 1), tl.constexpr(127 - LUT_E0 + 1)
@@ -194,18 +196,10 @@ def _fmix32(h):
 def _adamw8_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr, bm_ptr, bv_ptr, coef_ptr, lr_ptr,
                    c1_ptr, c2_ptr, step_ptr, n_blocks, salt, w1, w2, eps, wd,
                    SR: tl.constexpr, SEARCH: tl.constexpr, FAST: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK: tl.constexpr, DIAG: tl.constexpr = 0, LOOP: tl.constexpr = 1, STAGES: tl.constexpr = 1):
-    """LOOP > 1: each program updates LOOP groups of ROWS blocks in turn, in a loop Triton may software-pipeline
-    (STAGES), so one group's loads are in flight while the one before computes; the same numbers."""
-    if LOOP == 1:
-        _adamw8_rows(tl.program_id(0) * ROWS + tl.arange(0, ROWS), p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr,
-                     qm_ptr, qv_ptr, bm_ptr, bv_ptr, coef_ptr, lr_ptr, c1_ptr, c2_ptr, step_ptr, n_blocks, salt, w1,
-                     w2, eps, wd, SR, SEARCH, FAST, ROWS, BLOCK, DIAG)
-    else:
-        for i in tl.range(0, LOOP, num_stages=STAGES):
-            _adamw8_rows((tl.program_id(0) * LOOP + i) * ROWS + tl.arange(0, ROWS), p_ptr, g_ptr, mc_ptr, ms_ptr,
-                         vc_ptr, vs_ptr, qm_ptr, qv_ptr, bm_ptr, bv_ptr, coef_ptr, lr_ptr, c1_ptr, c2_ptr, step_ptr,
-                         n_blocks, salt, w1, w2, eps, wd, SR, SEARCH, FAST, ROWS, BLOCK, DIAG)
+                   BLOCK: tl.constexpr, DIAG: tl.constexpr = 0):
+    _adamw8_rows(tl.program_id(0) * ROWS + tl.arange(0, ROWS), p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr,
+                 qm_ptr, qv_ptr, bm_ptr, bv_ptr, coef_ptr, lr_ptr, c1_ptr, c2_ptr, step_ptr, n_blocks, salt, w1,
+                 w2, eps, wd, SR, SEARCH, FAST, ROWS, BLOCK, DIAG)
 
 
 @triton.jit
@@ -285,7 +279,7 @@ def update_q8_triton(p: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, lr: t
     if p.numel() >= 2**31:  # int32 offsets in the kernel
         raise ValueError(f"adamw8bit-fused: a parameter of {p.numel():,} elements is over the kernel's 2^31")
     n_blocks = p.numel() // BLOCK
-    grid = (triton.cdiv(n_blocks, ROWS * LOOP),)
+    grid = (triton.cdiv(n_blocks, ROWS),)
     _adamw8_kernel[grid](p, g, m_codes, m_scale, v_codes, v_scale, qm, qv, bm, bv, coef, lr, c1, c2, step, n_blocks,
                          salt, 1 - beta1, 1 - beta2, eps, wd, SR=sr, SEARCH=SEARCH, FAST=FAST, ROWS=ROWS,
-                         BLOCK=BLOCK, num_warps=NUM_WARPS, DIAG=DIAG, LOOP=LOOP, STAGES=STAGES)
+                         BLOCK=BLOCK, num_warps=NUM_WARPS, DIAG=DIAG)

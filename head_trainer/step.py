@@ -225,6 +225,10 @@ class TrainStep:
         static = [p.grad for p in self.params]  # the buffers the optimiser graph reads
         overwrite = self.cfg.grad_accum == 1
         written: set[int] = set()
+        # --fused-wgrad weights: their GEMM adds into the static buffer itself (no gradient reaches a hook),
+        # so they get no hook and are zeroed before every step's replays
+        fused = {i for i, p in enumerate(self.params) if p in self._wgrad}
+        assert all(static[i] is self._wgrad[self.params[i]] for i in fused)
 
         def sink(p: torch.Tensor, buf: torch.Tensor, i: int) -> None:
             buf.copy_(p.grad) if overwrite else buf.add_(p.grad)
@@ -232,7 +236,7 @@ class TrainStep:
             written.add(i)
 
         hooks = [p.register_post_accumulate_grad_hook(lambda p, b=b, i=i: sink(p, b, i))
-                 for i, (p, b) in enumerate(zip(self.params, static))]
+                 for i, (p, b) in enumerate(zip(self.params, static)) if i not in fused]
         for p in self.params:
             p.grad = None
         g = torch.cuda.CUDAGraph()
@@ -248,8 +252,8 @@ class TrainStep:
                 h.remove()
             for p, b in zip(self.params, static):
                 p.grad = b
-        self._unwritten |= set(range(len(static))) - written
-        self._zero = [b for i, b in enumerate(static) if not overwrite or i in self._unwritten]
+        self._unwritten |= set(range(len(static))) - written - fused
+        self._zero = [b for i, b in enumerate(static) if not overwrite or i in self._unwritten or i in fused]
         self._pool = g.pool()
         return g, st
 

@@ -125,23 +125,23 @@ def check_bf16_draws_repeat_and_differ():
     assert not torch.equal(ps[0], ps[1])
 
 
-def check_looped_programs_are_bitwise_the_same():
-    """LOOP > 1 (several block groups per program, the loop pipelined) and the table search (SEARCH 2) leave
-    weights, codes and scales bitwise as the shipped kernel does, bf16 with stochastic rounding and fp32 with
-    the clip, including a program whose last groups fall past the tensor (17 blocks, LOOP 4)."""
+def check_layouts_and_searches_are_bitwise_the_same():
+    """Other block layouts (ROWS, NUM_WARPS) and the other code searches (SEARCH 0 / 1 / 2 give the same codes)
+    leave weights, codes and scales bitwise as the shipped kernel does, bf16 with stochastic rounding and fp32
+    with the clip, including a program whose last block falls past the tensor (ROWS 2 over odd block counts)."""
     from head_trainer import adam8_triton as k
 
-    shipped = (k.LOOP, k.STAGES, k.ROWS, k.SEARCH)
+    shipped = (k.ROWS, k.NUM_WARPS, k.SEARCH)
     for dtype, clip in ((torch.bfloat16, False), (torch.float32, True)):
         torch.manual_seed(0)  # the small tensors' stochastic rounding draws from torch's generator
         ref, oref = run("triton", dtype, 3, clip)
-        for variant in ((4, 2, 1, shipped[3]), (3, 1, 2, shipped[3]), (1, 1, 1, 2)):
-            k.LOOP, k.STAGES, k.ROWS, k.SEARCH = variant
+        for variant in ((2, 2, shipped[2]), (1, 2, 1), (1, 1, 0), (1, 4, 2)):
+            k.ROWS, k.NUM_WARPS, k.SEARCH = variant
             try:
                 torch.manual_seed(0)
                 got, ogot = run("triton", dtype, 3, clip)
             finally:
-                k.LOOP, k.STAGES, k.ROWS, k.SEARCH = shipped
+                k.ROWS, k.NUM_WARPS, k.SEARCH = shipped
             assert all(torch.equal(a, b) for a, b in zip(ref, got)), variant
             for pa, pb in zip(ref[:2], got[:2]):
                 sa, sb = oref.state[pa], ogot.state[pb]
@@ -150,7 +150,7 @@ def check_looped_programs_are_bitwise_the_same():
 
 CHECKS = ("check_both_searches_are_quantise", "check_fp32_equals_eager", "check_fast_variant_is_close",
           "check_bf16_rounds_to_a_neighbour_without_bias", "check_bf16_draws_repeat_and_differ",
-          "check_looped_programs_are_bitwise_the_same")
+          "check_layouts_and_searches_are_bitwise_the_same")
 
 
 def run_checks(device: str) -> None:
