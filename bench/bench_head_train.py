@@ -118,12 +118,13 @@ class Timer:
 
 
 def adam8_variant(rec: dict) -> None:
-    """Record adamw8bit-fused's kernel variant (FAST, SEARCH) in a result row."""
+    """Record adamw8bit-fused's kernel variant (FAST, SEARCH, NUM_WARPS) in a result row."""
     try:
         from head_trainer import adam8_triton
     except ImportError:
         return
     rec["adam8_fast"], rec["adam8_search"] = adam8_triton.FAST, adam8_triton.SEARCH
+    rec["adam8_warps"] = adam8_triton.NUM_WARPS
 
 
 def use_adam8_fast() -> None:
