@@ -112,8 +112,9 @@ def kernels_table() -> str:
 
 
 def memory_table(name: str = "bench_head_train_memory_h200.json") -> str:
-    rows, runs = [], "runs" in load(name)["meta"]  # a run column where the file holds several calls
-    for r in load(name)["rows"]:
+    d, rows = load(name), []
+    runs = "runs" in d["meta"]  # a run column where the file holds several calls
+    for r in d["rows"]:
         cfg = [r["optimizer"], r.get("trainable", r.get("mode", "all")), _b(r), fmt(r["L"], 0, sep=True), _recompute(r)]
         if "error" in r and r.get("engine") == "graphs":  # no estimate: the eager columns do not apply
             rows.append(cfg + ["", f"graphs: {r['error'].splitlines()[0][:70]}", "", ""])
@@ -127,7 +128,7 @@ def memory_table(name: str = "bench_head_train_memory_h200.json") -> str:
         rows.append(cfg + [fmt(est, 1), fmt(r["peak_gib"], 1), _pct(err),
                            fmt(r["ms_per_sample"], 0)])
     if runs:
-        rows = [row + [str(r.get("run", 1))] for row, r in zip(rows, load(name)["rows"])]
+        rows = [row + [str(r.get("run", 1))] for row, r in zip(rows, d["rows"])]
     return table(["optimizer", "trainable", "B", "L", "recompute", "estimate GiB", "peak GiB (eager)",
                   "estimate error", "eager ms / sample"] + ["run"] * runs, rows)
 

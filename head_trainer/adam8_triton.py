@@ -197,17 +197,8 @@ def _adamw8_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr,
                    c1_ptr, c2_ptr, step_ptr, n_blocks, salt, w1, w2, eps, wd,
                    SR: tl.constexpr, SEARCH: tl.constexpr, FAST: tl.constexpr, ROWS: tl.constexpr,
                    BLOCK: tl.constexpr, DIAG: tl.constexpr = 0):
-    _adamw8_rows(tl.program_id(0) * ROWS + tl.arange(0, ROWS), p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr,
-                 qm_ptr, qv_ptr, bm_ptr, bv_ptr, coef_ptr, lr_ptr, c1_ptr, c2_ptr, step_ptr, n_blocks, salt, w1,
-                 w2, eps, wd, SR, SEARCH, FAST, ROWS, BLOCK, DIAG)
-
-
-@triton.jit
-def _adamw8_rows(rows, p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, qm_ptr, qv_ptr, bm_ptr, bv_ptr, coef_ptr, lr_ptr,
-                 c1_ptr, c2_ptr, step_ptr, n_blocks, salt, w1, w2, eps, wd,
-                 SR: tl.constexpr, SEARCH: tl.constexpr, FAST: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK: tl.constexpr, DIAG: tl.constexpr):
-    """The update of blocks `rows` (ROWS,) of 256 elements."""
+    """The update of this program's ROWS blocks of 256 elements."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_blocks
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (ROWS, BLOCK) element offsets
     mask = rmask[:, None]

@@ -111,7 +111,9 @@ class TrainStep:
         self._stream: torch.cuda.Stream | None = None
         self._loss_sum: torch.Tensor | None = None
         self._gnorm: torch.Tensor | None = None
-        self._unwritten: set[int] = set()  # params whose static gradient some captured graph does not write
+        # params whose static gradient no capture's hook overwrites (unused by some graph, or filled by a
+        # --fused-wgrad GEMM that adds into it): zeroed before each step's replays
+        self._unwritten: set[int] = set()
         self._zero: list[torch.Tensor] = []  # gradients zeroed before each step's replays
         self._wgrad = self._wgrad_buffers(cfg.fused_wgrad)  # param -> the buffer its GEMM fills
 
@@ -225,10 +227,9 @@ class TrainStep:
         static = [p.grad for p in self.params]  # the buffers the optimiser graph reads
         overwrite = self.cfg.grad_accum == 1
         written: set[int] = set()
-        # --fused-wgrad weights: their GEMM adds into the static buffer itself (no gradient reaches a hook),
-        # so they get no hook and are zeroed before every step's replays
-        fused = {i for i, p in enumerate(self.params) if p in self._wgrad}
-        assert all(static[i] is self._wgrad[self.params[i]] for i in fused)
+        # --fused-wgrad weights' GEMMs add into their static buffers themselves (no gradient reaches a hook):
+        # no hook, so they count as unwritten below and are zeroed before every step's replays
+        assert all(p.grad is buf for p, buf in self._wgrad.items())
 
         def sink(p: torch.Tensor, buf: torch.Tensor, i: int) -> None:
             buf.copy_(p.grad) if overwrite else buf.add_(p.grad)
@@ -236,7 +237,7 @@ class TrainStep:
             written.add(i)
 
         hooks = [p.register_post_accumulate_grad_hook(lambda p, b=b, i=i: sink(p, b, i))
-                 for i, (p, b) in enumerate(zip(self.params, static)) if i not in fused]
+                 for i, (p, b) in enumerate(zip(self.params, static)) if p not in self._wgrad]
         for p in self.params:
             p.grad = None
         g = torch.cuda.CUDAGraph()
@@ -252,8 +253,8 @@ class TrainStep:
                 h.remove()
             for p, b in zip(self.params, static):
                 p.grad = b
-        self._unwritten |= set(range(len(static))) - written - fused
-        self._zero = [b for i, b in enumerate(static) if not overwrite or i in self._unwritten or i in fused]
+        self._unwritten |= set(range(len(static))) - written
+        self._zero = [b for i, b in enumerate(static) if not overwrite or i in self._unwritten]
         self._pool = g.pool()
         return g, st
 
